@@ -1,0 +1,38 @@
+# Two commands on a fresh machine with Python 3.11 and make: `make run`, `make test`.
+# Both create .venv on first use and reinstall when pyproject.toml changes.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: help run test lint install dvc-repro clean-state
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+run: $(STAMP)  ## run the whole pipeline on the embedded default data
+	$(BIN)/flywheel run
+
+test: $(STAMP)  ## run the test suite
+	$(BIN)/pytest
+
+lint: $(STAMP)  ## ruff over the code and tests
+	$(BIN)/ruff check flywheel tests
+
+install: $(STAMP)  ## create .venv and install flywheel with the dev extras
+
+dvc-repro: $(STAMP)  ## the same data stages through DVC instead of Prefect
+	$(BIN)/dvc repro
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info[:2] == (3, 11) else \
+	  "Flywheel needs Python 3.11; found " + sys.version.split()[0] + " at " + sys.executable + \
+	  ". Run: make PYTHON=/path/to/python3.11 ...")'
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+clean-state:  ## delete generated state (data contents, stores, DVC remote); keeps .venv
+	rm -rf data/raw data/validation data/prepared mlflow .prefect dvc-remote reports .dvc/cache .dvc/tmp

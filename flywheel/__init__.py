@@ -1,0 +1,1 @@
+"""Flywheel: a workflow-orchestrated MLOps pipeline for text classification."""

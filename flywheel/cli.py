@@ -1,0 +1,213 @@
+"""The `flywheel` command line: run the pipeline, validate a file, run one stage for DVC."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+
+from flywheel.config import DEFAULT_PARAMS, ConfigError, load_config, parse_override
+
+app = typer.Typer(
+    help="Flywheel: a Prefect-orchestrated MLOps pipeline for text classification.\n\n"
+    "Start with `flywheel run` (the whole pipeline on params.yaml) or `flywheel validate FILE`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+ParamsOption = Annotated[
+    Path, typer.Option("--params", "-p", help="Config file; its folder is the project root.")
+]
+SetOption = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        "-s",
+        metavar="KEY=VALUE",
+        help="Override one config value, e.g. --set split.train=0.7 (repeatable).",
+    ),
+]
+
+
+@contextmanager
+def user_errors(params: Path) -> Iterator[None]:
+    """Set up the process for the project at `params`; turn known failures into a message and an
+    exit code (1: the data failed validation, 2: bad input or config), not a traceback."""
+    from flywheel import runtime
+
+    runtime.configure(params.resolve().parent)
+    from flywheel.tasks.collect import SourceError
+    from flywheel.tasks.validate import DataValidationError
+
+    try:
+        yield
+    except DataValidationError as exc:
+        typer.echo(exc.report.summary(), err=True)
+        raise typer.Exit(1) from None
+    except (ConfigError, SourceError, FileNotFoundError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def collect_overrides(
+    sets: list[str] | None,
+    source: Path | None = None,
+    text_col: str | None = None,
+    label_col: str | None = None,
+    labels: str | None = None,
+) -> dict[str, Any]:
+    """CLI options as dotted config overrides (validated by the same loader as params.yaml)."""
+    overrides = dict(parse_override(item) for item in sets or [])
+    if source is None and (text_col or label_col):
+        raise ConfigError("--text-col/--label-col need --source")
+    if source is not None:
+        overrides["data.sources"] = [
+            {
+                "kind": "path",
+                "path": str(source.resolve()),
+                "text_col": text_col or "text",
+                "label_col": label_col or "label",
+            }
+        ]
+        # The configured label set describes the configured sources, not this file.
+        overrides["validate.labels"] = None
+    if labels is not None:
+        overrides["validate.labels"] = [x.strip() for x in labels.split(",") if x.strip()]
+    return overrides
+
+
+SourceOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--source",
+        help="Use this CSV/TSV/JSONL/Parquet file or folder instead of the "
+        "configured sources (labels are then inferred unless --labels is given).",
+    ),
+]
+TextColOption = Annotated[str | None, typer.Option("--text-col", help="Text column of --source.")]
+LabelColOption = Annotated[
+    str | None, typer.Option("--label-col", help="Label column of --source.")
+]
+LabelsOption = Annotated[
+    str | None, typer.Option("--labels", help="Allowed labels, comma-separated, e.g. pos,neg.")
+]
+
+
+@app.command()
+def run(
+    params: ParamsOption = DEFAULT_PARAMS,
+    source: SourceOption = None,
+    text_col: TextColOption = None,
+    label_col: LabelColOption = None,
+    labels: LabelsOption = None,
+    sets: SetOption = None,
+) -> None:
+    """Run the pipeline as a Prefect flow: collect -> validate -> prepare -> version (DVC).
+
+    With no options it runs on params.yaml (by default the embedded Rotten Tomatoes snippets)
+    and records the result in dvc.lock and the DVC remote. Runs with overrides are not written
+    to dvc.lock (it would no longer match params.yaml); their data version is still printed.
+    """
+    with user_errors(params):
+        overrides = collect_overrides(sets, source, text_col, label_col, labels)
+        load_config(params, overrides)  # fail fast, before Prefect starts
+        from flywheel.flows.pipeline import pipeline
+
+        result = pipeline(params_path=params.resolve(), overrides=overrides or None)
+    report = result.prepare.report
+    per_source = ", ".join(f"{k}: {v:,}" for k, v in result.collect.rows_per_source.items())
+    splits = ", ".join(f"{k} {v:,}" for k, v in result.prepare.rows_per_split.items())
+    lines = {
+        "collect": f"{result.collect.rows:,} rows ({per_source}) -> {result.collect.raw_path}",
+        "validate": f"{result.validation.headline} -> {result.validation.report_dir}",
+        "prepare": f"{report.rows_out:,} rows kept ({splits}); dropped {report.exact_duplicates} "
+        f"exact + {report.normalised_duplicates} normalised duplicates, "
+        f"{report.conflicting_label_rows} with conflicting labels, "
+        f"{report.emptied_by_cleaning} empty after cleaning -> {result.prepare.prepared_dir}",
+        "PII masked": ", ".join(f"{k} {v:,}" for k, v in report.pii_counts.items()),
+        "data version": f"{result.data_version} ({result.version.note})",
+    }
+    for name, text in lines.items():
+        typer.echo(f"{name:>12}  {text}")
+
+
+@app.command("validate")
+def validate_file(
+    path: Annotated[Path, typer.Argument(help="CSV/TSV/JSONL/Parquet file or folder to check.")],
+    params: ParamsOption = DEFAULT_PARAMS,
+    text_col: Annotated[str, typer.Option("--text-col", help="Text column.")] = "text",
+    label_col: Annotated[str, typer.Option("--label-col", help="Label column.")] = "label",
+    labels: LabelsOption = None,
+    report_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--report-dir", help="Where to write the result (default: reports/validate-<name>)."
+        ),
+    ] = None,
+    sets: SetOption = None,
+) -> None:
+    """Check a file with the pipeline's Great Expectations suite: exit 0 if valid, 1 if not.
+
+    Bounds (lengths, duplicate rate, class balance) come from params.yaml's `validate` section;
+    the label set is inferred from the file unless --labels is given.
+    """
+    from flywheel.config import PathSource
+    from flywheel.tasks.collect import read_path_source
+    from flywheel.tasks.validate import run_suite
+
+    with user_errors(params):
+        overrides = collect_overrides(sets, labels=labels)
+        overrides.setdefault("validate.labels", None)
+        cfg = load_config(params, overrides)
+        frame = read_path_source(
+            PathSource(kind="path", path=path.resolve(), text_col=text_col, label_col=label_col),
+            cfg.root,
+        )
+        target = report_dir or cfg.root / "reports" / f"validate-{path.stem}"
+        report = run_suite(frame, cfg.validate_, target.resolve())
+    typer.echo(report.summary(), err=not report.success)
+    raise typer.Exit(0 if report.success else 1)
+
+
+class StageName(StrEnum):
+    collect = "collect"
+    validate = "validate"
+    prepare = "prepare"
+
+
+@app.command()
+def stage(
+    name: Annotated[StageName, typer.Argument(help="collect, validate or prepare.")],
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Run one stage on params.yaml without Prefect (what dvc.yaml calls)."""
+    from flywheel.tasks.clean import prepare
+    from flywheel.tasks.collect import collect
+    from flywheel.tasks.validate import validate
+
+    with user_errors(params):
+        cfg = load_config(params)
+        raw_path = cfg.resolve(cfg.data.raw_path)
+        if name is StageName.collect:
+            result = collect(cfg)
+            typer.echo(f"collect: {result.rows:,} rows -> {result.raw_path}")
+        elif name is StageName.validate:
+            typer.echo(validate(cfg, raw_path).summary())
+        else:
+            prepared = prepare(cfg, raw_path)
+            typer.echo(f"prepare: {prepared.rows_per_split} -> {prepared.prepared_dir}")
+
+
+@app.command()
+def config(params: ParamsOption = DEFAULT_PARAMS, sets: SetOption = None) -> None:
+    """Print the resolved configuration (params.yaml with defaults and --set overrides)."""
+    with user_errors(params):
+        cfg = load_config(params, collect_overrides(sets))
+    yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sys.stdout, sort_keys=False)

@@ -1,0 +1,209 @@
+"""Typed configuration: params.yaml is the single source, validated on load.
+
+Every field has a description (shown by `flywheel config --help-keys`); paths are relative to the
+directory holding params.yaml (the project root). CLI overrides are applied to the raw mapping
+before validation, so an override gets exactly the same checks as the file.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ConfigError(ValueError):
+    """A configuration problem a user can fix; the message names the file and key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EmbeddedSource(_Section):
+    kind: Literal["embedded"] = Field(description="A data set vendored inside the package.")
+    name: Literal["rotten_tomatoes"] = Field(
+        "rotten_tomatoes", description="Which embedded data set (only rotten_tomatoes for now)."
+    )
+
+
+class PathSource(_Section):
+    kind: Literal["path"] = Field(description="A local CSV/TSV/JSONL/Parquet file or folder.")
+    path: Path = Field(description="File or folder; relative paths are from the project root.")
+    text_col: str = Field("text", min_length=1, description="Column holding the text.")
+    label_col: str = Field("label", min_length=1, description="Column holding the label.")
+
+
+Source = Annotated[EmbeddedSource | PathSource, Field(discriminator="kind")]
+
+
+class FeedbackConfig(_Section):
+    enabled: bool = Field(True, description="Merge rows from the feedback store into the data.")
+    path: Path = Field(
+        Path("data/feedback/feedback.db"), description="SQLite feedback store written by serving."
+    )
+
+
+class DataConfig(_Section):
+    sources: list[Source] = Field(min_length=1, description="Where labelled text comes from.")
+    feedback: FeedbackConfig = FeedbackConfig()
+    raw_path: Path = Field(Path("data/raw/raw.parquet"), description="Collected raw table.")
+
+
+class ValidateConfig(_Section):
+    labels: list[str] | None = Field(
+        description="Allowed labels; null infers the set from the data (see min_rows_per_class)."
+    )
+    min_rows_per_class: int = Field(
+        20, ge=1, description="Every label needs at least this many rows."
+    )
+    min_classes: int = Field(2, ge=2, description="At least this many distinct labels.")
+    min_text_chars: int = Field(1, ge=1, description="Minimum text length after stripping blanks.")
+    max_text_chars: int = Field(5000, ge=1, description="Maximum text length in characters.")
+    max_duplicate_rate: float = Field(
+        0.05, ge=0, le=1, description="Largest allowed share of rows repeating an earlier text."
+    )
+    max_class_imbalance: float = Field(
+        10.0, ge=1, description="Largest allowed ratio: rows of the biggest / smallest class."
+    )
+    report_dir: Path = Field(
+        Path("data/validation"), description="Where the validation result and data docs go."
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _distinct_labels(cls, labels: list[str] | None) -> list[str] | None:
+        if labels is not None and len(set(labels)) != len(labels):
+            raise ValueError("labels must be distinct")
+        return labels
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> ValidateConfig:
+        if self.min_text_chars > self.max_text_chars:
+            raise ValueError("min_text_chars must not exceed max_text_chars")
+        return self
+
+
+PiiKind = Literal["url", "email", "iban", "card", "ip", "phone"]
+
+
+class CleanConfig(_Section):
+    mask_pii: list[PiiKind] = Field(
+        ["url", "email", "iban", "card", "ip", "phone"],
+        description="PII kinds replaced by typed placeholders such as <EMAIL>.",
+    )
+
+
+class SplitConfig(_Section):
+    train: float = Field(0.8, gt=0, lt=1, description="Share of texts in the training split.")
+    val: float = Field(0.1, gt=0, lt=1, description="Share of texts in the validation split.")
+    test: float = Field(0.1, gt=0, lt=1, description="Share of texts in the test split.")
+    prepared_dir: Path = Field(
+        Path("data/prepared"), description="Output folder: train/val/test Parquet + summary.json."
+    )
+
+    @model_validator(mode="after")
+    def _sums_to_one(self) -> SplitConfig:
+        total = self.train + self.val + self.test
+        if not math.isclose(total, 1.0, abs_tol=1e-9):
+            raise ValueError(f"train + val + test must sum to 1 (got {total:g})")
+        return self
+
+
+class Config(_Section):
+    seed: int = Field(42, description="The one seed: split hashing now, training later.")
+    data: DataConfig
+    validate_: ValidateConfig = Field(alias="validate")
+    clean: CleanConfig = CleanConfig()
+    split: SplitConfig = SplitConfig()
+    root: Path = Field(Path("."), exclude=True, description="Project root (params.yaml's folder).")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    def resolve(self, path: Path) -> Path:
+        """A config path made absolute against the project root."""
+        return path if path.is_absolute() else self.root / path
+
+    def section(self, name: str) -> dict[str, Any]:
+        """One resolved section as plain data (for logging and cache keys)."""
+        return self.model_dump(mode="json", by_alias=True)[name]
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """`split.train=0.7` -> ("split.train", 0.7); the value is read as YAML."""
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} must look like KEY=VALUE, e.g. split.train=0.7")
+    return key.strip(), yaml.safe_load(value)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a copy of the raw mapping; unknown keys are errors, not silent no-ops."""
+    out = yaml.safe_load(yaml.safe_dump(raw))
+    for dotted, value in overrides.items():
+        node = out
+        parts = dotted.split(".")
+        for i, part in enumerate(parts):
+            known = _known_keys(parts[:i])
+            if part not in known:
+                where = ".".join(parts[:i]) or "the top level"
+                raise ConfigError(
+                    f"unknown config key {dotted!r}: {part!r} is not a key of {where} "
+                    f"(known: {', '.join(sorted(known))})"
+                )
+            if i == len(parts) - 1:
+                node[part] = value
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, dict):
+                    raise ConfigError(f"config key {'.'.join(parts[: i + 1])!r} is not a section")
+    return out
+
+
+def _known_keys(prefix: list[str]) -> set[str]:
+    model: type[BaseModel] = Config
+    for part in prefix:
+        field = next(f for name, f in model.model_fields.items() if (f.alias or name) == part)
+        annotation = field.annotation
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return set()
+        model = annotation
+    return {f.alias or name for name, f in model.model_fields.items() if name != "root"}
+
+
+def load_config(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Config:
+    """Read, override and validate params.yaml; errors name the file and the key."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"{path}: config file not found (run from the project root or pass --params)"
+        )
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or {})
+    try:
+        return Config.model_validate({**raw, "root": path.resolve().parent})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(path, exc)) from None
+
+
+def _format_errors(path: Path, exc: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for err in exc.errors():
+        loc = ".".join(
+            str(p) for p in err["loc"] if not str(p).startswith(("function-after", "tagged"))
+        )
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check the spelling; `flywheel config` lists the keys)"
+        lines.append(f"  {loc or '(top level)'}: {msg}")
+    return "\n".join(lines)

@@ -1,0 +1,287 @@
+"""Clean and split: normalise text, mask PII, de-duplicate, split by a stable hash.
+
+The split of a text depends only on its normalised form and the seed, so a text keeps its split
+when the data grows: no leakage between train and test across data versions. The same hash
+thresholds apply to every class, so each class is split in the configured ratios (up to sampling
+noise); summary.json reports the per-class counts of every split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import ipaddress
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel.config import CleanConfig, Config, SplitConfig
+from flywheel.io import read_parquet, replace_dir_atomic, write_json
+
+if TYPE_CHECKING:  # validate imports this module's normalisation; avoid the import cycle
+    from flywheel.tasks.collect import CollectResult
+    from flywheel.tasks.validate import ValidationReport
+
+SPLITS = ("train", "val", "test")
+PREPARED_COLUMNS = ["id", "text", "label", "source"]
+
+_TAG = re.compile(r"</?[A-Za-z][^<>]*>")
+_SPACE = re.compile(r"\s+")
+_NOT_WORD = re.compile(r"[^\w<>]+")
+
+
+def clean_text(text: str) -> str:
+    """NFKC, HTML entities and tags, invisible characters, whitespace: one readable line."""
+    text = unicodedata.normalize("NFKC", text)
+    text = html.unescape(text)
+    text = _TAG.sub(" ", text)
+    text = "".join(
+        " " if ch in "\t\n\r\x0b\x0c" else ch
+        for ch in text
+        if unicodedata.category(ch) not in ("Cc", "Cf") or ch in "\t\n\r\x0b\x0c"
+    )
+    return _SPACE.sub(" ", text).strip()
+
+
+def normalised_key(text: str) -> str:
+    """The de-duplication and split key: case-folded words, punctuation and spacing ignored."""
+    return _SPACE.sub(" ", _NOT_WORD.sub(" ", text.casefold())).strip()
+
+
+# --- PII masking -----------------------------------------------------------------------------
+
+
+def _luhn_ok(candidate: str) -> bool:
+    digits = [int(c) for c in candidate if c.isdigit()]
+    if not 13 <= len(digits) <= 19:
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _iban_ok(candidate: str) -> bool:
+    compact = candidate.replace(" ", "").upper()
+    if not 15 <= len(compact) <= 34:
+        return False
+    rearranged = compact[4:] + compact[:4]
+    return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
+
+
+def _ip_ok(candidate: str) -> bool:
+    try:
+        ipaddress.ip_address(candidate)
+    except ValueError:
+        return False
+    return True
+
+
+def _phone_ok(candidate: str) -> bool:
+    digits = sum(c.isdigit() for c in candidate)
+    # Bare digit runs of 7-8 look like years, ids or dates; demand an international or area-code
+    # prefix for those, and accept 9-15 digits as they come.
+    return 9 <= digits <= 15 or (7 <= digits <= 8 and candidate.lstrip()[0] in "+(")
+
+
+@dataclass(frozen=True)
+class PiiRule:
+    """One kind of personal data: a candidate pattern and a check that confirms a match."""
+
+    kind: str
+    pattern: re.Pattern[str]
+    confirm: Callable[[str], bool] = lambda _: True
+
+    @property
+    def placeholder(self) -> str:
+        return f"<{self.kind.upper()}>"
+
+
+# Order matters: URLs can contain e-mail addresses and IPs; IBANs and cards contain digit runs
+# that the phone pattern would otherwise take.
+PII_RULES = (
+    PiiRule("url", re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]]")),
+    PiiRule("email", re.compile(r"\b[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")),
+    PiiRule(
+        "iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban_ok
+    ),
+    PiiRule("card", re.compile(r"\b\d(?:[ -]?\d){12,18}\b"), _luhn_ok),
+    PiiRule(
+        "ip",
+        re.compile(
+            r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d)|(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"
+        ),
+        _ip_ok,
+    ),
+    PiiRule(
+        "phone",
+        re.compile(
+            r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?"  # country code, area code
+            r"\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?!\w)"
+        ),
+        _phone_ok,
+    ),
+)
+
+
+def mask_pii(text: str, kinds: list[str] | tuple[str, ...]) -> tuple[str, Counter[str]]:
+    """Replace personal data of the given kinds with typed placeholders; count what was masked."""
+    counts: Counter[str] = Counter()
+    for rule in PII_RULES:
+        if rule.kind not in kinds:
+            continue
+
+        def replace(match: re.Match[str], rule: PiiRule = rule) -> str:
+            if not rule.confirm(match.group(0)):
+                return match.group(0)
+            counts[rule.kind] += 1
+            return rule.placeholder
+
+        text = rule.pattern.sub(replace, text)
+    return text, counts
+
+
+# --- de-duplication and split ----------------------------------------------------------------
+
+
+def split_of(key: str, seed: int, cfg: SplitConfig) -> str:
+    """The split of a normalised text: a stable hash mapped onto the cumulative ratios."""
+    digest = hashlib.sha256(f"{seed}\x1f{key}".encode()).digest()
+    position = int.from_bytes(digest[:8], "big") / 2**64
+    if position < cfg.train:
+        return "train"
+    return "val" if position < cfg.train + cfg.val else "test"
+
+
+@dataclass(frozen=True)
+class CleanReport:
+    """What cleaning did, row by row: counts after each step and what was masked or dropped."""
+
+    rows_in: int
+    emptied_by_cleaning: int
+    conflicting_label_rows: int
+    exact_duplicates: int
+    normalised_duplicates: int
+    rows_out: int
+    pii_counts: dict[str, int]
+    conflicts: list[dict[str, object]]
+
+
+def clean_frame(raw: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame, CleanReport]:
+    """Clean, mask and de-duplicate a raw table; returns the rows kept (with their key)."""
+    frame = raw[["text", "label", "source", "origin"]].copy()
+    frame["label"] = frame["label"].astype("string").str.strip()
+    pii: Counter[str] = Counter()
+    texts = []
+    for text in frame["text"].astype(str):
+        masked, counts = mask_pii(clean_text(text), cfg.mask_pii)
+        pii.update(counts)
+        texts.append(masked)
+    frame["text"] = pd.array(texts, dtype="string")
+    emptied = frame["text"].str.len() == 0
+    frame = frame[~emptied]
+    frame["key"] = frame["text"].map(normalised_key)
+
+    labels_per_key = frame.groupby("key")["label"].transform("nunique")
+    conflicted = frame[labels_per_key > 1]
+    conflicts = [
+        {
+            "text": group["text"].iloc[0],
+            "labels": sorted(group["label"].unique()),
+            "origins": group["origin"].tolist()[:5],
+        }
+        for _, group in conflicted.groupby("key", sort=True)
+    ]
+    frame = frame[labels_per_key <= 1]
+    exact = frame.duplicated(subset=["text"])
+    frame = frame[~exact]
+    normalised = frame.duplicated(subset=["key"])
+    frame = frame[~normalised].reset_index(drop=True)
+    report = CleanReport(
+        rows_in=len(raw),
+        emptied_by_cleaning=int(emptied.sum()),
+        conflicting_label_rows=len(conflicted),
+        exact_duplicates=int(exact.sum()),
+        normalised_duplicates=int(normalised.sum()),
+        rows_out=len(frame),
+        pii_counts={kind: pii.get(kind, 0) for kind in cfg.mask_pii},
+        conflicts=conflicts,
+    )
+    return frame, report
+
+
+def split_frame(frame: pd.DataFrame, seed: int, cfg: SplitConfig) -> dict[str, pd.DataFrame]:
+    """Assign every cleaned row its split and a stable text id; one frame per split."""
+    ids = frame["key"].map(lambda k: hashlib.sha256(k.encode()).hexdigest()[:16])
+    split = frame["key"].map(lambda k: split_of(k, seed, cfg))
+    out = frame.assign(id=ids.astype("string"))[PREPARED_COLUMNS]
+    return {name: out[split == name].reset_index(drop=True) for name in SPLITS}
+
+
+@dataclass(frozen=True)
+class PrepareResult:
+    """The prepared split files, the summary and the counts they hold."""
+
+    prepared_dir: Path
+    split_paths: dict[str, Path]
+    summary_path: Path
+    rows_per_split: dict[str, int]
+    report: CleanReport
+
+
+def summarise(splits: dict[str, pd.DataFrame], report: CleanReport, cfg: Config) -> dict:
+    """The prepared data's summary.json: counts, per-class split sizes, PII and dedup figures."""
+    return {
+        "rows_per_split": {name: len(part) for name, part in splits.items()},
+        "labels_per_split": {
+            name: {str(k): int(v) for k, v in part["label"].value_counts().sort_index().items()}
+            for name, part in splits.items()
+        },
+        "rows_per_source": {
+            str(k): int(v)
+            for k, v in pd.concat(splits.values())["source"].value_counts().sort_index().items()
+        },
+        "clean": asdict(report),
+        "config": {"seed": cfg.seed, "clean": cfg.section("clean"), "split": cfg.section("split")},
+    }
+
+
+def prepare(cfg: Config, raw_path: Path) -> PrepareResult:
+    """Prepare stage: clean + split the raw table and replace data/prepared/ in one step."""
+    frame, report = clean_frame(read_parquet(raw_path), cfg.clean)
+    splits = split_frame(frame, cfg.seed, cfg.split)
+    target = cfg.resolve(cfg.split.prepared_dir)
+
+    def write(staging: Path) -> None:
+        for name, part in splits.items():
+            part.to_parquet(staging / f"{name}.parquet", index=False)
+        write_json(staging / "summary.json", summarise(splits, report, cfg))
+
+    replace_dir_atomic(target, write)
+    return PrepareResult(
+        prepared_dir=target,
+        split_paths={name: target / f"{name}.parquet" for name in SPLITS},
+        summary_path=target / "summary.json",
+        rows_per_split={name: len(part) for name, part in splits.items()},
+        report=report,
+    )
+
+
+@task(name="prepare", cache_policy=NO_CACHE)
+def prepare_task(
+    cfg: Config, collected: CollectResult, validation: ValidationReport
+) -> PrepareResult:
+    """Prefect task: clean and split the validated raw table."""
+    if not validation.success:
+        raise RuntimeError("prepare needs data that passed validation")
+    return prepare(cfg, collected.raw_path)

@@ -1,0 +1,216 @@
+"""Collect: read every configured source into one raw table (text, label, source, origin).
+
+`origin` says where a row came from ("reviews.csv:12" = 12th data row of reviews.csv, header not
+counted) so that later errors can point at the file and row. Reading is strict: a file that
+cannot be read whole is an error naming the file, never a silently shortened table.
+"""
+
+from __future__ import annotations
+
+import bz2
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel import feedback
+from flywheel.config import Config, DataConfig, EmbeddedSource, PathSource
+from flywheel.io import write_parquet_atomic
+from flywheel.tasks.retries import retry_on_io
+
+log = logging.getLogger(__name__)
+
+RAW_COLUMNS = ["text", "label", "source", "origin"]
+SUPPORTED_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
+
+# The vendored Rotten Tomatoes snippets (see flywheel/datasets/rotten_tomatoes/README.md).
+ROTTEN_TOMATOES_FILE = "rotten_tomatoes_corpus_full.csv.bz2"
+ROTTEN_TOMATOES_SHA256 = "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c4ef12dd3f5"
+ROTTEN_TOMATOES_LABELS = ("fresh", "rotten")
+
+
+class SourceError(ValueError):
+    """A source that cannot be read as labelled text; the message names the file (and row)."""
+
+
+@dataclass(frozen=True)
+class CollectResult:
+    """The raw table's path and how many rows each source gave."""
+
+    raw_path: Path
+    rows: int
+    rows_per_source: dict[str, int]
+
+
+def embedded_path(name: str = "rotten_tomatoes") -> Path:
+    """Path of an embedded data file inside the installed package."""
+    return Path(str(resources.files("flywheel.datasets") / name / ROTTEN_TOMATOES_FILE))
+
+
+def read_embedded(source: EmbeddedSource) -> pd.DataFrame:
+    """The Rotten Tomatoes critic snippets (fresh/rotten), checksum-verified; plot rows dropped."""
+    path = embedded_path(source.name)
+    payload = path.read_bytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != ROTTEN_TOMATOES_SHA256:
+        raise SourceError(
+            f"{path}: checksum mismatch (sha256 {digest}, expected {ROTTEN_TOMATOES_SHA256}); "
+            "the embedded data set is damaged: reinstall flywheel"
+        )
+    frame = pd.read_csv(pd.io.common.BytesIO(bz2.decompress(payload)), dtype="string")
+    frame["origin"] = [f"{source.name}:{i}" for i in range(1, len(frame) + 1)]
+    frame = frame[frame["category"].isin(ROTTEN_TOMATOES_LABELS)]
+    return _to_raw(frame.rename(columns={"category": "label"}), source.name)
+
+
+def list_files(path: Path) -> list[Path]:
+    """A supported file, or the supported files under a folder (sorted, recursive)."""
+    if not path.exists():
+        raise SourceError(f"{path}: source path does not exist")
+    if path.is_file():
+        if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+            raise SourceError(
+                f"{path}: unsupported file type {path.suffix!r} "
+                f"(supported: {', '.join(SUPPORTED_SUFFIXES)})"
+            )
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix.lower() in SUPPORTED_SUFFIXES)
+    if not files:
+        raise SourceError(f"{path}: folder holds no {', '.join(SUPPORTED_SUFFIXES)} files")
+    return files
+
+
+def read_table(path: Path) -> pd.DataFrame:
+    """Read one file as strings, strictly; errors name the file and, where known, the row."""
+    kind = SUPPORTED_SUFFIXES[path.suffix.lower()]
+    if path.stat().st_size == 0:
+        raise SourceError(f"{path}: file is empty")
+    try:
+        if kind in ("csv", "tsv"):
+            frame = pd.read_csv(
+                path,
+                sep="," if kind == "csv" else "\t",
+                dtype="string",
+                keep_default_na=False,
+                encoding="utf-8",
+                on_bad_lines="error",
+            )
+        elif kind == "jsonl":
+            frame = _read_jsonl(path)
+        else:
+            frame = pd.read_parquet(path)
+    except UnicodeDecodeError as exc:
+        raise SourceError(
+            f"{path}: not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+            "re-save the file as UTF-8"
+        ) from None
+    except pd.errors.EmptyDataError:
+        raise SourceError(f"{path}: file is empty") from None
+    except pd.errors.ParserError as exc:
+        raise SourceError(f"{path}: malformed {kind.upper()}: {exc}".strip()) from None
+    if frame.empty:
+        raise SourceError(f"{path}: header only, no data rows")
+    return frame
+
+
+def _read_jsonl(path: Path) -> pd.DataFrame:
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise SourceError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
+            if not isinstance(record, dict):
+                raise SourceError(f"{path}: line {lineno}: expected a JSON object per line")
+            records.append(record)
+    return pd.DataFrame.from_records(records)
+
+
+def read_path_source(source: PathSource, root: Path) -> pd.DataFrame:
+    """Every file of a path source, with its text and label columns renamed to text/label."""
+    base = source.path if source.path.is_absolute() else root / source.path
+    frames = []
+    for file in list_files(base):
+        frame = read_table(file)
+        missing = [c for c in (source.text_col, source.label_col) if c not in frame.columns]
+        if missing:
+            raise SourceError(
+                f"{file}: missing column(s) {', '.join(map(repr, missing))} "
+                f"(columns: {', '.join(map(str, frame.columns))}); "
+                "name the right ones with --text-col / --label-col"
+            )
+        frame = frame.rename(columns={source.text_col: "text", source.label_col: "label"})
+        frame["origin"] = [f"{file.name}:{i}" for i in range(1, len(frame) + 1)]
+        frames.append(_to_raw(frame, _display(file, root)))
+    return pd.concat(frames, ignore_index=True)
+
+
+def read_feedback(path: Path) -> pd.DataFrame:
+    """Feedback rows as raw rows (source 'feedback'); an absent store gives no rows."""
+    frame = feedback.read(path)
+    frame["origin"] = "feedback:" + frame["id"]
+    return _to_raw(frame, "feedback")
+
+
+def collect_frame(data: DataConfig, root: Path) -> pd.DataFrame:
+    """Read all sources of the data config into one raw table."""
+    frames = []
+    for source in data.sources:
+        if isinstance(source, EmbeddedSource):
+            frames.append(read_embedded(source))
+        else:
+            frames.append(read_path_source(source, root))
+    if data.feedback.enabled:
+        frames.append(
+            read_feedback(
+                data.feedback.path
+                if data.feedback.path.is_absolute()
+                else root / data.feedback.path
+            )
+        )
+    return pd.concat(frames, ignore_index=True)
+
+
+def collect(cfg: Config) -> CollectResult:
+    """Collect stage: read the sources, write the raw table atomically, count rows per source."""
+    raw = collect_frame(cfg.data, cfg.root)
+    counts = {str(k): int(v) for k, v in raw["source"].value_counts(sort=False).items()}
+    for name, count in counts.items():
+        log.info("collect: %s rows from %s", f"{count:,}", name)
+    raw_path = cfg.resolve(cfg.data.raw_path)
+    write_parquet_atomic(raw, raw_path)
+    return CollectResult(raw_path=raw_path, rows=len(raw), rows_per_source=counts)
+
+
+@task(
+    name="collect",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_io,
+    cache_policy=NO_CACHE,
+)
+def collect_task(cfg: Config) -> CollectResult:
+    """Prefect task: the collect stage (retried only on I/O errors)."""
+    return collect(cfg)
+
+
+def _to_raw(frame: pd.DataFrame, source: str) -> pd.DataFrame:
+    out = frame[["text", "label", "origin"]].astype("string")
+    out.insert(2, "source", pd.Series(source, index=out.index, dtype="string"))
+    return out[RAW_COLUMNS].reset_index(drop=True)
+
+
+def _display(path: Path, root: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(root.resolve()))
+    except ValueError:
+        return str(path)

@@ -1,0 +1,301 @@
+"""Validate: the Great Expectations gate between collection and cleaning.
+
+The suite is built in one place (`build_suite`) and used by the flow, `flywheel validate` and the
+tests. Checks that GX has no built-in for on pandas (per-class counts, class imbalance, duplicate
+rate of normalised text) are expressed as derived columns (`add_check_columns`) that standard
+expectations then bound, so every check shows up in the GX result and the data docs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel.config import Config, ValidateConfig
+from flywheel.io import read_parquet, replace_dir_atomic, write_json
+from flywheel.tasks.clean import normalised_key
+from flywheel.tasks.collect import CollectResult
+
+log = logging.getLogger(__name__)
+
+EXAMPLES = 5  # example rows per failed expectation in the printed summary
+ROW_ID = "origin"
+SHOWN = ("label", "text")  # columns shown for each example row, when present
+
+
+class DataValidationError(RuntimeError):
+    """Raised when the data fails the suite; carries the report (summary + where it was written)."""
+
+    def __init__(self, report: ValidationReport):
+        super().__init__(report.summary())
+        self.report = report
+
+
+@dataclass(frozen=True)
+class Failure:
+    """One failed expectation: what was expected, how many rows broke it, a few of them."""
+
+    description: str
+    expectation: str
+    column: str | None
+    unexpected_count: int | None
+    observed: Any
+    examples: list[dict[str, str]] = field(default_factory=list)
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Outcome of one validation: pass/fail, failures, and where the full result was written."""
+
+    success: bool
+    rows: int
+    evaluated: int
+    failures: list[Failure]
+    report_dir: Path
+
+    @property
+    def result_path(self) -> Path:
+        return self.report_dir / "result.json"
+
+    @property
+    def docs_path(self) -> Path:
+        return self.report_dir / "docs" / "index.html"
+
+    @property
+    def headline(self) -> str:
+        """One line: passed or failed, rows, expectations met."""
+        return (
+            f"validation {'passed' if self.success else 'FAILED'}: {self.rows:,} rows, "
+            f"{self.evaluated - len(self.failures)}/{self.evaluated} expectations met"
+        )
+
+    def summary(self) -> str:
+        """A readable summary: which expectation failed, how many rows, example rows."""
+        lines = [self.headline]
+        for f in self.failures:
+            count = f" ({f.unexpected_count:,} of {self.rows:,} rows)" if f.unexpected_count else ""
+            lines.append(f"  x {f.description}{count}")
+            if f.error:
+                lines.append(f"      not evaluated: {f.error}")
+            elif f.observed is not None:
+                lines.append(f"      observed: {f.observed}")
+            for ex in f.examples:
+                shown = ", ".join(f"{k} {v}" for k, v in ex.items() if k != "row")
+                lines.append(f"      row {ex['row']}: {shown}")
+        lines.append(f"  full result: {self.result_path}")
+        lines.append(f"  data docs:   {self.docs_path}")
+        return "\n".join(lines)
+
+
+def add_check_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """Derived columns the suite bounds: stripped length, repeats, class sizes and imbalance."""
+    out = frame.copy()
+    if ROW_ID not in out.columns:
+        out[ROW_ID] = [str(i) for i in range(1, len(out) + 1)]
+    if "text" in out.columns:
+        text = out["text"].astype("string")
+        out["text_stripped_len"] = text.str.strip().str.len()
+        key = text.map(normalised_key, na_action="ignore")
+        out["text_repeats"] = key.notna() & key.duplicated()
+    if "label" in out.columns:
+        sizes = out.groupby("label", dropna=True)["label"].transform("size")
+        out["label_rows"] = sizes
+        out["label_imbalance"] = sizes.max() / sizes if len(sizes.dropna()) else sizes
+    return out
+
+
+def build_suite(cfg: ValidateConfig):
+    """The one expectation suite for labelled text, parameterised by the validate config."""
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+
+    suite = gx.ExpectationSuite(name="labelled_text")
+    expectations = [
+        gxe.ExpectColumnToExist(column="text", description="column 'text' is present"),
+        gxe.ExpectColumnToExist(column="label", description="column 'label' is present"),
+        gxe.ExpectColumnValuesToNotBeNull(column="text", description="text is not null"),
+        gxe.ExpectColumnValuesToNotBeNull(column="label", description="label is not null"),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="text_stripped_len",
+            min_value=cfg.min_text_chars,
+            description=f"text has at least {cfg.min_text_chars} non-blank character(s)",
+        ),
+        gxe.ExpectColumnValueLengthsToBeBetween(
+            column="text",
+            max_value=cfg.max_text_chars,
+            description=f"text is at most {cfg.max_text_chars:,} characters long",
+        ),
+        gxe.ExpectColumnUniqueValueCountToBeBetween(
+            column="label",
+            min_value=cfg.min_classes,
+            description=f"at least {cfg.min_classes} distinct labels",
+        ),
+        gxe.ExpectColumnValuesToBeBetween(
+            column="label_rows",
+            min_value=cfg.min_rows_per_class,
+            description=f"every label has at least {cfg.min_rows_per_class} rows",
+        ),
+        gxe.ExpectColumnMaxToBeBetween(
+            column="label_imbalance",
+            max_value=cfg.max_class_imbalance,
+            description=f"largest class is at most {cfg.max_class_imbalance:g}x the smallest",
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="text_repeats",
+            value_set=[False],
+            mostly=1 - cfg.max_duplicate_rate,
+            description=f"at most {cfg.max_duplicate_rate:.1%} of texts repeat an earlier text",
+        ),
+    ]
+    if cfg.labels is not None:
+        expectations.append(
+            gxe.ExpectColumnValuesToBeInSet(
+                column="label",
+                value_set=list(cfg.labels),
+                description=f"label is one of {', '.join(cfg.labels)}",
+            )
+        )
+    for expectation in expectations:
+        suite.add_expectation(expectation)
+    return suite
+
+
+def run_suite(frame: pd.DataFrame, cfg: ValidateConfig, report_dir: Path) -> ValidationReport:
+    """Validate a table with the suite; write result.json, summary.txt and data docs atomically."""
+    os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    # Some GX modules set their own logger to INFO on import: quiet them after importing.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("great_expectations"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+    checked = add_check_columns(frame)
+    summary_holder: dict[str, ValidationReport] = {}
+
+    def fill(staging: Path) -> None:
+        ctx = gx.get_context(mode="ephemeral")
+        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+        # The ephemeral context makes a temporary docs folder of its own: drop it, use ours.
+        for site, site_config in dict(ctx.variables.data_docs_sites or {}).items():
+            ctx.delete_data_docs_site(site)
+            default_dir = site_config.get("store_backend", {}).get("base_directory")
+            if default_dir and Path(default_dir).parent == Path(tempfile.gettempdir()):
+                shutil.rmtree(default_dir, ignore_errors=True)
+        ctx.add_data_docs_site(
+            site_name="flywheel",
+            site_config={
+                "class_name": "SiteBuilder",
+                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(staging / "docs"),
+                },
+            },
+        )
+        batch = (
+            ctx.data_sources.add_pandas("flywheel")
+            .add_dataframe_asset("rows")
+            .add_batch_definition_whole_dataframe("all")
+        )
+        suite = ctx.suites.add(build_suite(cfg))
+        definition = ctx.validation_definitions.add(
+            gx.ValidationDefinition(name="labelled_text", data=batch, suite=suite)
+        )
+        checkpoint = ctx.checkpoints.add(
+            gx.Checkpoint(
+                name="flywheel",
+                validation_definitions=[definition],
+                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")],
+                result_format={
+                    "result_format": "COMPLETE",
+                    "unexpected_index_column_names": [
+                        c for c in (ROW_ID, *SHOWN) if c in checked.columns
+                    ],
+                },
+            )
+        )
+        outcome = next(
+            iter(checkpoint.run(batch_parameters={"dataframe": checked}).run_results.values())
+        )
+        report = ValidationReport(
+            success=bool(outcome.success),
+            rows=len(frame),
+            evaluated=len(outcome.results),
+            failures=[_failure(r) for r in outcome.results if not r.success],
+            report_dir=report_dir,
+        )
+        write_json(staging / "result.json", outcome.to_json_dict())
+        (staging / "summary.txt").write_text(report.summary() + "\n", encoding="utf-8")
+        summary_holder["report"] = report
+
+    replace_dir_atomic(report_dir, fill)
+    return summary_holder["report"]
+
+
+def _failure(result) -> Failure:
+    config = result.expectation_config
+    details = result.result or {}
+    error = None
+    info = result.exception_info or {}
+    if info.get("raised_exception"):
+        error = _short_error(info.get("exception_message") or "")
+    else:
+        for value in info.values():
+            if isinstance(value, dict) and value.get("raised_exception"):
+                error = _short_error(value.get("exception_message") or "")
+                break
+    column = config.kwargs.get("column")
+    examples = [
+        {"row": str(item.get(ROW_ID)), **{c: _clip(item[c]) for c in SHOWN if c in item}}
+        for item in (details.get("unexpected_index_list") or [])[:EXAMPLES]
+        if isinstance(item, dict)
+    ]
+    return Failure(
+        description=config.description or config.type,
+        expectation=config.type,
+        column=column,
+        unexpected_count=details.get("unexpected_count"),
+        observed=details.get("observed_value"),
+        examples=examples,
+        error=error,
+    )
+
+
+def _short_error(message: str) -> str:
+    if "does not exist" in message and "column" in message:
+        return (
+            message.replace("Error: ", "").replace(" in BatchData", "") + " (see the column check)"
+        )
+    return message.splitlines()[0] if message else "unknown error"
+
+
+def _clip(value: Any, width: int = 80) -> str:
+    text = "null" if value is None or (isinstance(value, float) and value != value) else repr(value)
+    return text if len(text) <= width else f"{text[:width]}... ({len(str(value)):,} chars)"
+
+
+def validate(cfg: Config, raw_path: Path) -> ValidationReport:
+    """Validate stage on the raw table; raises DataValidationError when the data fails."""
+    report = run_suite(read_parquet(raw_path), cfg.validate_, cfg.resolve(cfg.validate_.report_dir))
+    log.info("validate: %s", report.headline)
+    if not report.success:
+        raise DataValidationError(report)
+    return report
+
+
+@task(name="validate", cache_policy=NO_CACHE)
+def validate_task(cfg: Config, collected: CollectResult) -> ValidationReport:
+    """Prefect task: the GX gate; a failure fails the flow before anything downstream."""
+    return validate(cfg, collected.raw_path)

@@ -1,0 +1,129 @@
+"""Version: record the data stages in DVC and push the prepared data to the DVC remote.
+
+The data version is DVC's own content hash of the prepared folder (the `md5` of
+`data/prepared` in dvc.lock, e.g. `3f2a...9c.dir`), so a data version named in MLflow can be
+fetched back with `dvc checkout` / `dvc pull`. See docs/decisions/0002-data-versioning.md.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel.config import Config
+from flywheel.tasks.clean import PrepareResult
+from flywheel.tasks.retries import retry_on_io
+
+log = logging.getLogger(__name__)
+
+DATA_STAGES = ("collect", "validate", "prepare")
+
+
+@dataclass(frozen=True)
+class DataVersion:
+    """The prepared data's content hash and what happened to it in DVC."""
+
+    data_version: str
+    committed: bool  # dvc.lock records this version as the output of the data stages
+    pushed_files: int  # files sent to the DVC remote (0 when already there or not pushed)
+    remote: str | None
+    note: str
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dir_md5(path: Path) -> str:
+    """DVC 3's hash of a folder: md5 of the sorted JSON listing of its files' md5s, plus '.dir'."""
+    entries = [
+        {"md5": file_md5(f), "relpath": f.relative_to(path).as_posix()}
+        for f in path.rglob("*")
+        if f.is_file()
+    ]
+    entries.sort(key=lambda e: e["relpath"])
+    listing = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(listing).hexdigest() + ".dir"
+
+
+def is_dvc_repo(root: Path) -> bool:
+    return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
+
+
+def record_data_version(root: Path, prepared_dir: Path, commit: bool) -> DataVersion:
+    """Hash the prepared data; when `commit`, record the data stages in dvc.lock and push.
+
+    `commit` is False for runs whose config differs from params.yaml (CLI overrides): dvc.lock
+    must only ever say "these params and sources produced these outputs" when that is true.
+    """
+    version = dir_md5(prepared_dir)
+    if not is_dvc_repo(root):
+        return DataVersion(version, False, 0, None, f"{root} is not a DVC project: hash only")
+    if not commit:
+        return DataVersion(
+            version,
+            False,
+            0,
+            None,
+            "run used CLI overrides: dvc.lock left as is (put them in params.yaml to version)",
+        )
+    dvc(root, "commit", "--force", *(f"dvc.yaml:{stage}" for stage in DATA_STAGES))
+    remote = dvc(root, "remote", "default").strip() or None
+    pushed = 0
+    if remote:
+        match = re.search(r"(\d+) files? pushed", dvc(root, "push", "dvc.yaml:prepare"))
+        pushed = int(match.group(1)) if match else 0
+    locked = _locked_md5(root / "dvc.lock", prepared_dir.relative_to(root).as_posix())
+    if locked != version:
+        raise RuntimeError(f"dvc.lock records {locked} for {prepared_dir}, computed {version}")
+    note = f"pushed {pushed} file(s) to DVC remote {remote!r}" if remote else "no DVC remote set"
+    log.info("version: data version %s; %s", version, note)
+    return DataVersion(version, True, pushed, remote, note)
+
+
+def dvc(root: Path, *args: str) -> str:
+    """Run this environment's `dvc` in the project root; a failure raises with DVC's message."""
+    executable = Path(sys.executable).with_name("dvc")
+    done = subprocess.run(
+        [str(executable), *args], cwd=root, capture_output=True, text=True, check=False
+    )
+    if done.returncode == 1 and args[:2] == ("remote", "default"):
+        return ""  # no default remote configured
+    if done.returncode != 0:
+        raise OSError(f"dvc {' '.join(args)} failed in {root}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def _locked_md5(lock_path: Path, out_path: str) -> str | None:
+    import yaml
+
+    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8"))
+    for out in lock["stages"]["prepare"]["outs"]:
+        if out["path"] == out_path:
+            return out["md5"]
+    return None
+
+
+@task(
+    name="version",
+    retries=2,
+    retry_delay_seconds=2,
+    retry_condition_fn=retry_on_io,
+    cache_policy=NO_CACHE,
+)
+def version_task(cfg: Config, prepared: PrepareResult, commit: bool) -> DataVersion:
+    """Prefect task: hash the prepared data, record it in dvc.lock and push it (I/O: retried)."""
+    return record_data_version(cfg.root, prepared.prepared_dir, commit)

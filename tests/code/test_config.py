@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flywheel.config import ConfigError, EmbeddedSource, PathSource, load_config, parse_override
+from tests.conftest import REPO
+
+
+def write_params(tmp_path: Path, mutate) -> Path:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_repo_params_load_with_defaults():
+    cfg = load_config(REPO / "params.yaml")
+    assert cfg.root == REPO
+    assert cfg.data.sources == [EmbeddedSource(kind="embedded", name="rotten_tomatoes")]
+    assert cfg.validate_.labels == ["fresh", "rotten"]
+    assert cfg.split.train + cfg.split.val + cfg.split.test == pytest.approx(1)
+    assert cfg.resolve(cfg.split.prepared_dir) == REPO / "data" / "prepared"
+
+
+@pytest.mark.parametrize(
+    ("mutate", "key", "phrase"),
+    [
+        (lambda r: r.update(sead=1), "sead", "unknown key"),
+        (lambda r: r["split"].update(trian=0.8), "split.trian", "unknown key"),
+        (lambda r: r["split"].update(train=0.7), "split", "must sum to 1"),
+        (lambda r: r["split"].update(train="most"), "split.train", "valid number"),
+        (
+            lambda r: r["validate"].update(min_rows_per_class=0),
+            "validate.min_rows_per_class",
+            "greater than or equal to 1",
+        ),
+        (
+            lambda r: r["validate"].update(min_text_chars=10, max_text_chars=5),
+            "validate",
+            "min_text_chars must not exceed",
+        ),
+        (lambda r: r["validate"].update(labels=["a", "a"]), "validate.labels", "distinct"),
+        (lambda r: r["data"].update(sources=[{"kind": "ftp"}]), "data.sources.0", "kind"),
+        (lambda r: r["data"].update(sources=[]), "data.sources", "at least 1"),
+        (lambda r: r["clean"].update(mask_pii=["ssn"]), "clean.mask_pii.0", "url"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path, mutate, key, phrase):
+    path = write_params(tmp_path, mutate)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert str(path) in message
+    assert f"  {key}" in message
+    assert phrase in message
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "params.yaml"
+    bad.write_text("split: [unclosed")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+
+
+def test_override_sets_one_value_and_is_validated():
+    cfg = load_config(REPO / "params.yaml", {"seed": 7, "split.prepared_dir": "elsewhere"})
+    assert cfg.seed == 7
+    assert cfg.split.prepared_dir == Path("elsewhere")
+    assert cfg.split.train == 0.8
+    with pytest.raises(ConfigError, match="must sum to 1"):
+        load_config(REPO / "params.yaml", {"split.train": 0.5})
+
+
+def test_override_of_unknown_key_lists_known_keys():
+    with pytest.raises(ConfigError, match=r"'splt' is not a key of the top level.*split"):
+        load_config(REPO / "params.yaml", {"splt.train": 0.5})
+    with pytest.raises(ConfigError, match=r"'trian' is not a key of split"):
+        load_config(REPO / "params.yaml", {"split.trian": 0.5})
+
+
+def test_parse_override_reads_yaml_values():
+    assert parse_override("split.train=0.7") == ("split.train", 0.7)
+    assert parse_override("validate.labels=[a, b]") == ("validate.labels", ["a", "b"])
+    assert parse_override("validate.labels=null") == ("validate.labels", None)
+    with pytest.raises(ConfigError, match="KEY=VALUE"):
+        parse_override("seed")
+
+
+def test_path_source_defaults():
+    source = PathSource(kind="path", path=Path("x.csv"))
+    assert (source.text_col, source.label_col) == ("text", "label")

@@ -1,0 +1,58 @@
+import sqlite3
+import threading
+
+import pytest
+
+from flywheel import feedback
+from flywheel.feedback import FeedbackRecord
+
+
+def test_schema_columns_and_version(tmp_path):
+    path = tmp_path / "fb.db"
+    feedback.connect(path).close()
+    conn = sqlite3.connect(path)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(feedback)")]
+    assert tuple(columns) == feedback.COLUMNS
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == feedback.SCHEMA_VERSION
+
+
+def test_add_is_idempotent_on_id(tmp_path):
+    path = tmp_path / "fb.db"
+    record = FeedbackRecord(text="great", label="pos", predicted_label="neg", model_version="3")
+    assert feedback.add(path, [record]) == 1
+    assert feedback.add(path, [record]) == 0
+    rows = feedback.read(path)
+    assert len(rows) == 1
+    assert rows.iloc[0][
+        ["text", "label", "predicted_label", "model_version", "source"]
+    ].tolist() == ["great", "pos", "neg", "3", "api"]
+
+
+def test_blank_text_is_rejected_by_the_store(tmp_path):
+    with pytest.raises(sqlite3.IntegrityError):
+        feedback.add(tmp_path / "fb.db", [FeedbackRecord(text="   ", label="pos")])
+
+
+def test_concurrent_writers_lose_no_rows(tmp_path):
+    path = tmp_path / "fb.db"
+    feedback.connect(path).close()
+
+    def write(worker: int) -> None:
+        for i in range(25):
+            feedback.add(path, [FeedbackRecord(text=f"w{worker} t{i}", label="pos")])
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(feedback.read(path)) == 100
+
+
+def test_newer_schema_is_refused(tmp_path):
+    path = tmp_path / "fb.db"
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version = 99")
+    conn.close()
+    with pytest.raises(RuntimeError, match="schema version 99"):
+        feedback.read(path)

@@ -1,0 +1,59 @@
+"""Shared fixtures: small labelled frames and a throw-away Flywheel project (git + DVC)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+def labelled_frame(n_per_class: int = 30, labels: tuple[str, ...] = ("pos", "neg")) -> pd.DataFrame:
+    """Distinct, valid texts: n_per_class rows for each label, with file-style origins."""
+    rows = [
+        {"text": f"review number {i} about film {label} {i * 7 % 13}", "label": label}
+        for label in labels
+        for i in range(n_per_class)
+    ]
+    frame = pd.DataFrame(rows).astype("string")
+    frame["origin"] = [f"sample.csv:{i}" for i in range(1, len(frame) + 1)]
+    return frame
+
+
+def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A Flywheel project in a temporary git + DVC repo, with a local DVC remote beside it.
+
+    The dvc.yaml stage commands call .venv/bin/flywheel: .venv points at this interpreter's env.
+    """
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copytree(
+        REPO / "flywheel", root / "flywheel", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy2(REPO / name, root / name)
+    for folder in ("data/sources", "data/feedback"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / ".gitkeep").touch()
+    (root / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    run(["git", "init", "-q"], root)
+    dvc = str(Path(sys.prefix) / "bin" / "dvc")
+    run([dvc, "init", "-q"], root)
+    run([dvc, "config", "core.analytics", "false"], root)
+    run([dvc, "remote", "add", "-d", "local", str(tmp_path / "remote")], root)
+    return root
