@@ -20,7 +20,7 @@ OFFLINE_DEFAULTS = {
     "PREFECT_UI_ENABLED": "false",
 }
 
-QUIET_LOGGERS = ("great_expectations", "dvc", "dvc_data", "dvc_objects", "scmrepo", "filelock")
+QUIET_LOGGERS = ("httpx", "great_expectations", "filelock")
 
 
 def configure(root: Path) -> None:
@@ -29,7 +29,9 @@ def configure(root: Path) -> None:
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str((root / ".prefect").resolve()))
     logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import html
 import ipaddress
+import logging
 import re
 import unicodedata
 from collections import Counter
@@ -29,6 +30,8 @@ from flywheel.io import read_parquet, replace_dir_atomic, write_json
 if TYPE_CHECKING:  # validate imports this module's normalisation; avoid the import cycle
     from flywheel.tasks.collect import CollectResult
     from flywheel.tasks.validate import ValidationReport
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 PREPARED_COLUMNS = ["id", "text", "label", "source"]
@@ -268,6 +271,23 @@ def prepare(cfg: Config, raw_path: Path) -> PrepareResult:
         write_json(staging / "summary.json", summarise(splits, report, cfg))
 
     replace_dir_atomic(target, write)
+    counts = (
+        report.rows_in,
+        report.emptied_by_cleaning,
+        report.conflicting_label_rows,
+        report.exact_duplicates,
+        report.normalised_duplicates,
+        report.rows_out,
+    )
+    log.info(
+        "prepare: %s rows in, %s empty after cleaning, %s with conflicting labels, "
+        "%s exact and %s normalised duplicates dropped, %s rows out",
+        *(f"{n:,}" for n in counts),
+    )
+    log.info(
+        "prepare: PII masked: %s", ", ".join(f"{k} {v:,}" for k, v in report.pii_counts.items())
+    )
+    log.info("prepare: split %s", ", ".join(f"{k} {len(v):,}" for k, v in splits.items()))
     return PrepareResult(
         prepared_dir=target,
         split_paths={name: target / f"{name}.parquet" for name in SPLITS},

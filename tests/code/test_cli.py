@@ -1,0 +1,67 @@
+"""The command line: help everywhere, exit codes that scripts can rely on."""
+
+import pytest
+from typer.testing import CliRunner
+
+from flywheel.cli import app
+from tests.conftest import REPO, labelled_frame
+
+runner = CliRunner()
+PARAMS = ["--params", str(REPO / "params.yaml")]
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["validate"], ["stage"], ["config"]])
+def test_every_command_has_help(command):
+    out = runner.invoke(app, [*command, "--help"])
+    assert out.exit_code == 0
+    assert "Usage:" in out.output
+    assert len(out.output.split()) > 20
+
+
+def test_validate_exit_codes(tmp_path):
+    good = tmp_path / "good.csv"
+    labelled_frame().drop(columns=["origin"]).to_csv(good, index=False)
+    out = runner.invoke(app, ["validate", str(good), *PARAMS, "--report-dir", str(tmp_path / "r")])
+    assert out.exit_code == 0, out.output
+    assert "validation passed: 60 rows" in out.output
+    assert (tmp_path / "r" / "result.json").is_file()
+
+    bad = tmp_path / "bad.csv"
+    labelled_frame().drop(columns=["origin"]).to_csv(bad, index=False)
+    out = runner.invoke(
+        app,
+        [
+            "validate",
+            str(bad),
+            *PARAMS,
+            "--labels",
+            "pos,neu",
+            "--report-dir",
+            str(tmp_path / "r2"),
+        ],
+    )
+    assert out.exit_code == 1
+    assert "x label is one of pos, neu (30 of 60 rows)" in out.output
+    assert "row bad.csv:31: label 'neg'" in out.output
+
+
+def test_validate_unreadable_file_is_exit_2(tmp_path):
+    out = runner.invoke(app, ["validate", str(tmp_path / "missing.csv"), *PARAMS])
+    assert out.exit_code == 2
+    assert "source path does not exist" in out.output
+
+
+def test_config_errors_are_exit_2_with_the_key():
+    out = runner.invoke(app, ["config", *PARAMS, "--set", "split.train=0.5"])
+    assert out.exit_code == 2
+    assert "split: train + val + test must sum to 1 (got 0.7)" in out.output
+    out = runner.invoke(app, ["run", *PARAMS, "--label-col", "y"])
+    assert out.exit_code == 2
+    assert "--text-col/--label-col need --source" in out.output
+
+
+def test_config_prints_resolved_values_with_overrides():
+    out = runner.invoke(app, ["config", *PARAMS, "--set", "seed=7"])
+    assert out.exit_code == 0
+    assert "seed: 7" in out.output
+    assert "max_text_chars: 5000" in out.output
