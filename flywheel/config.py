@@ -14,10 +14,12 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from flywheel.errors import FlywheelError
+
 DEFAULT_PARAMS = Path("params.yaml")
 
 
-class ConfigError(ValueError):
+class ConfigError(FlywheelError, ValueError):
     """A configuration problem a user can fix; the message names the file and key."""
 
 
@@ -127,11 +129,16 @@ class Config(_Section):
 
     def resolve(self, path: Path) -> Path:
         """A config path made absolute against the project root."""
-        return path if path.is_absolute() else self.root / path
+        return resolve_path(self.root, path)
 
     def section(self, name: str) -> dict[str, Any]:
         """One resolved section as plain data (for logging and cache keys)."""
         return self.model_dump(mode="json", by_alias=True)[name]
+
+
+def resolve_path(root: Path, path: Path) -> Path:
+    """Config paths are relative to the project root unless absolute."""
+    return path if path.is_absolute() else root / path
 
 
 def parse_override(item: str) -> tuple[str, Any]:

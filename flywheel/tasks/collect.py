@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bz2
 import hashlib
+import io
 import json
 import logging
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import feedback
-from flywheel.config import Config, DataConfig, EmbeddedSource, PathSource
+from flywheel.config import Config, DataConfig, EmbeddedSource, PathSource, resolve_path
+from flywheel.errors import FlywheelError
 from flywheel.io import write_parquet_atomic
 from flywheel.tasks.retries import retry_on_io
 
@@ -35,7 +37,7 @@ ROTTEN_TOMATOES_SHA256 = "26b56d24d5a04cbed72d2a8c9a3fa47ebf62229f8c1cd8c9c3544c
 ROTTEN_TOMATOES_LABELS = ("fresh", "rotten")
 
 
-class SourceError(ValueError):
+class SourceError(FlywheelError, ValueError):
     """A source that cannot be read as labelled text; the message names the file (and row)."""
 
 
@@ -63,7 +65,7 @@ def read_embedded(source: EmbeddedSource) -> pd.DataFrame:
             f"{path}: checksum mismatch (sha256 {digest}, expected {ROTTEN_TOMATOES_SHA256}); "
             "the embedded data set is damaged: reinstall flywheel"
         )
-    frame = pd.read_csv(pd.io.common.BytesIO(bz2.decompress(payload)), dtype="string")
+    frame = pd.read_csv(io.BytesIO(bz2.decompress(payload)), dtype="string")
     frame["origin"] = [f"{source.name}:{i}" for i in range(1, len(frame) + 1)]
     frame = frame[frame["category"].isin(ROTTEN_TOMATOES_LABELS)]
     return _to_raw(frame.rename(columns={"category": "label"}), source.name)
@@ -137,7 +139,7 @@ def _read_jsonl(path: Path) -> pd.DataFrame:
 
 def read_path_source(source: PathSource, root: Path) -> pd.DataFrame:
     """Every file of a path source, with its text and label columns renamed to text/label."""
-    base = source.path if source.path.is_absolute() else root / source.path
+    base = resolve_path(root, source.path)
     frames = []
     for file in list_files(base):
         frame = read_table(file)
@@ -170,13 +172,7 @@ def collect_frame(data: DataConfig, root: Path) -> pd.DataFrame:
         else:
             frames.append(read_path_source(source, root))
     if data.feedback.enabled:
-        frames.append(
-            read_feedback(
-                data.feedback.path
-                if data.feedback.path.is_absolute()
-                else root / data.feedback.path
-            )
-        )
+        frames.append(read_feedback(resolve_path(root, data.feedback.path)))
     return pd.concat(frames, ignore_index=True)
 
 

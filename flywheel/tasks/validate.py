@@ -21,6 +21,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel.config import Config, ValidateConfig
+from flywheel.errors import FlywheelError
 from flywheel.io import read_parquet, replace_dir_atomic, write_json
 from flywheel.tasks.clean import normalised_key
 from flywheel.tasks.collect import CollectResult
@@ -32,11 +33,11 @@ ROW_ID = "origin"
 SHOWN = ("label", "text")  # columns shown for each example row, when present
 
 
-class DataValidationError(RuntimeError):
+class DataValidationError(FlywheelError):
     """Raised when the data fails the suite; carries the report (summary + where it was written)."""
 
     def __init__(self, report: ValidationReport):
-        super().__init__(report.summary())
+        super().__init__(report.summary(examples=False))
         self.report = report
 
 
@@ -79,7 +80,7 @@ class ValidationReport:
             f"{self.evaluated - len(self.failures)}/{self.evaluated} expectations met"
         )
 
-    def summary(self) -> str:
+    def summary(self, examples: bool = True) -> str:
         """A readable summary: which expectation failed, how many rows, example rows."""
         lines = [self.headline]
         for f in self.failures:
@@ -89,7 +90,7 @@ class ValidationReport:
                 lines.append(f"      not evaluated: {f.error}")
             elif f.observed is not None:
                 lines.append(f"      observed: {f.observed}")
-            for ex in f.examples:
+            for ex in f.examples if examples else []:
                 shown = ", ".join(f"{k} {v}" for k, v in ex.items() if k != "row")
                 lines.append(f"      row {ex['row']}: {shown}")
         lines.append(f"  full result: {self.result_path}")

@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -81,7 +82,7 @@ def record_data_version(root: Path, prepared_dir: Path, commit: bool) -> DataVer
             "run used CLI overrides: dvc.lock left as is (put them in params.yaml to version)",
         )
     dvc(root, "commit", "--force", *(f"dvc.yaml:{stage}" for stage in DATA_STAGES))
-    remote = dvc(root, "remote", "default").strip() or None
+    remote = default_remote(root)
     pushed = 0
     if remote:
         match = re.search(r"(\d+) files? pushed", dvc(root, "push", "dvc.yaml:prepare"))
@@ -94,22 +95,30 @@ def record_data_version(root: Path, prepared_dir: Path, commit: bool) -> DataVer
     return DataVersion(version, True, pushed, remote, note)
 
 
-def dvc(root: Path, *args: str) -> str:
-    """Run this environment's `dvc` in the project root; a failure raises with DVC's message."""
+def _run_dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    # DVC's Python API resolves targets against the working directory, not the repo; the CLI in
+    # the project root has no such trap. This environment's dvc, never whatever is on PATH.
     executable = Path(sys.executable).with_name("dvc")
-    done = subprocess.run(
+    return subprocess.run(
         [str(executable), *args], cwd=root, capture_output=True, text=True, check=False
     )
-    if done.returncode == 1 and args[:2] == ("remote", "default"):
-        return ""  # no default remote configured
+
+
+def dvc(root: Path, *args: str) -> str:
+    """Run `dvc ARGS` in the project root; a failure raises (as I/O, so it is retried)."""
+    done = _run_dvc(root, *args)
     if done.returncode != 0:
         raise OSError(f"dvc {' '.join(args)} failed in {root}: {done.stderr.strip()}")
     return done.stdout
 
 
-def _locked_md5(lock_path: Path, out_path: str) -> str | None:
-    import yaml
+def default_remote(root: Path) -> str | None:
+    """The project's default DVC remote; None when none is set (`dvc remote default` exits 1)."""
+    done = _run_dvc(root, "remote", "default")
+    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
+
+def _locked_md5(lock_path: Path, out_path: str) -> str | None:
     lock = yaml.safe_load(lock_path.read_text(encoding="utf-8"))
     for out in lock["stages"]["prepare"]["outs"]:
         if out["path"] == out_path:
