@@ -2,7 +2,9 @@
 
 Used wherever text enters Flywheel (the clean stage now; serving and the model's preprocessing
 later), so that nothing unmasked is versioned, trained on or logged. Each rule is a candidate
-pattern plus a confirmation (checksums for cards and IBANs, address parsing for IPs).
+pattern plus a confirmation that sees the whole match (checksums for cards and IBANs, address
+parsing for IPs, digit counts and the surrounding words for phones). Text arrives already through
+`clean_text` (NFKC, HTML unescaped, tags stripped, whitespace collapsed).
 """
 
 from __future__ import annotations
@@ -13,9 +15,26 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+# Words that make the number after them a product version, not an IPv4 address: "v1.2.3.4".
+_VERSION_BEFORE = re.compile(r"\b(?:version|ver|v|build|model|release|firmware)\.?\s*$", re.I)
+# Words that make the number after them an order/ticket reference, not a phone: "order #123456789",
+# "invoice no. 987654321", "case ID 5551234567". "number"/"no."/"ID" count only after such a word,
+# so "phone number 555-123-4567" and "caller ID 555-123-4567" stay phones.
+_REFERENCE_BEFORE = re.compile(
+    r"(?:\b(?:order|ticket|ref|reference|invoice|case|booking|tracking|transaction)\b\.?"
+    r"(?:\s*(?:number|no|nr|id)\b\.?)?|#)\s*[:#]?\s*$",
+    re.I,
+)
+_YEAR = re.compile(r"(?:19|20)\d\d")
+_DATE = re.compile(r"(?:19|20)\d\d[-./]\d\d?[-./]\d\d?|\d\d?[-./]\d\d?[-./](?:19|20)\d\d")
 
-def _luhn_ok(candidate: str) -> bool:
-    digits = [int(c) for c in candidate if c.isdigit()]
+
+def _before(match: re.Match[str], width: int = 40) -> str:
+    return match.string[max(0, match.start() - width) : match.start()]
+
+
+def _luhn_ok(match: re.Match[str]) -> bool:
+    digits = [int(c) for c in match.group(0) if c.isdigit()]
     if not 13 <= len(digits) <= 19:
         return False
     total = 0
@@ -26,27 +45,53 @@ def _luhn_ok(candidate: str) -> bool:
     return total % 10 == 0
 
 
-def _iban_ok(candidate: str) -> bool:
-    compact = candidate.replace(" ", "").upper()
+def _iban_ok(match: re.Match[str]) -> bool:
+    # Customers type IBANs in any case ("de89 ...", "GB82 west ..."); the check runs on the
+    # upper-cased compact form, as the standard defines it.
+    compact = match.group(0).replace(" ", "").upper()
     if not 15 <= len(compact) <= 34:
         return False
     rearranged = compact[4:] + compact[:4]
     return int("".join(str(int(c, 36)) for c in rearranged)) % 97 == 1
 
 
-def _ip_ok(candidate: str) -> bool:
+def _ip_ok(match: re.Match[str]) -> bool:
+    candidate = match.group(0)
     try:
-        ipaddress.ip_address(candidate)
+        address = ipaddress.ip_address(candidate)
     except ValueError:
         return False
-    return True
+    if address.version == 4:
+        return not _VERSION_BEFORE.search(_before(match))
+    # "::", "a::b" and "dead::beef" parse as IPv6 too; real addresses in text have at least two
+    # groups and a decimal digit ("fe80::1"). Loopback "::1" is not personal data anyway.
+    groups = [g for g in candidate.split(":") if g]
+    return len(groups) >= 2 and any(c.isdigit() for c in candidate)
 
 
-def _phone_ok(candidate: str) -> bool:
+def _phone_ok(match: re.Match[str]) -> bool:
+    candidate = match.group(0)
     digits = sum(c.isdigit() for c in candidate)
+    groups = re.findall(r"\d+", candidate)
+    international = candidate.startswith("+")
+    trunk = candidate.lstrip("(").startswith("0")  # national prefix: 06 ..., 020 ..., (0)1 ...
     # Bare digit runs of 7-8 look like years, ids or dates; demand an international or area-code
     # prefix for those, and accept 9-15 digits as they come.
-    return 9 <= digits <= 15 or (7 <= digits <= 8 and candidate.lstrip()[0] in "+(")
+    if not (9 <= digits <= 15 or (7 <= digits <= 8 and candidate[0] in "+(")):
+        return False
+    if re.match(r":\d", match.string[match.end() :]):  # "2024-01-15 12:30": a time follows
+        return False
+    if _REFERENCE_BEFORE.search(_before(match)):  # "order #123456789", "ticket 100-200-300"
+        return False
+    if len(groups[0]) == 1 and candidate[0] not in "+(":  # "3-16-148410" out of an ISBN
+        return False
+    # Runs of 2-digit groups are scores or lists ("10 20 30 40 50") unless written the French way,
+    # with a leading 0 or a country code ("06 12 34 56 78", "+33 6 12 34 56 78").
+    if all(len(g) <= 2 for g in groups) and not (international or trunk):
+        return False
+    if all(_YEAR.fullmatch(g) for g in groups):  # "2023 2024 2025", "2019-2021"
+        return False
+    return not _DATE.search(candidate)  # "15.01.2024 12 ..."
 
 
 @dataclass(frozen=True)
@@ -55,34 +100,64 @@ class PiiRule:
 
     kind: str
     pattern: re.Pattern[str]
-    confirm: Callable[[str], bool] = lambda _: True
+    confirm: Callable[[re.Match[str]], bool] = lambda _: True
 
     @property
     def placeholder(self) -> str:
         return f"<{self.kind.upper()}>"
 
 
+_URL_END = r"[^\s<>\"']*[^\s<>\"'.,;:!?)\]]"  # no trailing punctuation from the sentence
+# An IBAN group after the bank code holds a digit, so a word after the IBAN ("... 7034 from") is
+# not taken into the match (which would fail mod-97); Seychelles/Mauritius end in a currency code.
+_IBAN_GROUP = r"(?=[a-z]{0,3}\d)[a-z\d]{4}"
+_IBAN_TAIL = r"(?:(?=[a-z]{0,2}\d)[a-z\d]{1,3}|(?-i:[A-Z]{3}))"
+
 # Order matters: URLs can contain e-mail addresses and IPs; IBANs and cards contain digit runs
 # that the phone pattern would otherwise take.
 PII_RULES = (
-    PiiRule("url", re.compile(r"\b(?:https?://|www\.)[^\s<>\"']+[^\s<>\"'.,;:!?)\]]")),
-    PiiRule("email", re.compile(r"\b[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")),
     PiiRule(
-        "iban", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"), _iban_ok
+        "url",
+        re.compile(
+            # Not right after "@" or ".": "support@www.acme.com" is left to the e-mail rule.
+            r"(?<![\w@.-])(?:https?://|www\.|"
+            # Without scheme or www only with a path ("example.com/reset?token=abc"): a bare
+            # domain ("ordered from Amazon.com") is a shop name in a review, not personal data.
+            # A lowercase TLD keeps "Mr.Smith/Jones" and "fine.Really/..." out.
+            r"(?=[a-z\d-]+(?:\.[a-z\d-]+)*\.(?-i:[a-z]{2,})/))" + _URL_END,
+            re.I,
+        ),
     ),
-    PiiRule("card", re.compile(r"\b\d(?:[ -]?\d){12,18}\b"), _luhn_ok),
+    # The lookbehind starts a match only where a local part can begin; `\b` there made long
+    # dotted runs ("a.a.a...") quadratic, as every dot restarted the scan.
+    PiiRule("email", re.compile(r"(?<![\w.%+-])[\w.%+-]+@[\w-]+(?:\.[\w-]+)*\.[A-Za-z]{2,}\b")),
+    PiiRule(
+        "iban",
+        re.compile(
+            rf"\b[a-z]{{2}}\d\d ?[a-z\d]{{4}}(?: ?{_IBAN_GROUP}){{1,6}}(?: ?{_IBAN_TAIL})?\b", re.I
+        ),
+        _iban_ok,
+    ),
+    PiiRule("card", re.compile(r"\b\d(?:[ .-]?\d){12,18}\b"), _luhn_ok),
     PiiRule(
         "ip",
         re.compile(
-            r"(?<![\d.])(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d)|(?<![\w:])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"
+            r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?!\.?\d)"  # IPv4; not after "v" as in "v1.2.3.4"
+            # IPv6, possibly ending in an IPv4 ("::ffff:192.0.2.1")
+            r"|(?<![\w:.])(?:[0-9a-f]{0,4}:){2,7}(?:\d{1,3}(?:\.\d{1,3}){3}|[0-9a-f]{0,4})"
+            r"(?![\w:]|\.\d)",
+            re.I,
         ),
         _ip_ok,
     ),
     PiiRule(
         "phone",
         re.compile(
-            r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,4}\)[ .-]?)?"  # country code, area code
-            r"\d{2,4}(?:[ .-]?\d{2,4}){1,4}(?!\w)"
+            r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?"  # country code
+            r"(?:\(\d{1,4}\)[ .-]?)?"  # area code "(555)", or trunk prefix "(0)" as in +33 (0)1
+            # A 1-digit first group ("+33 6 12 ...") is allowed only after a prefix (_phone_ok);
+            # "/" separates the area code in German numbers ("030/1234567").
+            r"\d{1,4}(?:[ ./-]?\d{2,4}){1,4}(?!\w)"
         ),
         _phone_ok,
     ),
@@ -97,7 +172,7 @@ def mask_pii(text: str, kinds: list[str] | tuple[str, ...]) -> tuple[str, Counte
             continue
 
         def replace(match: re.Match[str], rule: PiiRule = rule) -> str:
-            if not rule.confirm(match.group(0)):
+            if not rule.confirm(match):
                 return match.group(0)
             counts[rule.kind] += 1
             return rule.placeholder
