@@ -63,10 +63,15 @@ def collect_overrides(
     label_col: str | None = None,
     labels: str | None = None,
 ) -> dict[str, Any]:
-    """CLI options as dotted config overrides (validated by the same loader as params.yaml)."""
-    overrides = dict(parse_override(item) for item in sets or [])
+    """CLI options as dotted config overrides (validated by the same loader as params.yaml).
+
+    --source replaces every configured source, feedback included, and drops the configured
+    label set (it describes the configured data, not this file); explicit --set and --labels
+    values still win over those defaults.
+    """
     if source is None and (text_col or label_col):
         raise ConfigError("--text-col/--label-col need --source")
+    overrides: dict[str, Any] = {}
     if source is not None:
         overrides["data.sources"] = [
             {
@@ -76,8 +81,9 @@ def collect_overrides(
                 "label_col": label_col or "label",
             }
         ]
-        # The configured label set describes the configured sources, not this file.
+        overrides["data.feedback.enabled"] = False
         overrides["validate.labels"] = None
+    overrides.update(parse_override(item) for item in sets or [])
     if labels is not None:
         overrides["validate.labels"] = [x.strip() for x in labels.split(",") if x.strip()]
     return overrides
@@ -111,9 +117,10 @@ def run(
 ) -> None:
     """Run the pipeline as a Prefect flow: collect -> validate -> prepare -> version (DVC).
 
-    With no options it runs on params.yaml (by default the embedded Rotten Tomatoes snippets)
-    and records the result in dvc.lock and the DVC remote. Runs with overrides are not written
-    to dvc.lock (it would no longer match params.yaml); their data version is still printed.
+    With no options it runs on params.yaml (by default the embedded Rotten Tomatoes snippets),
+    writes data/raw, data/validation and data/prepared, records the data version in dvc.lock
+    and pushes the prepared data to the DVC remote. A run with options (--source, --set, ...)
+    writes under data/runs/<key>/ instead and records its data version in a .dvc file there.
     """
     with user_errors(params):
         overrides = collect_overrides(sets, source, text_col, label_col, labels)

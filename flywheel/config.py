@@ -1,12 +1,14 @@
 """Typed configuration: params.yaml is the single source, validated on load.
 
-Every field has a description (shown by `flywheel config --help-keys`); paths are relative to the
-directory holding params.yaml (the project root). CLI overrides are applied to the raw mapping
-before validation, so an override gets exactly the same checks as the file.
+Every field has a description; paths are relative to the directory holding params.yaml (the
+project root). Types are strict (`true` is not a count, `"7"` is not a seed). CLI overrides are
+applied to the raw mapping before validation, so an override gets exactly the same checks.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,8 +25,12 @@ class ConfigError(FlywheelError, ValueError):
     """A configuration problem a user can fix; the message names the file and key."""
 
 
+# Paths come from YAML as strings: the one place where conversion is wanted.
+ConfigPath = Annotated[Path, Field(strict=False)]
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class EmbeddedSource(_Section):
@@ -36,7 +42,9 @@ class EmbeddedSource(_Section):
 
 class PathSource(_Section):
     kind: Literal["path"] = Field(description="A local CSV/TSV/JSONL/Parquet file or folder.")
-    path: Path = Field(description="File or folder; relative paths are from the project root.")
+    path: ConfigPath = Field(
+        description="File or folder; relative paths are from the project root."
+    )
     text_col: str = Field("text", min_length=1, description="Column holding the text.")
     label_col: str = Field("label", min_length=1, description="Column holding the label.")
 
@@ -46,7 +54,7 @@ Source = Annotated[EmbeddedSource | PathSource, Field(discriminator="kind")]
 
 class FeedbackConfig(_Section):
     enabled: bool = Field(True, description="Merge rows from the feedback store into the data.")
-    path: Path = Field(
+    path: ConfigPath = Field(
         Path("data/feedback/feedback.db"), description="SQLite feedback store written by serving."
     )
 
@@ -54,7 +62,7 @@ class FeedbackConfig(_Section):
 class DataConfig(_Section):
     sources: list[Source] = Field(min_length=1, description="Where labelled text comes from.")
     feedback: FeedbackConfig = FeedbackConfig()
-    raw_path: Path = Field(Path("data/raw/raw.parquet"), description="Collected raw table.")
+    raw_path: ConfigPath = Field(Path("data/raw/raw.parquet"), description="Collected raw table.")
 
 
 class ValidateConfig(_Section):
@@ -62,7 +70,7 @@ class ValidateConfig(_Section):
         description="Allowed labels; null infers the set from the data (see min_rows_per_class)."
     )
     min_rows_per_class: int = Field(
-        20, ge=1, description="Every label needs at least this many rows."
+        50, ge=1, description="Every label needs at least this many rows."
     )
     min_classes: int = Field(2, ge=2, description="At least this many distinct labels.")
     min_text_chars: int = Field(1, ge=1, description="Minimum text length after stripping blanks.")
@@ -73,7 +81,7 @@ class ValidateConfig(_Section):
     max_class_imbalance: float = Field(
         10.0, ge=1, description="Largest allowed ratio: rows of the biggest / smallest class."
     )
-    report_dir: Path = Field(
+    report_dir: ConfigPath = Field(
         Path("data/validation"), description="Where the validation result and data docs go."
     )
 
@@ -105,7 +113,7 @@ class SplitConfig(_Section):
     train: float = Field(0.8, gt=0, lt=1, description="Share of texts in the training split.")
     val: float = Field(0.1, gt=0, lt=1, description="Share of texts in the validation split.")
     test: float = Field(0.1, gt=0, lt=1, description="Share of texts in the test split.")
-    prepared_dir: Path = Field(
+    prepared_dir: ConfigPath = Field(
         Path("data/prepared"), description="Output folder: train/val/test Parquet + summary.json."
     )
 
@@ -123,9 +131,11 @@ class Config(_Section):
     validate_: ValidateConfig = Field(alias="validate")
     clean: CleanConfig = CleanConfig()
     split: SplitConfig = SplitConfig()
-    root: Path = Field(Path("."), exclude=True, description="Project root (params.yaml's folder).")
+    root: ConfigPath = Field(
+        Path("."), exclude=True, description="Project root (params.yaml's folder)."
+    )
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
     def resolve(self, path: Path) -> Path:
         """A config path made absolute against the project root."""
@@ -139,6 +149,26 @@ class Config(_Section):
 def resolve_path(root: Path, path: Path) -> Path:
     """Config paths are relative to the project root unless absolute."""
     return path if path.is_absolute() else root / path
+
+
+# Where a one-off run (one with overrides) writes, so data/ keeps params.yaml's outputs.
+RUN_OUTPUTS = {
+    "data.raw_path": "raw/raw.parquet",
+    "validate.report_dir": "validation",
+    "split.prepared_dir": "prepared",
+}
+
+
+def with_run_outputs(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Overrides plus output paths under data/runs/<key>/ (key: hash of the overrides).
+
+    The same overrides reuse the same folder; an explicitly overridden path is kept as given.
+    """
+    if not overrides:
+        return {}
+    key = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()
+    paths = {name: f"data/runs/{key[:12]}/{leaf}" for name, leaf in RUN_OUTPUTS.items()}
+    return {**paths, **overrides}
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -61,16 +61,21 @@ class FeedbackRecord:
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
-def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) a feedback store and check its schema version."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30)
+def _check_version(conn: sqlite3.Connection, path: Path) -> int:
     version = conn.execute("PRAGMA user_version").fetchone()[0]
     if version not in (0, SCHEMA_VERSION):
         conn.close()
         raise RuntimeError(
             f"{path}: feedback store schema version {version}, this flywheel reads {SCHEMA_VERSION}"
         )
+    return version
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if needed) a feedback store for writing and check its schema version."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=30)
+    _check_version(conn, path)
     with conn:
         conn.executescript(_DDL)
         conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
@@ -94,11 +99,18 @@ def add(path: Path, records: Iterable[FeedbackRecord]) -> int:
 
 
 def read(path: Path) -> pd.DataFrame:
-    """All feedback rows, oldest first; an absent store reads as an empty table."""
+    """All feedback rows, oldest first; an absent or empty store reads as an empty table.
+
+    Opens the file read-only: reading must not change its bytes (it is a DVC dependency) nor
+    take the write lock that serving needs.
+    """
+    empty = pd.DataFrame({c: pd.Series(dtype="string") for c in COLUMNS})
     if not path.exists():
-        return pd.DataFrame({c: pd.Series(dtype="string") for c in COLUMNS})
-    conn = connect(path)
+        return empty
+    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
     try:
+        if _check_version(conn, path) == 0:
+            return empty  # created but never initialised
         frame = pd.read_sql_query(
             f"SELECT {', '.join(COLUMNS)} FROM feedback ORDER BY created_at, id", conn
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -11,6 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from flywheel.errors import FlywheelError
+
+# Written into every folder replace_dir_atomic fills: only such folders may be replaced later.
+OUTPUT_MARKER = ".flywheel-output"
 
 
 def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
@@ -23,6 +29,15 @@ def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
         os.replace(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def file_md5(path: Path) -> str:
+    """md5 of a file's bytes (DVC's file hash)."""
+    digest = hashlib.md5()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_parquet(path: Path) -> pd.DataFrame:
@@ -43,13 +58,25 @@ def write_json(path: Path, payload: Any) -> None:
 
 
 def replace_dir_atomic(target: Path, fill: Callable[[Path], None]) -> None:
-    """Fill a staging folder beside `target`, then swap it in; on error `target` is untouched."""
+    """Fill a staging folder beside `target`, then swap it in; on error `target` is untouched.
+
+    A non-empty `target` that Flywheel did not write (no marker file) is never replaced: a
+    mistyped --report-dir must not delete someone's folder.
+    """
+    if target.is_dir() and any(target.iterdir()) and not (target / OUTPUT_MARKER).is_file():
+        raise FlywheelError(
+            f"{target} exists and was not written by flywheel; refusing to replace it "
+            "(choose an empty or new folder)"
+        )
+    if target.exists() and not target.is_dir():
+        raise FlywheelError(f"{target} exists and is not a folder; refusing to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
     staging.chmod(0o755)
     old = target.parent / f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}"
     try:
         fill(staging)
+        (staging / OUTPUT_MARKER).write_text("written by flywheel; replaced whole on each run\n")
         if target.exists():
             os.replace(target, old)
         os.replace(staging, target)

@@ -13,7 +13,7 @@ from typing import Any
 
 from prefect import flow
 
-from flywheel.config import DEFAULT_PARAMS, load_config
+from flywheel.config import DEFAULT_PARAMS, load_config, with_run_outputs
 from flywheel.tasks.clean import PrepareResult, prepare_task
 from flywheel.tasks.collect import CollectResult, collect_task
 from flywheel.tasks.validate import ValidationReport, validate_task
@@ -38,10 +38,14 @@ class PipelineResult:
 def pipeline(
     params_path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None
 ) -> PipelineResult:
-    """Run the data stages on params.yaml (plus overrides); a failed gate stops the flow."""
-    cfg = load_config(params_path, overrides)
+    """Run the data stages on params.yaml; a failed gate stops the flow.
+
+    With overrides it is a one-off run: outputs go to data/runs/<key>/ and the data version is
+    recorded in a .dvc file there, never in dvc.lock (see docs/decisions/0002).
+    """
+    cfg = load_config(params_path, with_run_outputs(overrides or {}))
     collected = collect_task(cfg)
     validation = validate_task(cfg, collected)
     prepared = prepare_task(cfg, collected, validation)
-    version = version_task(cfg, prepared, commit=not overrides)
+    version = version_task(cfg, prepared, pipeline_run=not overrides)
     return PipelineResult(collected, validation, prepared, version)

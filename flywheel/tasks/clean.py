@@ -9,54 +9,27 @@ noise); summary.json reports the per-class counts of every split.
 from __future__ import annotations
 
 import hashlib
-import html
 import logging
-import re
-import unicodedata
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel.config import CleanConfig, Config, SplitConfig
+from flywheel.errors import FlywheelError
 from flywheel.io import read_parquet, replace_dir_atomic, write_json
 from flywheel.pii import mask_pii
-
-if TYPE_CHECKING:  # validate imports this module's normalisation; avoid the import cycle
-    from flywheel.tasks.collect import CollectResult
-    from flywheel.tasks.validate import ValidationReport
+from flywheel.tasks.collect import CollectResult
+from flywheel.tasks.validate import ValidationReport, require_validated
+from flywheel.text import clean_text, normalised_key
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 PREPARED_COLUMNS = ["id", "text", "label", "source"]
-
-_TAG = re.compile(r"</?[A-Za-z][^<>]*>")
-_SPACE = re.compile(r"\s+")
-_NOT_WORD = re.compile(r"[^\w<>]+")
-
-
-def clean_text(text: str) -> str:
-    """NFKC, HTML entities and tags, invisible characters, whitespace: one readable line."""
-    text = unicodedata.normalize("NFKC", text)
-    text = html.unescape(text)
-    text = _TAG.sub(" ", text)
-    text = "".join(
-        " " if ch in "\t\n\r\x0b\x0c" else ch
-        for ch in text
-        if unicodedata.category(ch) not in ("Cc", "Cf") or ch in "\t\n\r\x0b\x0c"
-    )
-    return _SPACE.sub(" ", text).strip()
-
-
-def normalised_key(text: str) -> str:
-    """The de-duplication and split key: case-folded words, punctuation and spacing ignored."""
-    return _SPACE.sub(" ", _NOT_WORD.sub(" ", text.casefold())).strip()
-
 
 # --- de-duplication and split ----------------------------------------------------------------
 
@@ -135,6 +108,24 @@ def split_frame(frame: pd.DataFrame, seed: int, cfg: SplitConfig) -> dict[str, p
     return {name: out[split == name].reset_index(drop=True) for name in SPLITS}
 
 
+class EmptySplitError(FlywheelError):
+    """A label ended up with no rows in some split (too few rows of it for the ratios)."""
+
+
+def check_every_label_in_every_split(splits: dict[str, pd.DataFrame]) -> None:
+    """Each label must appear in train, val and test, or its metrics cannot be measured."""
+    labels = sorted(set().union(*(set(part["label"]) for part in splits.values())))
+    for label in labels:
+        counts = {name: int((part["label"] == label).sum()) for name, part in splits.items()}
+        empty = [name for name, n in counts.items() if n == 0]
+        if empty:
+            raise EmptySplitError(
+                f"label {label!r} has no rows in the {' and '.join(empty)} split(s) "
+                f"({', '.join(f'{k} {v}' for k, v in counts.items())}): add rows of this label, "
+                "drop it, or raise validate.min_rows_per_class so validation catches it first"
+            )
+
+
 @dataclass(frozen=True)
 class PrepareResult:
     """The prepared split files, the summary and the counts they hold."""
@@ -165,8 +156,10 @@ def summarise(splits: dict[str, pd.DataFrame], report: CleanReport, cfg: Config)
 
 def prepare(cfg: Config, raw_path: Path) -> PrepareResult:
     """Prepare stage: clean + split the raw table and replace data/prepared/ in one step."""
+    require_validated(cfg, raw_path)
     frame, report = clean_frame(read_parquet(raw_path), cfg.clean)
     splits = split_frame(frame, cfg.seed, cfg.split)
+    check_every_label_in_every_split(splits)
     target = cfg.resolve(cfg.split.prepared_dir)
 
     def write(staging: Path) -> None:
@@ -205,7 +198,6 @@ def prepare(cfg: Config, raw_path: Path) -> PrepareResult:
 def prepare_task(
     cfg: Config, collected: CollectResult, validation: ValidationReport
 ) -> PrepareResult:
-    """Prefect task: clean and split the validated raw table."""
-    if not validation.success:
-        raise RuntimeError("prepare needs data that passed validation")
+    """Prefect task: clean and split the raw table (`validation` orders it after the GX gate;
+    `prepare` itself checks the gate passed on exactly this raw table)."""
     return prepare(cfg, collected.raw_path)

@@ -8,6 +8,7 @@ cannot be read whole is an error naming the file, never a silently shortened tab
 from __future__ import annotations
 
 import bz2
+import csv
 import hashlib
 import io
 import json
@@ -17,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
@@ -29,6 +31,7 @@ from flywheel.tasks.retries import retry_on_io
 log = logging.getLogger(__name__)
 
 RAW_COLUMNS = ["text", "label", "source", "origin"]
+MAX_FIELD_BYTES = 64 * 1024 * 1024
 SUPPORTED_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".parquet": "parquet"}
 
 # The vendored Rotten Tomatoes snippets (see flywheel/datasets/rotten_tomatoes/README.md).
@@ -95,14 +98,7 @@ def read_table(path: Path) -> pd.DataFrame:
         raise SourceError(f"{path}: file is empty")
     try:
         if kind in ("csv", "tsv"):
-            frame = pd.read_csv(
-                path,
-                sep="," if kind == "csv" else "\t",
-                dtype="string",
-                keep_default_na=False,
-                encoding="utf-8",
-                on_bad_lines="error",
-            )
+            frame = _read_delimited(path, kind)
         elif kind == "jsonl":
             frame = _read_jsonl(path)
         else:
@@ -112,13 +108,43 @@ def read_table(path: Path) -> pd.DataFrame:
             f"{path}: not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
             "re-save the file as UTF-8"
         ) from None
-    except pd.errors.EmptyDataError:
-        raise SourceError(f"{path}: file is empty") from None
-    except pd.errors.ParserError as exc:
-        raise SourceError(f"{path}: malformed {kind.upper()}: {exc}".strip()) from None
+    except (pa.ArrowException, OSError) as exc:
+        raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
     if frame.empty:
         raise SourceError(f"{path}: header only, no data rows")
     return frame
+
+
+def _read_delimited(path: Path, kind: str) -> pd.DataFrame:
+    """CSV (RFC 4180 quoting) or TSV (no quoting: quotes are text); every row must have exactly
+    as many fields as the header, otherwise the error names the line."""
+    dialect = (
+        {"delimiter": ","} if kind == "csv" else {"delimiter": "\t", "quoting": csv.QUOTE_NONE}
+    )
+    # csv caps fields at 128 KiB; long texts are the validation stage's to judge, with the row.
+    csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_BYTES))
+    with path.open(encoding="utf-8", newline="") as handle:
+        reader = csv.reader(handle, strict=True, **dialect)
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise SourceError(f"{path}: file is empty")
+            rows = []
+            for row in reader:
+                if not row:
+                    continue  # blank line
+                if len(row) != len(header):
+                    raise SourceError(
+                        f"{path}: line {reader.line_num}: {len(row)} field(s), the header has "
+                        f"{len(header)} ({', '.join(header)}); quote fields that contain "
+                        f"{'commas' if kind == 'csv' else 'tabs'}"
+                    )
+                rows.append(row)
+        except csv.Error as exc:
+            raise SourceError(
+                f"{path}: line {reader.line_num}: malformed {kind.upper()}: {exc}"
+            ) from None
+    return pd.DataFrame(rows, columns=header, dtype="string")
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import sqlite3
 from typing import Any
+
+# OSError covers disks, sockets and failed subprocesses; OperationalError is SQLite's
+# "database is locked" (the feedback store while serving writes to it).
+IO_ERRORS = (OSError, sqlite3.OperationalError)
 
 
 def retry_on_io(task: Any, task_run: Any, state: Any) -> bool:
-    """Prefect `retry_condition_fn`: retry only when the failure was an OSError (disk, network)."""
+    """Prefect `retry_condition_fn`: retry only when the failure was an I/O error."""
     try:
         state.result()
-    except OSError:
+    except IO_ERRORS:
         return True
     except Exception:
         return False

@@ -8,6 +8,7 @@ expectations then bound, so every check shows up in the GX result and the data d
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -22,15 +23,20 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel.config import Config, ValidateConfig
 from flywheel.errors import FlywheelError
-from flywheel.io import read_parquet, replace_dir_atomic, write_json
-from flywheel.tasks.clean import normalised_key
+from flywheel.io import file_md5, read_parquet, replace_dir_atomic, write_json
 from flywheel.tasks.collect import CollectResult
+from flywheel.text import normalised_key
 
 log = logging.getLogger(__name__)
 
 EXAMPLES = 5  # example rows per failed expectation in the printed summary
 ROW_ID = "origin"
+CHECKS_FILE = "checks.json"
 SHOWN = ("label", "text")  # columns shown for each example row, when present
+
+
+class DataNotValidatedError(FlywheelError):
+    """Prepare was asked to run on raw data without a passing validation of exactly that data."""
 
 
 class DataValidationError(FlywheelError):
@@ -80,6 +86,24 @@ class ValidationReport:
             f"{self.evaluated - len(self.failures)}/{self.evaluated} expectations met"
         )
 
+    def checks(self, data_md5: str | None) -> dict[str, Any]:
+        """The reproducible outcome: same data and suite, same bytes (no times, no paths)."""
+        return {
+            "data_md5": data_md5,
+            "success": self.success,
+            "rows": self.rows,
+            "evaluated": self.evaluated,
+            "failures": [
+                {
+                    "expectation": f.description,
+                    "unexpected_count": f.unexpected_count,
+                    "observed": f.observed,
+                    "error": f.error,
+                }
+                for f in self.failures
+            ],
+        }
+
     def summary(self, examples: bool = True) -> str:
         """A readable summary: which expectation failed, how many rows, example rows."""
         lines = [self.headline]
@@ -126,6 +150,9 @@ def build_suite(cfg: ValidateConfig):
         gxe.ExpectColumnToExist(column="label", description="column 'label' is present"),
         gxe.ExpectColumnValuesToNotBeNull(column="text", description="text is not null"),
         gxe.ExpectColumnValuesToNotBeNull(column="label", description="label is not null"),
+        gxe.ExpectColumnValueLengthsToBeBetween(
+            column="label", min_value=1, description="label is not empty"
+        ),
         gxe.ExpectColumnValuesToBeBetween(
             column="text_stripped_len",
             min_value=cfg.min_text_chars,
@@ -171,8 +198,15 @@ def build_suite(cfg: ValidateConfig):
     return suite
 
 
-def run_suite(frame: pd.DataFrame, cfg: ValidateConfig, report_dir: Path) -> ValidationReport:
-    """Validate a table with the suite; write result.json, summary.txt and data docs atomically."""
+def run_suite(
+    frame: pd.DataFrame, cfg: ValidateConfig, report_dir: Path, data_md5: str | None = None
+) -> ValidationReport:
+    """Validate a table with the suite; write the report folder atomically.
+
+    The folder holds result.json (GX's full result), summary.txt, docs/ (GX data docs) and
+    checks.json: the outcome without timestamps or paths, fingerprinted with `data_md5` (the
+    validated file's md5), which is what DVC tracks and what `prepare` checks before it runs.
+    """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -239,6 +273,7 @@ def run_suite(frame: pd.DataFrame, cfg: ValidateConfig, report_dir: Path) -> Val
         )
         write_json(staging / "result.json", outcome.to_json_dict())
         (staging / "summary.txt").write_text(report.summary() + "\n", encoding="utf-8")
+        write_json(staging / CHECKS_FILE, report.checks(data_md5))
         summary_holder["report"] = report
 
     replace_dir_atomic(report_dir, fill)
@@ -274,6 +309,11 @@ def _failure(result) -> Failure:
     )
 
 
+def _plain(value: Any) -> Any:
+    """numpy scalars to Python numbers, so the checks file is plain JSON."""
+    return value.item() if hasattr(value, "item") else value
+
+
 def _short_error(message: str) -> str:
     if "does not exist" in message and "column" in message:
         return (
@@ -289,7 +329,12 @@ def _clip(value: Any, width: int = 80) -> str:
 
 def validate(cfg: Config, raw_path: Path) -> ValidationReport:
     """Validate stage on the raw table; raises DataValidationError when the data fails."""
-    report = run_suite(read_parquet(raw_path), cfg.validate_, cfg.resolve(cfg.validate_.report_dir))
+    report = run_suite(
+        read_parquet(raw_path),
+        cfg.validate_,
+        cfg.resolve(cfg.validate_.report_dir),
+        data_md5=file_md5(raw_path),
+    )
     log.info("validate: %s", report.headline)
     if not report.success:
         raise DataValidationError(report)
@@ -300,3 +345,19 @@ def validate(cfg: Config, raw_path: Path) -> ValidationReport:
 def validate_task(cfg: Config, collected: CollectResult) -> ValidationReport:
     """Prefect task: the GX gate; a failure fails the flow before anything downstream."""
     return validate(cfg, collected.raw_path)
+
+
+def require_validated(cfg: Config, raw_path: Path) -> None:
+    """Stop unless the validate stage passed on exactly this raw table (both runners call it)."""
+    checks_path = cfg.resolve(cfg.validate_.report_dir) / CHECKS_FILE
+    if not checks_path.is_file():
+        raise DataNotValidatedError(f"{raw_path} has not been validated: run the validate stage")
+    checks = json.loads(checks_path.read_text(encoding="utf-8"))
+    if checks.get("data_md5") != file_md5(raw_path):
+        raise DataNotValidatedError(
+            f"{checks_path} is for other data than {raw_path}: run the validate stage again"
+        )
+    if not checks.get("success"):
+        raise DataNotValidatedError(
+            f"{raw_path} failed validation; see {checks_path.with_name('summary.txt')}"
+        )

@@ -2,7 +2,8 @@
 
 The data version is DVC's own content hash of the prepared folder (the `md5` of
 `data/prepared` in dvc.lock, e.g. `3f2a...9c.dir`), so a data version named in MLflow can be
-fetched back with `dvc checkout` / `dvc pull`. See docs/decisions/0002-data-versioning.md.
+fetched back with `dvc checkout` / `dvc pull`.
+See docs/decisions/0002-data-versioning-and-caching.md.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel.config import Config
+from flywheel.io import file_md5
 from flywheel.tasks.clean import PrepareResult
 from flywheel.tasks.retries import retry_on_io
 
@@ -31,21 +33,13 @@ DATA_STAGES = ("collect", "validate", "prepare")
 
 @dataclass(frozen=True)
 class DataVersion:
-    """The prepared data's content hash and what happened to it in DVC."""
+    """The prepared data's content hash and where DVC recorded it."""
 
     data_version: str
-    committed: bool  # dvc.lock records this version as the output of the data stages
-    pushed_files: int  # files sent to the DVC remote (0 when already there or not pushed)
+    pointer: Path | None  # dvc.lock (pipeline run) or data/runs/<key>/prepared.dvc (one-off run)
+    pushed_files: int  # files sent to the DVC remote (0 when already there or no remote)
     remote: str | None
     note: str
-
-
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def dir_md5(path: Path) -> str:
@@ -64,35 +58,37 @@ def is_dvc_repo(root: Path) -> bool:
     return (root / ".dvc").is_dir() and (root / "dvc.yaml").is_file()
 
 
-def record_data_version(root: Path, prepared_dir: Path, commit: bool) -> DataVersion:
-    """Hash the prepared data; when `commit`, record the data stages in dvc.lock and push.
+def record_data_version(root: Path, prepared_dir: Path, pipeline_run: bool) -> DataVersion:
+    """Hash the prepared data, record that hash in DVC and push the data to the default remote.
 
-    `commit` is False for runs whose config differs from params.yaml (CLI overrides): dvc.lock
-    must only ever say "these params and sources produced these outputs" when that is true.
+    A pipeline run (config = params.yaml) commits the data stages to dvc.lock. A one-off run
+    (CLI overrides, outputs under data/runs/) must not touch dvc.lock, which would then claim
+    params.yaml made data it did not: its prepared folder is `dvc add`ed instead, and the
+    .dvc file beside it is the pointer to keep (commit it to record the version in git).
     """
     version = dir_md5(prepared_dir)
     if not is_dvc_repo(root):
-        return DataVersion(version, False, 0, None, f"{root} is not a DVC project: hash only")
-    if not commit:
-        return DataVersion(
-            version,
-            False,
-            0,
-            None,
-            "run used CLI overrides: dvc.lock left as is (put them in params.yaml to version)",
-        )
-    dvc(root, "commit", "--force", *(f"dvc.yaml:{stage}" for stage in DATA_STAGES))
+        return DataVersion(version, None, 0, None, f"{root} is not a DVC project: hash only")
+    relative = prepared_dir.relative_to(root).as_posix()
+    if pipeline_run:
+        dvc(root, "commit", "--force", *(f"dvc.yaml:{stage}" for stage in DATA_STAGES))
+        pointer, target = root / "dvc.lock", "dvc.yaml:prepare"
+    else:
+        dvc(root, "add", relative)
+        pointer = root / f"{relative}.dvc"
+        target = pointer.relative_to(root).as_posix()
+    recorded = _recorded_md5(pointer, relative)
+    if recorded != version:
+        raise RuntimeError(f"{pointer} records {recorded} for {relative}, computed {version}")
     remote = default_remote(root)
     pushed = 0
     if remote:
-        match = re.search(r"(\d+) files? pushed", dvc(root, "push", "dvc.yaml:prepare"))
+        match = re.search(r"(\d+) files? pushed", dvc(root, "push", target))
         pushed = int(match.group(1)) if match else 0
-    locked = _locked_md5(root / "dvc.lock", prepared_dir.relative_to(root).as_posix())
-    if locked != version:
-        raise RuntimeError(f"dvc.lock records {locked} for {prepared_dir}, computed {version}")
-    note = f"pushed {pushed} file(s) to DVC remote {remote!r}" if remote else "no DVC remote set"
+    pushed_note = f"pushed {pushed} file(s) to DVC remote {remote!r}" if remote else "no remote"
+    note = f"recorded in {pointer.relative_to(root)}; {pushed_note}"
     log.info("version: data version %s; %s", version, note)
-    return DataVersion(version, True, pushed, remote, note)
+    return DataVersion(version, pointer, pushed, remote, note)
 
 
 def _run_dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -118,12 +114,17 @@ def default_remote(root: Path) -> str | None:
     return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
-def _locked_md5(lock_path: Path, out_path: str) -> str | None:
-    lock = yaml.safe_load(lock_path.read_text(encoding="utf-8"))
-    for out in lock["stages"]["prepare"]["outs"]:
-        if out["path"] == out_path:
-            return out["md5"]
-    return None
+def _recorded_md5(pointer: Path, out_path: str) -> str | None:
+    """The md5 that dvc.lock (prepare stage) or a .dvc file records for `out_path`."""
+    recorded = yaml.safe_load(pointer.read_text(encoding="utf-8"))
+    if pointer.name == "dvc.lock":
+        outs = recorded["stages"]["prepare"]["outs"]
+    else:
+        outs = [
+            {**o, "path": f"{Path(out_path).parent.as_posix()}/{o['path']}"}
+            for o in recorded["outs"]
+        ]
+    return next((o["md5"] for o in outs if o["path"] == out_path), None)
 
 
 @task(
@@ -133,6 +134,6 @@ def _locked_md5(lock_path: Path, out_path: str) -> str | None:
     retry_condition_fn=retry_on_io,
     cache_policy=NO_CACHE,
 )
-def version_task(cfg: Config, prepared: PrepareResult, commit: bool) -> DataVersion:
+def version_task(cfg: Config, prepared: PrepareResult, pipeline_run: bool) -> DataVersion:
     """Prefect task: hash the prepared data, record it in dvc.lock and push it (I/O: retried)."""
-    return record_data_version(cfg.root, prepared.prepared_dir, commit)
+    return record_data_version(cfg.root, prepared.prepared_dir, pipeline_run)

@@ -4,7 +4,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flywheel.config import CleanConfig, SplitConfig
-from flywheel.tasks.clean import clean_frame, clean_text, normalised_key, split_frame, split_of
+from flywheel.tasks.clean import clean_frame, split_frame, split_of
+from flywheel.text import clean_text, normalised_key
 
 
 @pytest.mark.parametrize(
@@ -17,6 +18,10 @@ from flywheel.tasks.clean import clean_frame, clean_text, normalised_key, split_
         ("ｆｕｌｌｗｉｄｔｈ ﬁlm", "fullwidth film"),  # NFKC
         ("zero\u200bwidth\u00a0space", "zerowidth space"),
         ("bell\x07char", "bellchar"),
+        ("<B>Bold</B> and <p class='x'>para</p>", "Bold and para"),
+        ("a <EMAIL> placeholder and a <PHONE>", "a <EMAIL> placeholder and a <PHONE>"),
+        ("O'Brien <sean.obrien@example.ie>", "O'Brien <sean.obrien@example.ie>"),
+        ("I <3 it", "I <3 it"),
     ],
 )
 def test_clean_text(raw, clean):

@@ -20,14 +20,14 @@ def test_every_command_has_help(command):
 
 def test_validate_exit_codes(tmp_path):
     good = tmp_path / "good.csv"
-    labelled_frame().drop(columns=["origin"]).to_csv(good, index=False)
+    labelled_frame(60).drop(columns=["origin"]).to_csv(good, index=False)
     out = runner.invoke(app, ["validate", str(good), *PARAMS, "--report-dir", str(tmp_path / "r")])
     assert out.exit_code == 0, out.output
-    assert "validation passed: 60 rows" in out.output
+    assert "validation passed: 120 rows" in out.output
     assert (tmp_path / "r" / "result.json").is_file()
 
     bad = tmp_path / "bad.csv"
-    labelled_frame().drop(columns=["origin"]).to_csv(bad, index=False)
+    labelled_frame(60).drop(columns=["origin"]).to_csv(bad, index=False)
     out = runner.invoke(
         app,
         [
@@ -41,8 +41,8 @@ def test_validate_exit_codes(tmp_path):
         ],
     )
     assert out.exit_code == 1
-    assert "x label is one of pos, neu (30 of 60 rows)" in out.output
-    assert "row bad.csv:31: label 'neg'" in out.output
+    assert "x label is one of pos, neu (60 of 120 rows)" in out.output
+    assert "row bad.csv:61: label 'neg'" in out.output
 
 
 def test_validate_unreadable_file_is_exit_2(tmp_path):
@@ -65,3 +65,16 @@ def test_config_prints_resolved_values_with_overrides():
     assert out.exit_code == 0
     assert "seed: 7" in out.output
     assert "max_text_chars: 5000" in out.output
+
+
+def test_source_replaces_feedback_and_configured_labels_but_not_explicit_sets(tmp_path):
+    from flywheel.cli import collect_overrides
+
+    source = tmp_path / "mine.csv"
+    plain = collect_overrides(None, source)
+    assert plain["data.feedback.enabled"] is False
+    assert plain["validate.labels"] is None
+    explicit = collect_overrides(["validate.labels=[a, b]", "data.feedback.enabled=true"], source)
+    assert explicit["validate.labels"] == ["a", "b"]
+    assert explicit["data.feedback.enabled"] is True
+    assert collect_overrides(None, source, labels="x, y")["validate.labels"] == ["x", "y"]

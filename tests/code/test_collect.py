@@ -98,7 +98,19 @@ BAD_INPUTS = {
     ),
     "ragged rows": (
         lambda d: _bytes(d / "r.csv", b"text,label\na,pos\nb,neg,extra\n"),
-        "malformed CSV: Error tokenizing data. C error: Expected 2 fields in line 3",
+        "line 3: 3 field(s), the header has 2 (text, label)",
+    ),
+    "short row": (
+        lambda d: _bytes(d / "s.csv", b"text,label\na,pos\nno label here\nc,neg\n"),
+        "line 3: 1 field(s), the header has 2",
+    ),
+    "unterminated quote": (
+        lambda d: _bytes(d / "q.csv", b'text,label\n"a,pos\n'),
+        "malformed CSV",
+    ),
+    "corrupt parquet": (
+        lambda d: _bytes(d / "c.parquet", b"PAR1 this is not parquet"),
+        "not a readable Parquet file",
     ),
     "bad JSONL line": (
         lambda d: _bytes(d / "j.jsonl", b'{"text": "a", "label": "x"}\n{oops\n'),
@@ -130,6 +142,13 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, case):
     assert phrase in str(info.value)
     assert str(path) in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_tsv_quotes_are_text_and_csv_quotes_are_quoting(tmp_path):
+    tsv = _bytes(tmp_path / "q.tsv", b'text\tlabel\n"Great" movie\tpos\n')
+    assert read_path_source(source(tsv), tmp_path)["text"].tolist() == ['"Great" movie']
+    csv = _bytes(tmp_path / "q.csv", b'text,label\n"Great, really",pos\n')
+    assert read_path_source(source(csv), tmp_path)["text"].tolist() == ["Great, really"]
 
 
 def test_a_megabyte_text_is_read_whole(tmp_path):

@@ -45,6 +45,17 @@ def test_repo_params_load_with_defaults():
         (lambda r: r["data"].update(sources=[{"kind": "ftp"}]), "data.sources.0", "kind"),
         (lambda r: r["data"].update(sources=[]), "data.sources", "at least 1"),
         (lambda r: r["clean"].update(mask_pii=["ssn"]), "clean.mask_pii.0", "url"),
+        (
+            lambda r: r["validate"].update(min_rows_per_class=True),
+            "validate.min_rows_per_class",
+            "valid integer",
+        ),
+        (lambda r: r.update(seed="7"), "seed", "valid integer"),
+        (
+            lambda r: r["data"]["feedback"].update(enabled="sometimes"),
+            "data.feedback.enabled",
+            "valid boolean",
+        ),
     ],
 )
 def test_bad_config_names_the_key(tmp_path, mutate, key, phrase):

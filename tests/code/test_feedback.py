@@ -49,6 +49,15 @@ def test_concurrent_writers_lose_no_rows(tmp_path):
     assert len(feedback.read(path)) == 100
 
 
+def test_reading_never_changes_the_file(tmp_path):
+    path = tmp_path / "fb.db"
+    feedback.add(path, [FeedbackRecord(text="great", label="pos")])
+    before = path.read_bytes()
+    for _ in range(3):
+        assert len(feedback.read(path)) == 1
+    assert path.read_bytes() == before
+
+
 def test_newer_schema_is_refused(tmp_path):
     path = tmp_path / "fb.db"
     conn = sqlite3.connect(path)

@@ -22,7 +22,7 @@ def test_default_data_passes_the_configured_suite(tmp_path):
     report = run_suite(read_embedded(EmbeddedSource(kind="embedded")), cfg.validate_, tmp_path)
     assert report.success, report.summary()
     assert report.rows == 12_808
-    assert report.evaluated == 11
+    assert report.evaluated == 12
     assert json.loads((tmp_path / "result.json").read_text())["success"] is True
     assert (tmp_path / "docs" / "index.html").is_file()
     assert "passed" in (tmp_path / "summary.txt").read_text()

@@ -31,9 +31,12 @@ def dvc(root: Path, *args: str) -> str:
     return done.stdout
 
 
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file under data/prepared plus dvc.lock, to prove a failed run changed nothing."""
-    files = {p: p.read_bytes() for p in (root / "data" / "prepared").rglob("*") if p.is_file()}
+def snapshot(root: Path) -> dict[Path, bytes]:
+    """dvc.lock and every file of the pipeline's data (not data/runs/), to prove what changed."""
+    data = root / "data"
+    files = {
+        p: p.read_bytes() for p in data.rglob("*") if p.is_file() and data / "runs" not in p.parents
+    }
     files[root / "dvc.lock"] = (root / "dvc.lock").read_bytes()
     return files
 
@@ -60,11 +63,11 @@ def test_default_run_versions_the_prepared_data(done):
     counts = result.prepare.rows_per_split
     assert sum(counts.values()) == result.prepare.report.rows_out == 12_749
     assert abs(counts["test"] / 12_749 - 0.1) < 0.01
-    assert result.version.committed
+    assert result.version.pointer == root / "dvc.lock"
     assert result.data_version == locked_version(root) == dir_md5(root / "data" / "prepared")
-    assert result.version.pushed_files == 5  # 4 files + the .dir listing
+    assert result.version.pushed_files == 6  # 4 files + output marker + the .dir listing
     remote = root.parent / "remote"
-    assert sum(1 for p in remote.rglob("*") if p.is_file()) == 5
+    assert sum(1 for p in remote.rglob("*") if p.is_file()) == 6
     assert "up to date" in dvc(root, "status")
     summary = (root / "data" / "prepared" / "summary.json").read_text()
     assert '"exact_duplicates": 56' in summary
@@ -81,9 +84,11 @@ def test_dvc_repro_agrees_with_the_flow(done):
 
 def test_failed_validation_stops_before_prepare_and_keeps_the_version(done):
     root, result = done
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("labels: [fresh, rotten]", "labels: [fresh]"))
     before = snapshot(root)
     with pytest.raises(DataValidationError) as info:
-        pipeline(params_path=root / "params.yaml", overrides={"validate.labels": ["fresh"]})
+        pipeline(params_path=params)
     summary = info.value.report.summary()
     assert "x label is one of fresh (5,405 of 12,808 rows)" in summary
     assert "row rotten_tomatoes:" in summary
@@ -93,7 +98,11 @@ def test_failed_validation_stops_before_prepare_and_keeps_the_version(done):
     report_dir = root / "data" / "validation"
     assert str(report_dir / "result.json") in summary
     assert (report_dir / "docs" / "index.html").is_file()
-    assert snapshot(root) == before
+    # The report is new; the prepared data and dvc.lock are exactly as before.
+    after = snapshot(root)
+    assert {p for p in after if report_dir in p.parents} != set()
+    unchanged = [p for p in before if report_dir not in p.parents]
+    assert all(after[p] == before[p] for p in unchanged)
     assert dir_md5(root / "data" / "prepared") == result.data_version
 
 
@@ -129,51 +138,68 @@ def test_feedback_rows_enter_a_new_masked_data_version(done):
     assert (both["split_new"] == both["split_old"]).all()
 
 
-def test_override_run_leaves_dvc_lock_alone(done, tmp_path):
-    root, result = done
-    lock = (root / "dvc.lock").read_bytes()
-    source = tmp_path / "mine.csv"
+def make_csv(path: Path, rows: int = 120) -> Path:
     pd.DataFrame(
         {
-            "review": [f"my review number {i}" for i in range(60)],
-            "stars": ["good", "bad"] * 30,
+            "review": [f"my review number {i}" for i in range(rows)],
+            "stars": ["good", "bad"] * (rows // 2),
         }
-    ).to_csv(source, index=False)
-    runner = CliRunner()
-    out = runner.invoke(
-        app,
-        [
-            "run",
-            "--params",
-            str(root / "params.yaml"),
-            "--source",
-            str(source),
-            "--text-col",
-            "review",
-            "--label-col",
-            "stars",
-        ],
+    ).to_csv(path, index=False)
+    return path
+
+
+def test_one_off_run_is_versioned_beside_the_pipeline_not_in_it(done, tmp_path):
+    root, result = done
+    feedback.add(
+        root / "data" / "feedback" / "feedback.db",
+        [feedback.FeedbackRecord(text="movie feedback", label="fresh")],
     )
+    before = snapshot(root)
+    source = make_csv(tmp_path / "mine.csv")
+    args = [
+        "run",
+        "--params",
+        str(root / "params.yaml"),
+        "--source",
+        str(source),
+        "--text-col",
+        "review",
+        "--label-col",
+        "stars",
+    ]
+    out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
-    assert f"60 rows ({source}: 60)" in out.output
-    assert "dvc.lock left as is" in out.output
-    assert (root / "dvc.lock").read_bytes() == lock
-    assert dir_md5(root / "data" / "prepared") != result.data_version
+    assert f"120 rows ({source}: 120)" in out.output  # feedback is not merged into --source
+    (pointer,) = (root / "data" / "runs").glob("*/prepared.dvc")
+    recorded = yaml.safe_load(pointer.read_text())["outs"][0]["md5"]
+    assert recorded == dir_md5(pointer.with_suffix(""))
+    assert f"data version  {recorded}" in out.output
+    # 3 splits + summary + the .dir listing; the output marker is already on the remote from
+    # the pipeline run (same bytes, content-addressed).
+    assert "pushed 5 file(s)" in out.output
+    assert snapshot(root) == before  # dvc.lock and data/{raw,validation,prepared} untouched
+    assert dir_md5(root / "data" / "prepared") == result.data_version
+    # The same one-off run again reuses its folder and version.
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert list((root / "data" / "runs").glob("*/prepared.dvc")) == [pointer]
+    assert f"data version  {recorded}" in again.output
 
 
 BAD = {
-    "nonexistent path": (None, "source path does not exist"),
-    "empty file": (b"", "file is empty"),
-    "header only": (b"text,label\n", "header only, no data rows"),
-    "wrong columns": (b"review,stars\nok,1\n", "missing column(s) 'text', 'label'"),
-    "non-UTF-8 bytes": ("text,label\ncaf\u00e9,pos\n".encode("latin-1"), "not valid UTF-8"),
-    "ragged rows": (b"text,label\na,pos\nb,neg,extra\n", "Expected 2 fields in line 3"),
+    "nonexistent path": (None, 2, "source path does not exist"),
+    "empty file": (b"", 2, "file is empty"),
+    "header only": (b"text,label\n", 2, "header only, no data rows"),
+    "wrong columns": (b"review,stars\nok,1\n", 2, "missing column(s) 'text', 'label'"),
+    "non-UTF-8 bytes": ("text,label\ncaf\u00e9,pos\n".encode("latin-1"), 2, "not valid UTF-8"),
+    "ragged rows": (b"text,label\na,pos\nb,neg,extra\n", 2, "line 3: 3 field(s), the header has 2"),
     "1 MB text": (
         b"text,label\n"
         + b"a" * 1_000_000
         + b",pos\n"
-        + b"".join(b"t%d,%s\n" % (i, [b"pos", b"neg"][i % 2]) for i in range(60)),
-        "text is at most 5,000 characters long (1 of 61 rows)",
+        + b"".join(b"t%d,%s\n" % (i, [b"pos", b"neg"][i % 2]) for i in range(120)),
+        1,
+        "text is at most 5,000 characters long (1 of 121 rows)",
     ),
 }
 
@@ -181,7 +207,7 @@ BAD = {
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_source_is_a_clear_error_and_changes_nothing(done, tmp_path, case):
     root, _ = done
-    payload, phrase = BAD[case]
+    payload, exit_code, phrase = BAD[case]
     path = tmp_path / "input.csv"
     if payload is not None:
         path.write_bytes(payload)
@@ -189,10 +215,11 @@ def test_bad_source_is_a_clear_error_and_changes_nothing(done, tmp_path, case):
     out = CliRunner().invoke(
         app, ["run", "--params", str(root / "params.yaml"), "--source", str(path)]
     )
-    assert out.exit_code in (1, 2), out.output
+    assert out.exit_code == exit_code, out.output
     assert phrase in out.output
     if case == "1 MB text":
         assert "row input.csv:1: label 'pos', text 'aaaa" in out.output
     else:
         assert str(path) in out.output
     assert snapshot(root) == before
+    assert not list((root / "data" / "runs").glob("*/prepared"))
