@@ -45,19 +45,22 @@ def test_validate_exit_codes(tmp_path):
     assert "row bad.csv:61: label 'neg'" in out.output
 
 
-def test_validate_unreadable_file_is_exit_2(tmp_path):
-    out = runner.invoke(app, ["validate", str(tmp_path / "missing.csv"), *PARAMS])
+@pytest.mark.parametrize(
+    ("args", "phrase"),
+    [
+        (["validate", "/nonexistent/missing.csv"], "source path does not exist"),
+        (
+            ["config", "--set", "split.train=0.5"],
+            "split: train + val + test must sum to 1 (got 0.7)",
+        ),
+        (["config", "--set", "split.trian=0.5"], "'trian' is not a key of split"),
+        (["run", "--label-col", "y"], "--text-col/--label-col need --source"),
+    ],
+)
+def test_bad_input_or_config_is_exit_2_with_a_message(args, phrase):
+    out = runner.invoke(app, [*args, *PARAMS])
     assert out.exit_code == 2
-    assert "source path does not exist" in out.output
-
-
-def test_config_errors_are_exit_2_with_the_key():
-    out = runner.invoke(app, ["config", *PARAMS, "--set", "split.train=0.5"])
-    assert out.exit_code == 2
-    assert "split: train + val + test must sum to 1 (got 0.7)" in out.output
-    out = runner.invoke(app, ["run", *PARAMS, "--label-col", "y"])
-    assert out.exit_code == 2
-    assert "--text-col/--label-col need --source" in out.output
+    assert phrase in out.output
 
 
 def test_config_prints_resolved_values_with_overrides():
