@@ -1,12 +1,12 @@
-"""Process-wide settings, applied once by the CLI (never at import): offline flags, logging.
-
-Later stages add seeds, device choice and thread counts here, so they are set in one place.
+"""Process-wide settings, applied once (never at import): offline flags and logging, and the
+seed, device, precision and thread choices for training, so they are set in one place.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from flywheel.errors import FlywheelError
@@ -49,3 +49,83 @@ def configure(root: Path) -> None:
         handler.addFilter(NoTracebackForExpectedErrors())
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
+
+
+# --- seeds, device, precision, threads: set here and nowhere else -----------------------------
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where training runs and in which precision."""
+
+    type: str  # "cuda", "mps" or "cpu"
+    autocast_dtype: str | None  # "bfloat16" / "float16" under autocast on CUDA; None = fp32
+    grad_scaler: bool  # fp16 needs loss scaling; bf16 and fp32 do not
+
+    def __str__(self) -> str:
+        return f"{self.type} ({self.autocast_dtype or 'float32'})"
+
+
+def select_device(
+    preference: str = "auto",
+    precision: str = "auto",
+    *,
+    cuda_available: bool | None = None,
+    mps_available: bool | None = None,
+    bf16_supported: bool | None = None,
+) -> Device:
+    """CUDA > MPS > CPU unless `preference` names one; mixed precision only on CUDA.
+
+    The availability flags default to asking torch; tests inject them to cover GPU machines.
+    `precision`: "auto" (bf16 where supported, else fp16 with a grad scaler), "bf16", "fp16",
+    "fp32".
+    """
+    if cuda_available is None or mps_available is None or bf16_supported is None:
+        import torch
+
+        cuda_available = torch.cuda.is_available() if cuda_available is None else cuda_available
+        if mps_available is None:
+            mps_available = torch.backends.mps.is_available()
+        if bf16_supported is None:
+            bf16_supported = cuda_available and torch.cuda.is_bf16_supported()
+    available = {"cuda": cuda_available, "mps": mps_available, "cpu": True}
+    if preference == "auto":
+        kind = next(name for name in ("cuda", "mps", "cpu") if available[name])
+    elif preference in available:
+        if not available[preference]:
+            raise RuntimeError(
+                f"train.device is {preference!r} but no {preference} device is available"
+            )
+        kind = preference
+    else:
+        raise ValueError(f"unknown device {preference!r} (auto, cuda, mps, cpu)")
+    if kind != "cuda" or precision == "fp32":
+        return Device(kind, None, False)
+    if precision == "bf16" or (precision == "auto" and bf16_supported):
+        if not bf16_supported:
+            raise RuntimeError("train.precision is bf16 but this GPU does not support bfloat16")
+        return Device(kind, "bfloat16", False)
+    if precision in ("fp16", "auto"):
+        return Device(kind, "float16", True)
+    raise ValueError(f"unknown precision {precision!r} (auto, bf16, fp16, fp32)")
+
+
+def seed_everything(seed: int) -> None:
+    """The one seeding point: Python, NumPy and torch (all devices)."""
+    import random
+
+    import numpy as np
+    import torch
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def set_threads(threads: int | None) -> int:
+    """CPU threads for torch, set once per process; None keeps torch's default. Returns it."""
+    import torch
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()

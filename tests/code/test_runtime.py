@@ -1,8 +1,10 @@
 import logging
 import sys
 
+import pytest
+
 from flywheel.config import ConfigError
-from flywheel.runtime import NoTracebackForExpectedErrors
+from flywheel.runtime import Device, NoTracebackForExpectedErrors, seed_everything, select_device
 
 
 def record_for(exc: BaseException) -> logging.LogRecord:
@@ -20,3 +22,50 @@ def test_expected_errors_lose_their_traceback_others_keep_it():
     unexpected = record_for(ZeroDivisionError("bug"))
     assert NoTracebackForExpectedErrors().filter(unexpected)
     assert unexpected.exc_info is not None
+
+
+@pytest.mark.parametrize(
+    ("preference", "precision", "cuda", "mps", "bf16", "expected"),
+    [
+        ("auto", "auto", True, True, True, Device("cuda", "bfloat16", False)),
+        ("auto", "auto", True, False, False, Device("cuda", "float16", True)),
+        ("auto", "fp32", True, False, True, Device("cuda", None, False)),
+        ("auto", "fp16", True, False, True, Device("cuda", "float16", True)),
+        ("auto", "auto", False, True, False, Device("mps", None, False)),
+        ("auto", "auto", False, False, False, Device("cpu", None, False)),
+        ("cpu", "auto", True, True, True, Device("cpu", None, False)),
+        ("mps", "bf16", True, True, True, Device("mps", None, False)),
+    ],
+)
+def test_device_choice(preference, precision, cuda, mps, bf16, expected):
+    chosen = select_device(
+        preference, precision, cuda_available=cuda, mps_available=mps, bf16_supported=bf16
+    )
+    assert chosen == expected
+
+
+def test_device_errors_are_explicit():
+    with pytest.raises(RuntimeError, match="no cuda device is available"):
+        select_device("cuda", cuda_available=False, mps_available=False, bf16_supported=False)
+    with pytest.raises(RuntimeError, match="does not support bfloat16"):
+        select_device(
+            "cuda", "bf16", cuda_available=True, mps_available=False, bf16_supported=False
+        )
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        select_device("tpu", cuda_available=False, mps_available=False, bf16_supported=False)
+
+
+def test_this_machine_trains_on_cpu_in_fp32():
+    assert select_device() == Device("cpu", None, False)
+
+
+def test_seed_everything_makes_torch_and_numpy_repeat():
+    import numpy as np
+    import torch
+
+    seed_everything(7)
+    first = (torch.rand(3), np.random.rand(3))
+    seed_everything(7)
+    second = (torch.rand(3), np.random.rand(3))
+    assert torch.equal(first[0], second[0])
+    assert (first[1] == second[1]).all()
