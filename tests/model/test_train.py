@@ -1,0 +1,101 @@
+"""The training loop on a tiny slice of the default data: learning, determinism, exact resume."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from flywheel.config import EmbeddedSource, load_config
+from flywheel.runtime import Device
+from flywheel.tasks.collect import read_embedded
+from flywheel.tasks.train import META_FILE, NothingToResumeError, fit, run_key
+from tests.conftest import REPO
+
+CPU = Device("cpu", None, False)
+
+
+@pytest.fixture(scope="module")
+def slices() -> tuple[pd.DataFrame, pd.DataFrame]:
+    frame = read_embedded(EmbeddedSource(kind="embedded"))
+    frame = frame.groupby("label").head(60).sample(frac=1.0, random_state=0)  # balanced, shuffled
+    return frame.iloc[:80].reset_index(drop=True), frame.iloc[80:].reset_index(drop=True)
+
+
+def tiny_config(tmp_path, **train):
+    settings = {
+        "epochs": 3,
+        "batch_size": 16,
+        "lr": 1e-4,
+        "warmup_ratio": 0.0,
+        "max_length": 32,
+        "eval_every_steps": 5,
+        "early_stopping_patience": 10,
+        "checkpoint_every_steps": 1,
+        "log_every_steps": 1,
+        **train,
+    }
+    return load_config(
+        REPO / "params.yaml",
+        {
+            "train.checkpoint_dir": str(tmp_path / "checkpoints"),
+            **{f"train.{k}": v for k, v in settings.items()},
+        },
+    )
+
+
+def test_loss_decreases_and_best_model_is_kept(tmp_path, slices):
+    cfg = tiny_config(tmp_path)
+    result = fit(cfg, *slices, data_version="test.dir", device=CPU)
+    assert result.steps == 15  # 80 texts / 16 per batch * 3 epochs
+    first, last = result.losses[0][1], result.losses[-1][1]
+    assert last < first
+    assert [h["step"] for h in result.history] == [5, 10, 15]
+    assert result.best_val_macro_f1 == max(h["val_macro_f1"] for h in result.history)
+    assert (result.model_dir / "flywheel.json").is_file()
+    meta = json.loads((result.model_dir.parent / "last" / META_FILE).read_text())
+    assert meta["step"] == 15
+    assert meta["data_version"] == "test.dir"
+    assert meta["train"]["lr"] == 1e-4
+    assert result.samples_per_second > 0
+
+
+def test_same_seed_same_metrics(tmp_path, slices):
+    cfg = tiny_config(tmp_path, epochs=1)
+    first = fit(cfg, *slices, data_version="d.dir", device=CPU)
+    second = fit(cfg, *slices, data_version="d.dir", device=CPU)
+    assert first.losses == second.losses
+    assert first.history == second.history
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_after_a_kill_reaches_the_same_result(tmp_path, slices):
+    cfg = tiny_config(tmp_path, checkpoint_every_steps=2)
+    straight = fit(cfg, *slices, data_version="d.dir", device=CPU)
+
+    def kill_at_step_7(step: int) -> None:
+        if step == 7:
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(cfg, *slices, data_version="d.dir", device=CPU, on_step=kill_at_step_7)
+    resumed = fit(cfg, *slices, data_version="d.dir", device=CPU, resume=True)
+    assert resumed.resumed_from_step == 6  # the last checkpoint before the kill
+    assert resumed.steps == straight.steps
+    assert [h["step"] for h in resumed.history] == [h["step"] for h in straight.history]
+    scores = [h["val_macro_f1"] for h in resumed.history]
+    assert scores == pytest.approx([h["val_macro_f1"] for h in straight.history], abs=1e-6)
+    assert resumed.best_val_macro_f1 == pytest.approx(straight.best_val_macro_f1, abs=1e-6)
+
+
+def test_resume_needs_a_matching_checkpoint(tmp_path, slices):
+    cfg = tiny_config(tmp_path, epochs=1)
+    with pytest.raises(NothingToResumeError, match="no checkpoint to resume"):
+        fit(cfg, *slices, data_version="d.dir", device=CPU, resume=True)
+    other = tiny_config(tmp_path, lr=2e-4)
+    assert run_key(cfg.train, 42, "d.dir") != run_key(other.train, 42, "d.dir")
+    assert run_key(cfg.train, 42, "d.dir") != run_key(cfg.train, 42, "e.dir")
