@@ -1,0 +1,390 @@
+"""Evaluate: score a classifier on the test split, overall, per class, per slice and by behaviour.
+
+Works on anything with `labels` and `predict_proba(texts)` (the transformer bundle, the
+baseline, later the ONNX predictor), so every model is measured the same way. The result is one
+typed `EvaluationReport`, written as JSON beside a confusion matrix and a reliability diagram.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import pandas as pd
+
+# Slices by text length in characters: [0, 60), [60, 140), [140, inf).
+LENGTH_EDGES = (60, 140)
+MIN_SLICE_ROWS = 30  # smaller slices are reported but not judged
+WORST = 20  # misclassifications listed, most confident first
+
+
+class Classifier(Protocol):
+    @property
+    def labels(self) -> list[str]: ...
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = ...) -> np.ndarray: ...
+
+
+@dataclass(frozen=True)
+class ClassMetrics:
+    precision: float
+    recall: float
+    f1: float
+    support: int
+
+
+@dataclass(frozen=True)
+class Metrics:
+    """Scores of one set of predictions."""
+
+    rows: int
+    accuracy: float
+    macro_f1: float
+    weighted_f1: float
+    roc_auc: float | None  # None when a class is missing from the truth
+    ece: float
+    per_class: dict[str, ClassMetrics]
+    confusion: list[list[int]]  # rows: true label, columns: predicted, in `labels` order
+
+
+@dataclass(frozen=True)
+class SliceMetrics:
+    slice: str  # e.g. "source=feedback", "length=60-139"
+    rows: int
+    accuracy: float
+    macro_f1: float
+    judged: bool  # rows >= MIN_SLICE_ROWS
+
+
+@dataclass(frozen=True)
+class BehaviourResult:
+    """A behavioural test: how many cases kept (invariance) or got (minimum functionality) the
+    expected label."""
+
+    name: str
+    kind: str  # "invariance" or "minimum functionality"
+    cases: int
+    failures: int
+    min_pass_rate: float
+    examples: list[str] = field(default_factory=list)  # a few failing cases
+
+    @property
+    def pass_rate(self) -> float:
+        return 1 - self.failures / self.cases if self.cases else 1.0
+
+    @property
+    def passed(self) -> bool:
+        return self.pass_rate >= self.min_pass_rate
+
+
+@dataclass(frozen=True)
+class EvaluationReport:
+    model: str
+    labels: list[str]
+    metrics: Metrics
+    slices: list[SliceMetrics]
+    worst: list[dict[str, object]]
+    behaviour: list[BehaviourResult]
+    artifacts: dict[str, str]  # name -> path of the JSON and PNGs
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for row, check in zip(out["behaviour"], self.behaviour, strict=True):
+            row.update(pass_rate=check.pass_rate, passed=check.passed)
+        return out
+
+
+def expected_calibration_error(
+    confidence: np.ndarray, correct: np.ndarray, bins: int = 10
+) -> float:
+    """Σ_b (n_b / N) · |accuracy_b − mean confidence_b| over equal-width confidence bins."""
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        members = which == b
+        if members.any():
+            total += members.mean() * abs(correct[members].mean() - confidence[members].mean())
+    return float(total)
+
+
+def compute_metrics(y_true: Sequence[str], proba: np.ndarray, labels: Sequence[str]) -> Metrics:
+    """All overall scores from true labels and predicted probabilities (columns = labels)."""
+    from sklearn.metrics import (
+        accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+        roc_auc_score,
+    )
+
+    labels = list(labels)
+    truth = np.array([labels.index(y) for y in y_true])
+    predicted = proba.argmax(axis=1)
+    ids = list(range(len(labels)))
+    precision, recall, f1, support = precision_recall_fscore_support(
+        truth, predicted, labels=ids, zero_division=0
+    )
+    roc_auc = None
+    if len(set(truth)) == len(labels):
+        roc_auc = float(
+            roc_auc_score(truth, proba[:, 1])
+            if len(labels) == 2
+            else roc_auc_score(truth, proba, multi_class="ovr", labels=ids)
+        )
+    return Metrics(
+        rows=len(truth),
+        accuracy=float(accuracy_score(truth, predicted)),
+        macro_f1=float(f1_score(truth, predicted, labels=ids, average="macro", zero_division=0)),
+        weighted_f1=float(
+            f1_score(truth, predicted, labels=ids, average="weighted", zero_division=0)
+        ),
+        roc_auc=roc_auc,
+        ece=expected_calibration_error(proba.max(axis=1), predicted == truth),
+        per_class={
+            label: ClassMetrics(float(p), float(r), float(f), int(s))
+            for label, p, r, f, s in zip(labels, precision, recall, f1, support, strict=True)
+        },
+        confusion=confusion_matrix(truth, predicted, labels=ids).tolist(),
+    )
+
+
+def length_bucket(n_chars: int) -> str:
+    low = 0
+    for edge in LENGTH_EDGES:
+        if n_chars < edge:
+            return f"{low}-{edge - 1}"
+        low = edge
+    return f"{low}+"
+
+
+def slice_metrics(
+    frame: pd.DataFrame, proba: np.ndarray, labels: Sequence[str]
+) -> list[SliceMetrics]:
+    """Accuracy and macro-F1 per source and per text-length bucket."""
+    keys = {
+        "source": frame["source"].astype(str),
+        "length": frame["text"].str.len().map(length_bucket),
+    }
+    out = []
+    for name, values in keys.items():
+        for value in sorted(values.unique()):
+            members = (values == value).to_numpy()
+            scores = compute_metrics(frame["label"][members].tolist(), proba[members], labels)
+            out.append(
+                SliceMetrics(
+                    f"{name}={value}",
+                    int(members.sum()),
+                    scores.accuracy,
+                    scores.macro_f1,
+                    int(members.sum()) >= MIN_SLICE_ROWS,
+                )
+            )
+    return out
+
+
+# --- behavioural checks (CheckList-style) -----------------------------------------------------
+
+PLACEHOLDERS = ("<EMAIL>", "<PHONE>", "<URL>", "<IP>")
+NAMES = (
+    "Tom Hanks",
+    "Meryl Streep",
+    "Denzel Washington",
+    "Priya Sharma",
+    "Wei Chen",
+    "Olusegun Adeyemi",
+)
+TEMPLATES_WITH_PII = (
+    "I sent my thoughts to {pii}: the film is {adj}.",
+    "Contact {pii} for tickets. Honestly, a {adj} two hours.",
+    "{pii} asked me what I thought. I said it was {adj}.",
+)
+TEMPLATES_WITH_NAME = (
+    "{name} gives a {adj} performance in this one.",
+    "With {name} in the lead, the result is {adj}.",
+    "A {adj} film, and {name} knows it.",
+)
+ADJECTIVES = ("wonderful", "dreadful", "forgettable", "moving", "tedious", "brilliant")
+# Minimum functionality: short, unambiguous reviews; `positive`/`negative` map to the labels.
+MFT_POSITIVE = (
+    "A masterpiece. Funny, moving and beautifully acted.",
+    "One of the best films of the year.",
+    "I loved every minute of it.",
+    "Smart, warm and thoroughly entertaining.",
+    "A triumph from start to finish.",
+    "Gorgeous to look at and a joy to watch.",
+)
+MFT_NEGATIVE = (
+    "A dull, lifeless mess.",
+    "One of the worst films of the year.",
+    "I was bored from beginning to end.",
+    "Clumsy, tedious and painfully unfunny.",
+    "A total waste of two hours.",
+    "Ugly to look at and a chore to sit through.",
+)
+
+
+def _invariance(model: Classifier, name: str, groups: list[list[str]], min_rate: float):
+    """Each group holds variants that must all get the same label."""
+    flat = [text for group in groups for text in group]
+    predicted = np.asarray(model.labels)[model.predict_proba(flat).argmax(axis=1)]
+    failures, examples, i = 0, [], 0
+    for group in groups:
+        got = predicted[i : i + len(group)]
+        i += len(group)
+        if len(set(got)) > 1:
+            failures += 1
+            if len(examples) < 3:
+                examples.append(
+                    " | ".join(f"{t!r} -> {g}" for t, g in zip(group, got, strict=True))
+                )
+    return BehaviourResult(name, "invariance", len(groups), failures, min_rate, examples)
+
+
+def behavioural_checks(
+    model: Classifier, positive: str | None, negative: str | None, min_pass_rate: float = 0.9
+) -> list[BehaviourResult]:
+    """Invariance to PII placeholders and to names; minimum functionality where the positive and
+    negative labels are known (sentiment-like data)."""
+    pii_groups = [
+        [t.format(pii=p, adj=a) for p in PLACEHOLDERS]
+        for t in TEMPLATES_WITH_PII
+        for a in ADJECTIVES
+    ]
+    name_groups = [
+        [t.format(name=n, adj=a) for n in NAMES] for t in TEMPLATES_WITH_NAME for a in ADJECTIVES
+    ]
+    checks = [
+        _invariance(model, "swap PII placeholder", pii_groups, min_pass_rate),
+        _invariance(model, "swap person name", name_groups, min_pass_rate),
+    ]
+    if positive is not None and negative is not None:
+        texts = list(MFT_POSITIVE) + list(MFT_NEGATIVE)
+        expected = [positive] * len(MFT_POSITIVE) + [negative] * len(MFT_NEGATIVE)
+        got = np.asarray(model.labels)[model.predict_proba(texts).argmax(axis=1)]
+        wrong = [
+            f"{t!r} -> {g} (expected {e})"
+            for t, g, e in zip(texts, got, expected, strict=True)
+            if g != e
+        ]
+        checks.append(
+            BehaviourResult(
+                "clear-cut reviews",
+                "minimum functionality",
+                len(texts),
+                len(wrong),
+                min_pass_rate,
+                wrong[:3],
+            )
+        )
+    return checks
+
+
+# --- the stage --------------------------------------------------------------------------------
+
+
+def evaluate(
+    model: Classifier,
+    test_frame: pd.DataFrame,
+    out_dir: Path,
+    name: str,
+    positive: str | None = None,
+    negative: str | None = None,
+) -> EvaluationReport:
+    """Score `model` on the test split and write report.json, confusion.png, reliability.png."""
+    labels = model.labels
+    texts = test_frame["text"].tolist()
+    proba = model.predict_proba(texts)
+    metrics = compute_metrics(test_frame["label"].tolist(), proba, labels)
+    predicted = np.asarray(labels)[proba.argmax(axis=1)]
+    wrong = test_frame.assign(predicted=predicted, confidence=proba.max(axis=1))
+    wrong = wrong[wrong["predicted"] != wrong["label"]].sort_values("confidence", ascending=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = {
+        "report": str(out_dir / "report.json"),
+        "confusion": str(out_dir / "confusion.png"),
+        "reliability": str(out_dir / "reliability.png"),
+    }
+    report = EvaluationReport(
+        model=name,
+        labels=labels,
+        metrics=metrics,
+        slices=slice_metrics(test_frame, proba, labels),
+        worst=[
+            {
+                "text": r.text,
+                "label": r.label,
+                "predicted": r.predicted,
+                "confidence": round(float(r.confidence), 4),
+                "source": r.source,
+            }
+            for r in wrong.head(WORST).itertuples()
+        ],
+        behaviour=behavioural_checks(model, positive, negative),
+        artifacts=artifacts,
+    )
+    _plot_confusion(metrics.confusion, labels, Path(artifacts["confusion"]), name)
+    _plot_reliability(
+        proba.max(axis=1),
+        proba.argmax(axis=1) == np.array([labels.index(y) for y in test_frame["label"]]),
+        Path(artifacts["reliability"]),
+        name,
+    )
+    Path(artifacts["report"]).write_text(json.dumps(report.to_dict(), indent=2) + "\n", "utf-8")
+    return report
+
+
+def _plot_confusion(confusion: list[list[int]], labels: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    matrix = np.array(confusion)
+    fig, ax = plt.subplots(figsize=(1.2 * len(labels) + 2.5, 1.2 * len(labels) + 2))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(labels)), labels, rotation=45, ha="right")
+    ax.set_yticks(range(len(labels)), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(f"{title}: confusion matrix")
+    for (i, j), count in np.ndenumerate(matrix):
+        ax.text(
+            j,
+            i,
+            str(count),
+            ha="center",
+            va="center",
+            color="white" if count > matrix.max() / 2 else "black",
+        )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_reliability(confidence: np.ndarray, correct: np.ndarray, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = np.linspace(0, 1, 11)
+    which = np.clip(np.digitize(confidence, edges[1:-1], right=True), 0, 9)
+    centres = (edges[:-1] + edges[1:]) / 2
+    accuracy = [correct[which == b].mean() if (which == b).any() else np.nan for b in range(10)]
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], linestyle="--", color="grey", label="perfect calibration")
+    ax.bar(centres, accuracy, width=0.09, alpha=0.8, label="accuracy per bin")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title(
+        f"{title}: reliability (ECE {expected_calibration_error(confidence, correct):.3f})"
+    )
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

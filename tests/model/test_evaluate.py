@@ -1,0 +1,141 @@
+"""Evaluation against hand-computed values, and behavioural checks against broken models."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flywheel.tasks.evaluate import (
+    compute_metrics,
+    evaluate,
+    expected_calibration_error,
+    length_bucket,
+    slice_metrics,
+)
+
+LABELS = ["neg", "pos"]
+# 4 rows worked by hand: predictions pos, neg, neg, pos against truth pos, pos, neg, neg.
+TRUTH = ["pos", "pos", "neg", "neg"]
+PROBA = np.array([[0.2, 0.8], [0.6, 0.4], [0.9, 0.1], [0.3, 0.7]])
+
+
+def test_metrics_match_hand_computed_values():
+    m = compute_metrics(TRUTH, PROBA, LABELS)
+    assert m.accuracy == 0.5
+    assert m.macro_f1 == m.weighted_f1 == 0.5
+    assert m.per_class["pos"].precision == m.per_class["pos"].recall == 0.5
+    assert m.per_class["neg"].support == 2
+    assert m.confusion == [[1, 1], [1, 1]]
+    # pos scores 0.8, 0.4 vs neg rows 0.1, 0.7: 3 of 4 pairs ordered right.
+    assert m.roc_auc == pytest.approx(0.75)
+    # Each row alone in its bin: (|1-.8| + |0-.6| + |1-.9| + |0-.7|) / 4.
+    assert m.ece == pytest.approx(0.4)
+
+
+def test_ece_of_a_calibrated_model_is_zero():
+    confidence = np.array([0.75] * 4)
+    assert expected_calibration_error(confidence, np.array([1, 1, 1, 0])) == pytest.approx(0)
+
+
+def test_multiclass_auc_and_missing_class():
+    labels = ["a", "b", "c"]
+    proba = np.array([[0.7, 0.2, 0.1], [0.1, 0.8, 0.1], [0.2, 0.2, 0.6], [0.5, 0.3, 0.2]])
+    assert compute_metrics(["a", "b", "c", "a"], proba, labels).roc_auc == pytest.approx(1.0)
+    assert compute_metrics(["a", "b", "b", "a"], proba, labels).roc_auc is None
+
+
+def test_slices_by_source_and_length():
+    frame = pd.DataFrame(
+        {
+            "text": ["short", "x" * 70, "y" * 200, "tiny"],
+            "label": TRUTH,
+            "source": ["rotten_tomatoes", "feedback", "feedback", "rotten_tomatoes"],
+        }
+    )
+    got = {s.slice: s for s in slice_metrics(frame, PROBA, LABELS)}
+    assert set(got) == {
+        "source=feedback",
+        "source=rotten_tomatoes",
+        "length=0-59",
+        "length=60-139",
+        "length=140+",
+    }
+    assert got["source=feedback"].rows == 2
+    assert got["source=feedback"].accuracy == 0.5  # row 2 wrong, row 3 right
+    assert got["length=0-59"].accuracy == 0.5
+    assert not got["length=0-59"].judged
+    assert [length_bucket(n) for n in (0, 59, 60, 139, 140)] == [
+        "0-59",
+        "0-59",
+        "60-139",
+        "60-139",
+        "140+",
+    ]
+
+
+class WordModel:
+    """Positive iff a positive word appears: insensitive to names and placeholders."""
+
+    labels = ["negative", "positive"]
+    good = (
+        "wonderful",
+        "moving",
+        "brilliant",
+        "masterpiece",
+        "best",
+        "loved",
+        "triumph",
+        "warm",
+        "joy",
+    )
+
+    def predict_proba(self, texts, batch_size=0):
+        pos = np.array([any(w in t.lower() for w in self.good) for t in texts], dtype=float)
+        return np.stack([1 - pos * 0.9 - 0.05, pos * 0.9 + 0.05], axis=1)
+
+
+class NameBiasedModel(WordModel):
+    """Broken: says positive whenever a particular actor or an e-mail placeholder appears."""
+
+    def predict_proba(self, texts, batch_size=0):
+        proba = super().predict_proba(texts)
+        biased = np.array(["Tom Hanks" in t or "<EMAIL>" in t for t in texts])
+        proba[biased] = [0.05, 0.95]
+        return proba
+
+
+def test_behaviour_passes_for_a_sound_model_and_fails_for_a_biased_one(tmp_path):
+    frame = pd.DataFrame(
+        {
+            "text": ["a wonderful film", "dull"] * 20,
+            "label": ["positive", "negative"] * 20,
+            "source": "test",
+        }
+    )
+    sound = evaluate(WordModel(), frame, tmp_path / "sound", "word", "positive", "negative")
+    assert all(check.passed for check in sound.behaviour), sound.behaviour
+    broken = evaluate(
+        NameBiasedModel(), frame, tmp_path / "broken", "biased", "positive", "negative"
+    )
+    by_name = {check.name: check for check in broken.behaviour}
+    assert not by_name["swap person name"].passed
+    assert not by_name["swap PII placeholder"].passed
+    assert "Tom Hanks" in by_name["swap person name"].examples[0]
+    saved = json.loads((tmp_path / "broken" / "report.json").read_text())
+    assert saved["behaviour"][1]["passed"] is False
+    assert (tmp_path / "broken" / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "broken" / "reliability.png").stat().st_size > 1000
+
+
+def test_minimum_functionality_needs_known_polarity(tmp_path):
+    frame = pd.DataFrame(
+        {
+            "text": ["a wonderful film", "dull"] * 20,
+            "label": ["positive", "negative"] * 20,
+            "source": "test",
+        }
+    )
+    report = evaluate(WordModel(), frame, tmp_path, "word")
+    assert [c.kind for c in report.behaviour] == ["invariance", "invariance"]
+    assert report.worst == []
