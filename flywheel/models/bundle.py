@@ -98,12 +98,20 @@ class ClassifierBundle:
 
     def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Class probabilities, one row per text, columns in `labels` order."""
+        encoded = self.encode(texts)
+        rows = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
+        return self.proba_of_encoded(rows, batch_size)
+
+    def proba_of_encoded(self, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities of already-encoded texts (extra keys such as labels are ignored)."""
         import torch
 
         self.model.eval()
         device = next(self.model.parameters()).device
-        encoded = self.encode(texts)
-        rows = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
+        rows = [
+            {k: r[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in r}
+            for r in rows
+        ]
         out = []
         with torch.inference_mode():
             for start in range(0, len(rows), batch_size):

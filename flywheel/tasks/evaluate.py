@@ -98,6 +98,11 @@ class EvaluationReport:
         return out
 
 
+def predict_labels(model: Classifier, texts: Sequence[str]) -> np.ndarray:
+    """The most probable label of each text."""
+    return np.asarray(model.labels)[model.predict_proba(texts).argmax(axis=1)]
+
+
 def expected_calibration_error(
     confidence: np.ndarray, correct: np.ndarray, bins: int = 10
 ) -> float:
@@ -231,7 +236,7 @@ MFT_NEGATIVE = (
 def _invariance(model: Classifier, name: str, groups: list[list[str]], min_rate: float):
     """Each group holds variants that must all get the same label."""
     flat = [text for group in groups for text in group]
-    predicted = np.asarray(model.labels)[model.predict_proba(flat).argmax(axis=1)]
+    predicted = predict_labels(model, flat)
     failures, examples, i = 0, [], 0
     for group in groups:
         got = predicted[i : i + len(group)]
@@ -265,7 +270,7 @@ def behavioural_checks(
     if positive is not None and negative is not None:
         texts = list(MFT_POSITIVE) + list(MFT_NEGATIVE)
         expected = [positive] * len(MFT_POSITIVE) + [negative] * len(MFT_NEGATIVE)
-        got = np.asarray(model.labels)[model.predict_proba(texts).argmax(axis=1)]
+        got = predict_labels(model, texts)
         wrong = [
             f"{t!r} -> {g} (expected {e})"
             for t, g, e in zip(texts, got, expected, strict=True)

@@ -109,8 +109,8 @@ def fit(
     eval_every = tc.eval_every_steps or steps_per_epoch
 
     # Optimizer: AdamW without decay on biases and LayerNorm weights; linear warm-up and decay.
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
     optimizer = torch.optim.AdamW(
         [
             {"params": decay, "weight_decay": tc.weight_decay},
@@ -197,7 +197,7 @@ def fit(
                 running = []
 
             if state["step"] % eval_every == 0 or state["step"] == total_steps:
-                score = _evaluate(bundle, val_rows, tc.batch_size, device, len(labels))
+                score = _evaluate(bundle, val_rows, tc.batch_size, len(labels))
                 state["history"].append(
                     {"step": state["step"], "epoch": epoch + 1, "val_macro_f1": score}
                 )
@@ -251,19 +251,10 @@ def _rows(bundle: ClassifierBundle, frame: pd.DataFrame, label_ids: dict[str, in
     ]
 
 
-def _evaluate(bundle, rows, batch_size, device, n_labels) -> float:
-    import torch
-
-    bundle.model.eval()
-    predictions, truth = [], []
-    with torch.inference_mode():
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
-            batch = bundle.pad([{k: r[k] for k in ("input_ids", "attention_mask")} for r in chunk])
-            logits = bundle.model(**{k: v.to(device.type) for k, v in batch.items()}).logits
-            predictions.extend(logits.argmax(-1).cpu().tolist())
-            truth.extend(r["labels"] for r in chunk)
-    return macro_f1(np.array(truth), np.array(predictions), n_labels)
+def _evaluate(bundle: ClassifierBundle, rows: list[dict], batch_size: int, n_labels: int) -> float:
+    """Validation macro-F1 of the current weights."""
+    predicted = bundle.proba_of_encoded(rows, batch_size).argmax(axis=1)
+    return macro_f1(np.array([r["labels"] for r in rows]), predicted, n_labels)
 
 
 def _save_checkpoint(directory, bundle, optimizer, scheduler, scaler, state, cfg, data_version):
