@@ -213,8 +213,14 @@ def stage(
 
 
 @app.command()
-def config(params: ParamsOption = DEFAULT_PARAMS, sets: SetOption = None) -> None:
-    """Print the resolved configuration (params.yaml with defaults and --set overrides)."""
+def config(
+    params: ParamsOption = DEFAULT_PARAMS,
+    sets: SetOption = None,
+    profile: Annotated[
+        str | None, typer.Option("--profile", help="Apply a named profile from params.yaml.")
+    ] = None,
+) -> None:
+    """Print the resolved configuration (params.yaml with defaults, profile and --set)."""
     with user_errors(params):
-        cfg = load_config(params, collect_overrides(sets))
+        cfg = load_config(params, collect_overrides(sets), profile=profile)
     yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sys.stdout, sort_keys=False)

@@ -252,8 +252,24 @@ def _known_keys(prefix: list[str]) -> set[str]:
     return {f.alias or name for name, f in model.model_fields.items() if name != "root"}
 
 
-def load_config(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None) -> Config:
-    """Read, override and validate params.yaml; errors name the file and the key."""
+def dotted(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1e-4}} -> {"train.lr": 1e-4} (lists stay values)."""
+    out: dict[str, Any] = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict):
+            out.update(dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def load_config(
+    path: Path = DEFAULT_PARAMS,
+    overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
+) -> Config:
+    """Read params.yaml, apply a named profile then the overrides, validate; errors name the
+    file and the key. Profiles live under `profiles:` in params.yaml (e.g. `gpu`)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(
@@ -265,6 +281,17 @@ def load_config(path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = 
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    profiles = raw.pop("profiles", None) or {}
+    if not isinstance(profiles, dict) or not all(isinstance(p, dict) for p in profiles.values()):
+        raise ConfigError(f"{path}: profiles must map names to partial configurations")
+    if profile is not None:
+        if profile not in profiles:
+            known = ", ".join(sorted(profiles)) or "none defined"
+            raise ConfigError(f"{path}: unknown profile {profile!r} (profiles: {known})")
+        try:
+            raw = apply_overrides(raw, dotted(profiles[profile]))
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: profile {profile!r}: {exc}") from None
     raw = apply_overrides(raw, overrides or {})
     try:
         return Config.model_validate({**raw, "root": path.resolve().parent})

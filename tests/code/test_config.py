@@ -104,3 +104,22 @@ def test_parse_override_reads_yaml_values():
 def test_path_source_defaults():
     source = PathSource(kind="path", path=Path("x.csv"))
     assert (source.text_col, source.label_col) == ("text", "label")
+
+
+def test_gpu_profile_changes_training_only():
+    base = load_config(REPO / "params.yaml")
+    gpu = load_config(REPO / "params.yaml", profile="gpu")
+    assert (gpu.train.epochs, gpu.train.batch_size, gpu.train.max_length) == (3, 64, 128)
+    assert gpu.train.lr == 2e-5
+    assert gpu.train.threads is None
+    assert gpu.model_dump(exclude={"train"}) == base.model_dump(exclude={"train"})
+    # --set still wins over the profile
+    assert load_config(REPO / "params.yaml", {"train.epochs": 5}, profile="gpu").train.epochs == 5
+
+
+def test_bad_profiles_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown profile 'tpu' \(profiles: gpu\)"):
+        load_config(REPO / "params.yaml", profile="tpu")
+    path = write_params(tmp_path, lambda r: r["profiles"].update(typo={"train": {"epohcs": 2}}))
+    with pytest.raises(ConfigError, match=r"profile 'typo': unknown config key 'train.epohcs'"):
+        load_config(path, profile="typo")
