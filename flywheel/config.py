@@ -134,7 +134,7 @@ class TrainConfig(_Section):
     epochs: int = Field(1, ge=1, description="Passes over the training split.")
     batch_size: int = Field(32, ge=1, description="Texts per forward pass.")
     grad_accum_steps: int = Field(1, ge=1, description="Batches per optimizer step.")
-    lr: float = Field(5e-5, gt=0, lt=1, description="Peak AdamW learning rate.")
+    lr: float = Field(1e-4, gt=0, lt=1, description="Peak AdamW learning rate.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay (not on biases/norms).")
     warmup_ratio: float = Field(0.06, ge=0, lt=1, description="Share of steps for linear warm-up.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
