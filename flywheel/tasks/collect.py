@@ -102,14 +102,12 @@ def read_table(path: Path) -> pd.DataFrame:
         elif kind == "jsonl":
             frame = _read_jsonl(path)
         else:
-            frame = pd.read_parquet(path)
+            frame = _read_parquet(path)
     except UnicodeDecodeError as exc:
         raise SourceError(
             f"{path}: not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
             "re-save the file as UTF-8"
         ) from None
-    except (pa.ArrowException, OSError) as exc:
-        raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
     if frame.empty:
         raise SourceError(f"{path}: header only, no data rows")
     return frame
@@ -145,6 +143,14 @@ def _read_delimited(path: Path, kind: str) -> pd.DataFrame:
                 f"{path}: line {reader.line_num}: malformed {kind.upper()}: {exc}"
             ) from None
     return pd.DataFrame(rows, columns=header, dtype="string")
+
+
+def _read_parquet(path: Path) -> pd.DataFrame:
+    # Only Arrow's own errors mean a bad file; an OSError stays an I/O error (and is retried).
+    try:
+        return pd.read_parquet(path)
+    except pa.ArrowException as exc:
+        raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
 
 
 def _read_jsonl(path: Path) -> pd.DataFrame:

@@ -155,3 +155,14 @@ def test_a_megabyte_text_is_read_whole(tmp_path):
     path = _bytes(tmp_path / "big.csv", b"text,label\n" + b"a" * 1_000_000 + b",pos\nok,neg\n")
     frame = read_path_source(source(path), tmp_path)
     assert frame["text"].str.len().tolist() == [1_000_000, 2]
+
+
+def test_an_io_error_on_a_csv_stays_an_io_error(tmp_path, monkeypatch):
+    path = write(tmp_path / "r.csv", "csv")
+
+    def unreadable(self, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "open", unreadable)
+    with pytest.raises(PermissionError):  # retried by the task, not a "bad Parquet" SourceError
+        collect.read_table(path)
