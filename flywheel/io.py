@@ -9,11 +9,13 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pandas as pd
 
 from flywheel.errors import FlywheelError
+
+T = TypeVar("T")
 
 # Written into every folder replace_dir_atomic fills: only such folders may be replaced later.
 OUTPUT_MARKER = ".flywheel-output"
@@ -57,7 +59,7 @@ def write_json(path: Path, payload: Any) -> None:
     )
 
 
-def replace_dir_atomic(target: Path, fill: Callable[[Path], None]) -> None:
+def replace_dir_atomic(target: Path, fill: Callable[[Path], T]) -> T:
     """Fill a staging folder beside `target`, then swap it in; on error `target` is untouched.
 
     A non-empty `target` that Flywheel did not write (no marker file) is never replaced: a
@@ -75,11 +77,12 @@ def replace_dir_atomic(target: Path, fill: Callable[[Path], None]) -> None:
     staging.chmod(0o755)
     old = target.parent / f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}"
     try:
-        fill(staging)
+        result = fill(staging)
         (staging / OUTPUT_MARKER).write_text("written by flywheel; replaced whole on each run\n")
         if target.exists():
             os.replace(target, old)
         os.replace(staging, target)
+        return result
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -217,9 +217,8 @@ def run_suite(
             logging.getLogger(name).setLevel(logging.WARNING)
 
     checked = add_check_columns(frame)
-    summary_holder: dict[str, ValidationReport] = {}
 
-    def fill(staging: Path) -> None:
+    def fill(staging: Path) -> ValidationReport:
         ctx = gx.get_context(mode="ephemeral")
         ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
         # The ephemeral context makes a temporary docs folder of its own: drop it, use ours.
@@ -274,10 +273,9 @@ def run_suite(
         write_json(staging / "result.json", outcome.to_json_dict())
         (staging / "summary.txt").write_text(report.summary() + "\n", encoding="utf-8")
         write_json(staging / CHECKS_FILE, report.checks(data_md5))
-        summary_holder["report"] = report
+        return report
 
-    replace_dir_atomic(report_dir, fill)
-    return summary_holder["report"]
+    return replace_dir_atomic(report_dir, fill)
 
 
 def _failure(result) -> Failure:
