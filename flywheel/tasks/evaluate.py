@@ -335,7 +335,7 @@ def evaluate(
     _plot_confusion(metrics.confusion, labels, Path(artifacts["confusion"]), name)
     _plot_reliability(
         proba.max(axis=1),
-        proba.argmax(axis=1) == np.array([labels.index(y) for y in test_frame["label"]]),
+        predicted == test_frame["label"].to_numpy(),
         Path(artifacts["reliability"]),
         name,
     )
