@@ -52,7 +52,7 @@ def main() -> None:
     rows = []
 
     started = time.perf_counter()
-    baseline, chosen = fit_baseline(train, val, Preprocessing(64, ()), base_cfg.seed)
+    baseline, chosen = fit_baseline(train, val, Preprocessing.of(base_cfg), base_cfg.seed)
     rows.append(
         _row(
             "tfidf-baseline",

@@ -41,9 +41,9 @@ def user_errors(params: Path) -> Iterator[None]:
     """Set up the process for the project at `params`; turn known failures into a message and an
     exit code (1: the data failed validation, 2: bad input or config), not a traceback."""
     from flywheel import runtime
+    from flywheel.errors import FlywheelError
 
     runtime.configure(params.resolve().parent)
-    from flywheel.tasks.collect import SourceError
     from flywheel.tasks.validate import DataValidationError
 
     try:
@@ -51,7 +51,7 @@ def user_errors(params: Path) -> Iterator[None]:
     except DataValidationError as exc:
         typer.echo(exc.report.summary(), err=True)
         raise typer.Exit(1) from None
-    except (ConfigError, SourceError, FileNotFoundError) as exc:
+    except (FlywheelError, FileNotFoundError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
@@ -66,8 +66,8 @@ def collect_overrides(
     """CLI options as dotted config overrides (validated by the same loader as params.yaml).
 
     --source replaces every configured source, feedback included, and drops the configured
-    label set (it describes the configured data, not this file); explicit --set and --labels
-    values still win over those defaults.
+    label set and positive/negative labels (they describe the configured data, not this file);
+    explicit --set and --labels values still win over those defaults.
     """
     if source is None and (text_col or label_col):
         raise ConfigError("--text-col/--label-col need --source")
@@ -83,6 +83,8 @@ def collect_overrides(
         ]
         overrides["data.feedback.enabled"] = False
         overrides["validate.labels"] = None
+        overrides["evaluate.positive_label"] = None
+        overrides["evaluate.negative_label"] = None
     overrides.update(parse_override(item) for item in sets or [])
     if labels is not None:
         overrides["validate.labels"] = [x.strip() for x in labels.split(",") if x.strip()]
@@ -106,6 +108,12 @@ LabelsOption = Annotated[
 ]
 
 
+ProfileOption = Annotated[
+    str | None,
+    typer.Option("--profile", help="Apply a named profile from params.yaml, e.g. gpu."),
+]
+
+
 @app.command()
 def run(
     params: ParamsOption = DEFAULT_PARAMS,
@@ -114,20 +122,53 @@ def run(
     label_col: LabelColOption = None,
     labels: LabelsOption = None,
     sets: SetOption = None,
+    profile: ProfileOption = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue training from the last checkpoint of this config and data "
+            "(after a crash or Ctrl-C) instead of starting over.",
+        ),
+    ] = False,
+    data_only: Annotated[
+        bool,
+        typer.Option("--data-only", help="Stop after the data stages (no training)."),
+    ] = False,
 ) -> None:
-    """Run the pipeline as a Prefect flow: collect -> validate -> prepare -> version (DVC).
+    """Run the pipeline as a Prefect flow: collect -> validate -> prepare -> version (DVC) ->
+    baseline -> train -> evaluate, tracked in MLflow.
 
-    With no options it runs on params.yaml (by default the embedded Rotten Tomatoes snippets),
-    writes data/raw, data/validation and data/prepared, records the data version in dvc.lock
-    and pushes the prepared data to the DVC remote. A run with options (--source, --set, ...)
-    writes under data/runs/<key>/ instead and records its data version in a .dvc file there.
+    With no options it runs on params.yaml (by default the embedded Rotten Tomatoes snippets):
+    writes data/raw, data/validation and data/prepared, records the data version in dvc.lock,
+    pushes the prepared data to the DVC remote, fits the TF-IDF baseline, fine-tunes the
+    transformer (checkpoints/) and evaluates both on the test split (reports/evaluation/). Every
+    run is one MLflow parent run with nested baseline/train/evaluate runs (mlflow/).
+
+    Options that change the data (--source, --set on data keys) make a one-off run: data goes
+    under data/runs/<key>/ and its version into a .dvc file there. --set train.* / evaluate.*
+    and --profile keep the data of params.yaml.
     """
     with user_errors(params):
         overrides = collect_overrides(sets, source, text_col, label_col, labels)
-        load_config(params, overrides)  # fail fast, before Prefect starts
+        load_config(params, overrides, profile=profile)  # fail fast, before Prefect starts
         from flywheel.flows.pipeline import pipeline
 
-        result = pipeline(params_path=params.resolve(), overrides=overrides or None)
+        result = pipeline(
+            params_path=params.resolve(),
+            overrides=overrides or None,
+            profile=profile,
+            resume=resume,
+            data_only=data_only,
+        )
+    for name, text in summary_lines(result).items():
+        typer.echo(f"{name:>12}  {text}")
+
+
+def summary_lines(result: Any) -> dict[str, str]:
+    """What a run did, one line per stage (the CLI's report of a PipelineResult)."""
+    from flywheel import tracking
+
     report = result.prepare.report
     per_source = ", ".join(f"{k}: {v:,}" for k, v in result.collect.rows_per_source.items())
     splits = ", ".join(f"{k} {v:,}" for k, v in result.prepare.rows_per_split.items())
@@ -141,8 +182,32 @@ def run(
         "PII masked": ", ".join(f"{k} {v:,}" for k, v in report.pii_counts.items()),
         "data version": f"{result.data_version} ({result.version.note})",
     }
-    for name, text in lines.items():
-        typer.echo(f"{name:>12}  {text}")
+    if result.evaluation is None:
+        return lines
+    base, trained, ev = result.baseline, result.train, result.evaluation
+    m, b = ev.report.metrics, ev.baseline.metrics
+    resumed = (
+        f", resumed at step {trained.resumed_from_step}"
+        if trained.resumed_from_step is not None
+        else ""
+    )
+    behaviour = ", ".join(
+        f"{c.name} {c.cases - c.failures}/{c.cases}{'' if c.passed else ' FAILED'}"
+        for c in ev.report.behaviour
+    )
+    lines |= {
+        "baseline": f"TF-IDF + logistic regression (C={base.fit.chosen['C']:g}, "
+        f"min_df={base.fit.chosen['min_df']:g}): test accuracy {b.accuracy:.4f}, "
+        f"macro-F1 {b.macro_f1:.4f} ({base.fit.seconds:.0f} s)",
+        "train": f"{trained.steps} steps on {trained.device} in {trained.seconds:.0f} s "
+        f"({trained.samples_per_second:.1f} samples/s{resumed}); best val macro-F1 "
+        f"{trained.best_val_macro_f1:.4f} at step {trained.best_step} -> {trained.model_dir}",
+        "evaluate": f"test accuracy {m.accuracy:.4f} ({100 * ev.accuracy_gain:+.1f} pts vs "
+        f"baseline), macro-F1 {m.macro_f1:.4f}, ECE {m.ece:.3f} -> {ev.report_dir}",
+        "behaviour": behaviour,
+        "mlflow": tracking.run_url(result.mlflow_run),
+    }
+    return lines
 
 
 @app.command("validate")
@@ -216,9 +281,7 @@ def stage(
 def config(
     params: ParamsOption = DEFAULT_PARAMS,
     sets: SetOption = None,
-    profile: Annotated[
-        str | None, typer.Option("--profile", help="Apply a named profile from params.yaml.")
-    ] = None,
+    profile: ProfileOption = None,
 ) -> None:
     """Print the resolved configuration (params.yaml with defaults, profile and --set)."""
     with user_errors(params):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,22 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from flywheel.errors import FlywheelError
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 reads `2e-5` (no dot) as a string; learning rates are written like that, and
+    DVC's YAML 1.2 parser reads them as numbers. Read them as floats here too."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
 
 
 class ConfigError(FlywheelError, ValueError):
@@ -163,13 +180,40 @@ class TrainConfig(_Section):
     )
 
 
+class EvaluateConfig(_Section):
+    report_dir: ConfigPath = Field(
+        Path("reports/evaluation"),
+        description="Latest reports, one folder per model (baseline/, model/); every run's "
+        "copy is an MLflow artifact.",
+    )
+    positive_label: str | None = Field(
+        None, description="Label of clearly positive texts (minimum-functionality check)."
+    )
+    negative_label: str | None = Field(
+        None, description="Label of clearly negative texts; null skips that check."
+    )
+    min_behaviour_pass_rate: float = Field(
+        0.9, ge=0, le=1, description="Share of behavioural cases a model must get right."
+    )
+    batch_size: int = Field(64, ge=1, description="Texts per forward pass when scoring.")
+
+    @model_validator(mode="after")
+    def _both_polarities(self) -> EvaluateConfig:
+        if (self.positive_label is None) != (self.negative_label is None):
+            raise ValueError("set both positive_label and negative_label, or neither")
+        if self.positive_label is not None and self.positive_label == self.negative_label:
+            raise ValueError("positive_label and negative_label must differ")
+        return self
+
+
 class Config(_Section):
-    seed: int = Field(42, description="The one seed: split hashing now, training later.")
+    seed: int = Field(42, description="The one seed: split hashing and training.")
     data: DataConfig
     validate_: ValidateConfig = Field(alias="validate")
     clean: CleanConfig = CleanConfig()
     split: SplitConfig = SplitConfig()
     train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
     root: ConfigPath = Field(
         Path("."), exclude=True, description="Project root (params.yaml's folder)."
     )
@@ -196,16 +240,27 @@ RUN_OUTPUTS = {
     "validate.report_dir": "validation",
     "split.prepared_dir": "prepared",
 }
+# Sections only the model stages read: overriding them leaves the data as params.yaml makes it.
+MODEL_SECTIONS = ("train", "evaluate")
+
+
+def changes_data(overrides: dict[str, Any]) -> bool:
+    """Whether the overrides touch anything the data stages read."""
+    return any(key.split(".")[0] not in MODEL_SECTIONS for key in overrides)
 
 
 def with_run_outputs(overrides: dict[str, Any]) -> dict[str, Any]:
-    """Overrides plus output paths under data/runs/<key>/ (key: hash of the overrides).
+    """Overrides plus, when they change the data, output paths under data/runs/<key>/ (key: hash
+    of the data-changing overrides).
 
     The same overrides reuse the same folder; an explicitly overridden path is kept as given.
+    Overrides of the train/evaluate sections alone keep data/prepared and dvc.lock.
     """
-    if not overrides:
-        return {}
-    key = hashlib.sha256(json.dumps(overrides, sort_keys=True, default=str).encode()).hexdigest()
+    data_overrides = {k: v for k, v in overrides.items() if k.split(".")[0] not in MODEL_SECTIONS}
+    if not data_overrides:
+        return dict(overrides)
+    payload = json.dumps(data_overrides, sort_keys=True, default=str).encode()
+    key = hashlib.sha256(payload).hexdigest()
     paths = {name: f"data/runs/{key[:12]}/{leaf}" for name, leaf in RUN_OUTPUTS.items()}
     return {**paths, **overrides}
 
@@ -215,7 +270,7 @@ def parse_override(item: str) -> tuple[str, Any]:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} must look like KEY=VALUE, e.g. split.train=0.7")
-    return key.strip(), yaml.safe_load(value)
+    return key.strip(), read_yaml(value)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -276,7 +331,7 @@ def load_config(
             f"{path}: config file not found (run from the project root or pass --params)"
         )
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        raw = read_yaml(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(raw, dict):
@@ -288,6 +343,12 @@ def load_config(
         if profile not in profiles:
             known = ", ".join(sorted(profiles)) or "none defined"
             raise ConfigError(f"{path}: unknown profile {profile!r} (profiles: {known})")
+        outside = sorted(set(profiles[profile]) - set(MODEL_SECTIONS))
+        if outside:
+            raise ConfigError(
+                f"{path}: profile {profile!r} sets {', '.join(outside)}: profiles may only set "
+                f"{' and '.join(MODEL_SECTIONS)} (the data must not depend on the machine)"
+            )
         try:
             raw = apply_overrides(raw, dotted(profiles[profile]))
         except ConfigError as exc:

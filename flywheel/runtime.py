@@ -20,9 +20,12 @@ OFFLINE_DEFAULTS = {
     "TRANSFORMERS_OFFLINE": "1",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "flywheel",
     "PREFECT_UI_ENABLED": "false",
+    # transformers' load reports and per-file progress bars; training has its own progress bar.
+    "TRANSFORMERS_VERBOSITY": "error",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
 }
 
-QUIET_LOGGERS = ("httpx", "great_expectations", "filelock")
+QUIET_LOGGERS = ("httpx", "great_expectations", "filelock", "mlflow", "alembic")
 
 
 class NoTracebackForExpectedErrors(logging.Filter):

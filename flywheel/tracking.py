@@ -3,17 +3,33 @@
 Default store: `sqlite:///<root>/mlflow/mlflow.db` with artifacts in `<root>/mlflow/artifacts`;
 MLFLOW_TRACKING_URI overrides it (e.g. a team server). Params, metrics and tags are sent with
 `log_batch` (a few calls per run, not one HTTP call per number).
+
+One flow run = one parent run (named after the Prefect flow run: full config as params, lineage
+tags, the train/val/test splits as dataset inputs, summary metrics) with a nested run per model
+stage: `baseline`, `train` (loss and validation curves, the model bundle as artifact) and
+`evaluate` (test report, plots). Every run carries the lineage tags.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import time
-from collections.abc import Iterable, Mapping
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from flywheel.io import file_md5
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from flywheel.config import Config
+    from mlflow import MlflowClient
 
 EXPERIMENT = "flywheel"
 BATCH = 100  # MLflow accepts at most 100 params/tags and 1000 metrics per log_batch
@@ -28,6 +44,12 @@ class Lineage:
     git_dirty: bool
     flow_run_id: str | None
 
+    @classmethod
+    def of(cls, root: Path, data_version: str, flow_run_id: str | None) -> Lineage:
+        """The lineage of a run starting now in the project at `root`."""
+        commit, dirty = git_state(root)
+        return cls(data_version, commit, dirty, flow_run_id)
+
     def tags(self) -> dict[str, str]:
         return {
             "flywheel.data_version": self.data_version,
@@ -37,8 +59,13 @@ class Lineage:
         }
 
 
+# Files the pipeline itself rewrites: changing them does not make the code dirty.
+PIPELINE_OUTPUTS = (":(exclude)dvc.lock", ":(exclude)data/runs")
+
+
 def git_state(root: Path) -> tuple[str, bool]:
-    """(commit, dirty) of the project; ("unknown", True) outside git."""
+    """(commit, dirty) of the project's code; ("unknown", True) outside git or before the first
+    commit. Untracked files and the pipeline's own outputs (dvc.lock) do not count as dirty."""
 
     def git(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
@@ -46,31 +73,38 @@ def git_state(root: Path) -> tuple[str, bool]:
     head = git("rev-parse", "HEAD")
     if head.returncode != 0:
         return "unknown", True
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
-    return head.stdout.strip(), dirty
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", *PIPELINE_OUTPUTS)
+    return head.stdout.strip(), bool(status.stdout.strip())
 
 
 def tracking_uri(root: Path) -> str:
+    """MLFLOW_TRACKING_URI if set, else the project's sqlite store."""
     return (
         os.environ.get("MLFLOW_TRACKING_URI")
         or f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}"
     )
 
 
-def experiment_id(root: Path, name: str = EXPERIMENT) -> str:
-    """Point MLflow at the project's store and return the experiment's id (creating it)."""
-    import mlflow
+def client(uri: str) -> MlflowClient:
+    """A client bound to one store. Flywheel never calls mlflow.set_tracking_uri: it writes the
+    URI into os.environ, so one project's store would leak into the next in a long process."""
+    from mlflow import MlflowClient
 
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def experiment_id(root: Path, name: str = EXPERIMENT) -> tuple[str, str]:
+    """(tracking URI, experiment id) of the project's experiment, created on first use with its
+    artifacts in <root>/mlflow/artifacts."""
     uri = tracking_uri(root)
     if uri.startswith("sqlite:///"):
         (root / "mlflow").mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.MlflowClient()
-    found = client.get_experiment_by_name(name)
+    mlflow_client = client(uri)
+    found = mlflow_client.get_experiment_by_name(name)
     if found is not None:
-        return found.experiment_id
+        return uri, found.experiment_id
     artifacts = (root / "mlflow" / "artifacts").resolve().as_uri()
-    return client.create_experiment(name, artifact_location=artifacts)
+    return uri, mlflow_client.create_experiment(name, artifact_location=artifacts)
 
 
 def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -85,28 +119,148 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return out
 
 
-def log_params_and_tags(run_id: str, params: Mapping[str, str], tags: Mapping[str, str]) -> None:
+@dataclass(frozen=True)
+class RunRef:
+    """An MLflow run the pipeline opened: passed to stage tasks so they nest under it."""
+
+    run_id: str
+    experiment_id: str
+    uri: str  # the tracking store holding it
+    lineage: Lineage
+
+
+def log_params_and_tags(
+    run: RunRef, params: Mapping[str, str], tags: Mapping[str, str] | None = None
+) -> None:
     """Params and tags in batches of 100."""
-    from mlflow import MlflowClient
     from mlflow.entities import Param, RunTag
 
-    client = MlflowClient()
+    mlflow_client = client(run.uri)
     items = [Param(k, v) for k, v in params.items()]
     for start in range(0, len(items), BATCH):
-        client.log_batch(run_id, params=items[start : start + BATCH])
-    tag_items = [RunTag(k, v) for k, v in tags.items()]
+        mlflow_client.log_batch(run.run_id, params=items[start : start + BATCH])
+    tag_items = [RunTag(k, v) for k, v in (tags or {}).items()]
     for start in range(0, len(tag_items), BATCH):
-        client.log_batch(run_id, tags=tag_items[start : start + BATCH])
+        mlflow_client.log_batch(run.run_id, tags=tag_items[start : start + BATCH])
 
 
-def log_metrics(run_id: str, points: Iterable[tuple[str, float, int]]) -> int:
+def log_metrics(run: RunRef, points: Iterable[tuple[str, float, int]]) -> int:
     """(key, value, step) points in batches of 1000; returns how many were logged."""
-    from mlflow import MlflowClient
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
     metrics = [Metric(key, float(value), now, int(step)) for key, value, step in points]
-    client = MlflowClient()
+    mlflow_client = client(run.uri)
     for start in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+        mlflow_client.log_batch(run.run_id, metrics=metrics[start : start + 1000])
     return len(metrics)
+
+
+def log_scalars(run: RunRef, values: Mapping[str, float], step: int = 0) -> None:
+    """Summary numbers (one point each) in one batch."""
+    log_metrics(run, [(key, value, step) for key, value in values.items()])
+
+
+def set_tags(run: RunRef, tags: Mapping[str, str]) -> None:
+    log_params_and_tags(run, {}, tags)
+
+
+def config_params(cfg: Config) -> dict[str, str]:
+    """The full resolved configuration as MLflow params (`train.lr`, `split.val`, ...)."""
+    return flatten(cfg.model_dump(mode="json", by_alias=True))
+
+
+@contextmanager
+def start_run(
+    root: Path,
+    stage: str,
+    lineage: Lineage,
+    *,
+    run_name: str | None = None,
+    parent: RunRef | None = None,
+    params: Mapping[str, str] | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[RunRef]:
+    """Open a run for `stage` tagged with its lineage, nested under `parent` if given; it ends
+    FINISHED, or FAILED on an error.
+
+    Runs are addressed by id through a client rather than MLflow's thread-local "active run",
+    so a stage task may run in any thread Prefect chooses.
+    """
+    from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
+    uri, exp = (parent.uri, parent.experiment_id) if parent else experiment_id(root)
+    mlflow_client = client(uri)
+    run_tags = {"flywheel.stage": stage, **lineage.tags(), **(tags or {})}
+    if parent is not None:
+        run_tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
+    run = mlflow_client.create_run(exp, run_name=run_name or stage, tags=run_tags)
+    ref = RunRef(run.info.run_id, exp, uri, lineage)
+    try:
+        log_params_and_tags(ref, params or {})
+        yield ref
+    except BaseException:
+        mlflow_client.set_terminated(ref.run_id, "FAILED")
+        raise
+    mlflow_client.set_terminated(ref.run_id, "FINISHED")
+
+
+def stage_run(
+    cfg: Config, name: str, parent: RunRef, tags: Mapping[str, str] | None = None
+) -> contextlib.AbstractContextManager[RunRef]:
+    """The nested run of one stage: the full config as params, the parent's lineage."""
+    params = config_params(cfg)
+    return start_run(cfg.root, name, parent.lineage, parent=parent, params=params, tags=tags)
+
+
+@contextmanager
+def pipeline_run(
+    cfg: Config, lineage: Lineage, name: str, splits: Mapping[str, Path]
+) -> Iterator[RunRef]:
+    """The parent run of one flow run: full config, lineage tags, every split as a dataset."""
+    import pandas as pd
+
+    with start_run(cfg.root, "pipeline", lineage, run_name=name, params=config_params(cfg)) as run:
+        for split, path in splits.items():
+            log_dataset(run, pd.read_parquet(path), path, split)
+        yield run
+
+
+def log_dataset(run: RunRef, frame: pd.DataFrame, path: Path, context: str) -> None:
+    """Record a split as an MLflow dataset input: name = split, digest = the file's md5 (the
+    entry of that file in the DVC data version's listing), source = the Parquet file."""
+    import mlflow.data
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    with warnings.catch_warnings():
+        # MLflow 3 registers its local-file source twice and warns about the ambiguity.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be")
+        dataset = mlflow.data.from_pandas(
+            frame[["text", "label"]],
+            source=str(path),
+            name=f"{context}@{run.lineage.data_version}",
+            targets="label",
+            digest=file_md5(path)[:12],
+        )
+    entity = DatasetInput(
+        dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]
+    )
+    client(run.uri).log_inputs(run.run_id, datasets=[entity])
+
+
+def log_artifacts(run: RunRef, local: Path, artifact_path: str | None = None) -> None:
+    """A file or a folder's contents under `artifact_path` of the run."""
+    mlflow_client = client(run.uri)
+    if local.is_dir():
+        mlflow_client.log_artifacts(run.run_id, str(local), artifact_path)
+    else:
+        mlflow_client.log_artifact(run.run_id, str(local), artifact_path)
+
+
+def run_url(run: RunRef) -> str:
+    """Where to look at a run: its page on a tracking server, or the store and run id."""
+    uri = run.uri
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
+    return f"{uri} run {run.run_id}"

@@ -34,14 +34,12 @@ def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(cmd, cwd=cwd, check=True, capture_output=True, text=True)
 
 
-@pytest.fixture
-def project(tmp_path: Path) -> Path:
-    """A Flywheel project in a temporary git + DVC repo, with a local DVC remote beside it.
+def make_project(root: Path, remote: Path) -> Path:
+    """A Flywheel project in a new git + DVC repo at `root`, with a local DVC remote at `remote`.
 
     The dvc.yaml stage commands call .venv/bin/flywheel: .venv points at this interpreter's env.
     """
-    root = tmp_path / "project"
-    root.mkdir()
+    root.mkdir(parents=True)
     shutil.copytree(
         REPO / "flywheel", root / "flywheel", ignore=shutil.ignore_patterns("__pycache__")
     )
@@ -55,5 +53,11 @@ def project(tmp_path: Path) -> Path:
     dvc = str(Path(sys.prefix) / "bin" / "dvc")
     run([dvc, "init", "-q"], root)
     run([dvc, "config", "core.analytics", "false"], root)
-    run([dvc, "remote", "add", "-d", "local", str(tmp_path / "remote")], root)
+    run([dvc, "remote", "add", "-d", "local", str(remote)], root)
     return root
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A throw-away Flywheel project (git + DVC) with a DVC remote beside it."""
+    return make_project(tmp_path / "project", tmp_path / "remote")

@@ -1,8 +1,10 @@
 """The Flywheel pipeline as a Prefect flow: composition only, stage logic lives in tasks/.
 
     collect -> validate (GX gate) -> prepare (clean + split) -> version (DVC)
+            -> baseline (TF-IDF) -> train (fine-tune) -> evaluate (test split, vs baseline)
 
-Later stages (train, evaluate, export, register, promote) are added here in the same shape.
+The model stages run inside one MLflow parent run (see flywheel/tracking.py). Export, register
+and promote are added here in the same shape.
 """
 
 from __future__ import annotations
@@ -12,22 +14,31 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow
+from prefect.runtime import flow_run
 
-from flywheel.config import DEFAULT_PARAMS, load_config, with_run_outputs
+from flywheel import tracking
+from flywheel.config import DEFAULT_PARAMS, changes_data, load_config, with_run_outputs
+from flywheel.tasks.baseline import BaselineReport, baseline_task
 from flywheel.tasks.clean import PrepareResult, prepare_task
 from flywheel.tasks.collect import CollectResult, collect_task
+from flywheel.tasks.evaluate import EvaluateResult, evaluate_task
+from flywheel.tasks.train import TrainResult, train_task
 from flywheel.tasks.validate import ValidationReport, validate_task
 from flywheel.tasks.version import DataVersion, version_task
 
 
 @dataclass(frozen=True)
 class PipelineResult:
-    """Everything a run produced, stage by stage; `data_version` tags later runs."""
+    """Everything a run produced, stage by stage; the model stages are None with data_only."""
 
     collect: CollectResult
     validation: ValidationReport
     prepare: PrepareResult
     version: DataVersion
+    baseline: BaselineReport | None = None
+    train: TrainResult | None = None
+    evaluation: EvaluateResult | None = None
+    mlflow_run: tracking.RunRef | None = None
 
     @property
     def data_version(self) -> str:
@@ -36,16 +47,34 @@ class PipelineResult:
 
 @flow(name="flywheel-pipeline", log_prints=True, validate_parameters=True)
 def pipeline(
-    params_path: Path = DEFAULT_PARAMS, overrides: dict[str, Any] | None = None
+    params_path: Path = DEFAULT_PARAMS,
+    overrides: dict[str, Any] | None = None,
+    profile: str | None = None,
+    resume: bool = False,
+    data_only: bool = False,
 ) -> PipelineResult:
-    """Run the data stages on params.yaml; a failed gate stops the flow.
+    """Run the pipeline on params.yaml; a failed gate stops the flow.
 
-    With overrides it is a one-off run: outputs go to data/runs/<key>/ and the data version is
-    recorded in a .dvc file there, never in dvc.lock (see docs/decisions/0002).
+    Overrides of data settings make a one-off run: data outputs go to data/runs/<key>/ and the
+    data version is recorded in a .dvc file there, never in dvc.lock (docs/decisions/0002).
+    `resume` continues training from the last checkpoint of the same config and data.
     """
-    cfg = load_config(params_path, with_run_outputs(overrides or {}))
+    overrides = overrides or {}
+    cfg = load_config(params_path, with_run_outputs(overrides), profile=profile)
     collected = collect_task(cfg)
     validation = validate_task(cfg, collected)
     prepared = prepare_task(cfg, collected, validation)
-    version = version_task(cfg, prepared, pipeline_run=not overrides)
-    return PipelineResult(collected, validation, prepared, version)
+    version = version_task(cfg, prepared, pipeline_run=not changes_data(overrides))
+    if data_only:
+        return PipelineResult(collected, validation, prepared, version)
+
+    lineage = tracking.Lineage.of(cfg.root, version.data_version, flow_run.get_id())
+    with tracking.pipeline_run(
+        cfg, lineage, flow_run.get_name() or "pipeline", prepared.split_paths
+    ) as run:
+        baseline = baseline_task(cfg, prepared, run)
+        trained = train_task(cfg, prepared, run, resume=resume)
+        evaluation = evaluate_task(cfg, prepared, trained, baseline, run)
+    return PipelineResult(
+        collected, validation, prepared, version, baseline, trained, evaluation, run
+    )

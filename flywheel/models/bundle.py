@@ -16,12 +16,15 @@ import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from flywheel.pii import mask_pii
 from flywheel.text import clean_text
+
+if TYPE_CHECKING:
+    from flywheel.config import Config
 
 BUNDLE_FILE = "flywheel.json"
 BUNDLE_FORMAT = 1
@@ -33,6 +36,12 @@ class Preprocessing:
 
     max_length: int
     mask_pii: tuple[str, ...]
+
+    @classmethod
+    def of(cls, cfg: Config) -> Preprocessing:
+        """The preprocessing a configuration asks for: the clean stage's PII kinds, the train
+        section's max length."""
+        return cls(cfg.train.max_length, tuple(cfg.clean.mask_pii))
 
     def normalise(self, text: str) -> str:
         """Raw text as the model sees it: cleaned, PII-masked."""

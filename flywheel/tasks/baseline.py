@@ -14,8 +14,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
+from flywheel import tracking
+from flywheel.config import Config
+from flywheel.io import read_parquet
 from flywheel.models.bundle import Preprocessing
+from flywheel.tasks.clean import PrepareResult
+from flywheel.tasks.evaluate import EvaluationReport, evaluate_model
 
 
 class BaselineModel:
@@ -88,10 +95,48 @@ def train_baseline(
     preprocessing: Preprocessing,
     seed: int,
     path: Path,
-) -> BaselineResult:
+) -> tuple[BaselineModel, BaselineResult]:
     """Fit, select and save the baseline; report the chosen settings and fitting time."""
     started = time.perf_counter()
     model, chosen = fit_baseline(train_frame, val_frame, preprocessing, seed)
     model.save(path)
     vocabulary = len(model.pipeline.steps[0][1].vocabulary_)
-    return BaselineResult(path, time.perf_counter() - started, vocabulary, chosen)
+    return model, BaselineResult(path, time.perf_counter() - started, vocabulary, chosen)
+
+
+@dataclass(frozen=True)
+class BaselineReport:
+    """The baseline as the pipeline ran it: fit, test report, MLflow run."""
+
+    fit: BaselineResult
+    evaluation: EvaluationReport
+    report_dir: Path
+    run_id: str
+
+
+@task(name="baseline", cache_policy=NO_CACHE)
+def baseline_task(cfg: Config, prepared: PrepareResult, parent: tracking.RunRef) -> BaselineReport:
+    """Fit the baseline on train (selected on val), evaluate it on test, track it in MLflow."""
+    splits = {name: read_parquet(path) for name, path in prepared.split_paths.items()}
+    path = cfg.resolve(cfg.train.checkpoint_dir) / "baseline" / "model.joblib"
+    with tracking.stage_run(cfg, "baseline", parent) as run:
+        tracking.log_dataset(run, splits["train"], prepared.split_paths["train"], "train")
+        model, fitted = train_baseline(
+            splits["train"], splits["val"], Preprocessing.of(cfg), cfg.seed, path
+        )
+        report, folder = evaluate_model(cfg, model, splits["test"], "baseline")
+        tracking.log_params_and_tags(
+            run, {f"baseline.{k}": str(v) for k, v in fitted.chosen.items()}
+        )
+        tracking.log_scalars(
+            run,
+            {
+                **report.scalars(),
+                "val_macro_f1": fitted.chosen["val_macro_f1"],
+                "fit_seconds": fitted.seconds,
+                "vocabulary_size": fitted.vocabulary_size,
+            },
+        )
+        tracking.log_artifacts(run, folder)
+        tracking.log_artifacts(run, path, "model")
+    return BaselineReport(fitted, report, folder, run.run_id)

@@ -8,13 +8,25 @@ typed `EvaluationReport`, written as JSON beside a confusion matrix and a reliab
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel import runtime, tracking
+from flywheel.config import Config, ConfigError
+from flywheel.io import read_parquet, replace_dir_atomic
+from flywheel.tasks.clean import PrepareResult
+
+if TYPE_CHECKING:
+    from flywheel.tasks.baseline import BaselineReport
+    from flywheel.tasks.train import TrainResult
 
 # Slices by text length in characters: [0, 60), [60, 140), [140, inf).
 LENGTH_EDGES = (60, 140)
@@ -89,13 +101,40 @@ class EvaluationReport:
     slices: list[SliceMetrics]
     worst: list[dict[str, object]]
     behaviour: list[BehaviourResult]
-    artifacts: dict[str, str]  # name -> path of the JSON and PNGs
+    artifacts: dict[str, str]  # name -> file name, in the report's folder
 
     def to_dict(self) -> dict:
         out = asdict(self)
         for row, check in zip(out["behaviour"], self.behaviour, strict=True):
             row.update(pass_rate=check.pass_rate, passed=check.passed)
         return out
+
+    def scalars(self, prefix: str = "test_") -> dict[str, float]:
+        """Every number as a flat name -> value map (MLflow metrics, run comparisons)."""
+        m = self.metrics
+        out = {
+            f"{prefix}accuracy": m.accuracy,
+            f"{prefix}macro_f1": m.macro_f1,
+            f"{prefix}weighted_f1": m.weighted_f1,
+            f"{prefix}ece": m.ece,
+        }
+        if m.roc_auc is not None:
+            out[f"{prefix}roc_auc"] = m.roc_auc
+        for label, scores in m.per_class.items():
+            for name in ("precision", "recall", "f1"):
+                out[f"{prefix}{metric_name(label)}_{name}"] = getattr(scores, name)
+        for s in self.slices:
+            key = metric_name(s.slice.replace("=", "."))
+            out[f"{prefix}slice.{key}.accuracy"] = s.accuracy
+            out[f"{prefix}slice.{key}.macro_f1"] = s.macro_f1
+        for check in self.behaviour:
+            out[f"behaviour.{metric_name(check.name)}.pass_rate"] = check.pass_rate
+        return out
+
+
+def metric_name(text: str) -> str:
+    """Characters MLflow accepts in a metric name; anything else becomes '_'."""
+    return re.sub(r"[^\w.\-/ ]", "_", text)
 
 
 def predict_labels(model: Classifier, texts: Sequence[str]) -> np.ndarray:
@@ -299,8 +338,10 @@ def evaluate(
     name: str,
     positive: str | None = None,
     negative: str | None = None,
+    min_pass_rate: float = 0.9,
 ) -> EvaluationReport:
-    """Score `model` on the test split and write report.json, confusion.png, reliability.png."""
+    """Score `model` on the test split and write report.json, confusion.png, reliability.png
+    into `out_dir`."""
     labels = model.labels
     texts = test_frame["text"].tolist()
     proba = model.predict_proba(texts)
@@ -310,9 +351,9 @@ def evaluate(
     wrong = wrong[wrong["predicted"] != wrong["label"]].sort_values("confidence", ascending=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     artifacts = {
-        "report": str(out_dir / "report.json"),
-        "confusion": str(out_dir / "confusion.png"),
-        "reliability": str(out_dir / "reliability.png"),
+        "report": "report.json",
+        "confusion": "confusion.png",
+        "reliability": "reliability.png",
     }
     report = EvaluationReport(
         model=name,
@@ -329,17 +370,19 @@ def evaluate(
             }
             for r in wrong.head(WORST).itertuples()
         ],
-        behaviour=behavioural_checks(model, positive, negative),
+        behaviour=behavioural_checks(model, positive, negative, min_pass_rate),
         artifacts=artifacts,
     )
-    _plot_confusion(metrics.confusion, labels, Path(artifacts["confusion"]), name)
+    _plot_confusion(metrics.confusion, labels, out_dir / artifacts["confusion"], name)
     _plot_reliability(
         proba.max(axis=1),
         predicted == test_frame["label"].to_numpy(),
-        Path(artifacts["reliability"]),
+        out_dir / artifacts["reliability"],
         name,
     )
-    Path(artifacts["report"]).write_text(json.dumps(report.to_dict(), indent=2) + "\n", "utf-8")
+    (out_dir / artifacts["report"]).write_text(
+        json.dumps(report.to_dict(), indent=2) + "\n", "utf-8"
+    )
     return report
 
 
@@ -393,3 +436,95 @@ def _plot_reliability(confidence: np.ndarray, correct: np.ndarray, path: Path, t
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# --- in the pipeline ----------------------------------------------------------------------------
+
+
+def evaluate_model(
+    cfg: Config, model: Classifier, test_frame: pd.DataFrame, name: str
+) -> tuple[EvaluationReport, Path]:
+    """Score one of the pipeline's models on the test split into `<evaluate.report_dir>/<name>/`
+    (replaced whole); returns the report and its folder."""
+    ec = cfg.evaluate
+    for key, label in (("positive", ec.positive_label), ("negative", ec.negative_label)):
+        if label is not None and label not in model.labels:
+            raise ConfigError(
+                f"evaluate.{key}_label {label!r} is not a label of the model "
+                f"({', '.join(model.labels)}): set evaluate.positive_label/negative_label to "
+                "two of them, or both to null"
+            )
+    folder = cfg.resolve(ec.report_dir) / name
+    report = replace_dir_atomic(
+        folder,
+        lambda staging: evaluate(
+            model,
+            test_frame,
+            staging,
+            name,
+            ec.positive_label,
+            ec.negative_label,
+            ec.min_behaviour_pass_rate,
+        ),
+    )
+    return report, folder
+
+
+@dataclass(frozen=True)
+class EvaluateResult:
+    """The fine-tuned model's test report, set against the baseline's."""
+
+    report: EvaluationReport
+    report_dir: Path
+    baseline: EvaluationReport
+    run_id: str
+
+    @property
+    def accuracy_gain(self) -> float:
+        """Test accuracy of the model minus the baseline's (a fraction; x100 for points)."""
+        return self.report.metrics.accuracy - self.baseline.metrics.accuracy
+
+    @property
+    def macro_f1_gain(self) -> float:
+        return self.report.metrics.macro_f1 - self.baseline.metrics.macro_f1
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_task(
+    cfg: Config,
+    prepared: PrepareResult,
+    trained: TrainResult,
+    baseline: BaselineReport,
+    parent: tracking.RunRef,
+) -> EvaluateResult:
+    """Evaluate the best checkpoint on the test split; log the report beside the baseline's."""
+    from flywheel.models.bundle import ClassifierBundle
+
+    test = read_parquet(prepared.split_paths["test"])
+    with tracking.stage_run(cfg, "evaluate", parent) as run:
+        tracking.log_dataset(run, test, prepared.split_paths["test"], "test")
+        bundle = ClassifierBundle.load(trained.model_dir)
+        bundle.model.to(runtime.select_device(cfg.train.device, cfg.train.precision).type)
+        report, folder = evaluate_model(cfg, bundle, test, "model")
+        result = EvaluateResult(report, folder, baseline.evaluation, run.run_id)
+        comparison = {
+            "baseline_test_accuracy": baseline.evaluation.metrics.accuracy,
+            "baseline_test_macro_f1": baseline.evaluation.metrics.macro_f1,
+            "accuracy_gain_vs_baseline": result.accuracy_gain,
+            "macro_f1_gain_vs_baseline": result.macro_f1_gain,
+        }
+        tracking.log_scalars(run, {**report.scalars(), **comparison})
+        tracking.log_artifacts(run, folder)
+    headline = {
+        k: v for k, v in report.scalars().items() if not k.startswith(("test_slice", "behaviour"))
+    }
+    tracking.log_scalars(
+        parent,
+        {
+            **headline,
+            **comparison,
+            "train_seconds": trained.seconds,
+            "best_val_macro_f1": trained.best_val_macro_f1,
+        },
+    )
+    return result

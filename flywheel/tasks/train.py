@@ -16,17 +16,21 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
 
-from flywheel import runtime
+from flywheel import runtime, tracking
 from flywheel.config import Config, TrainConfig
 from flywheel.errors import FlywheelError
+from flywheel.io import read_parquet, replace_dir_atomic
 from flywheel.models.bundle import ClassifierBundle, Preprocessing
+from flywheel.tasks.clean import PrepareResult
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one row per validation
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss)
     resumed_from_step: int | None = None
+    run_id: str | None = None  # the MLflow run, when trained by the pipeline
 
 
 def run_key(cfg: TrainConfig, seed: int, data_version: str) -> str:
@@ -96,9 +101,7 @@ def fit(
     last_dir, best_dir = run_dir / "last", run_dir / "best"
 
     # Model and data. Texts are tokenised once; batches are padded to their own longest text.
-    bundle = ClassifierBundle.from_base(
-        tc.base_model, labels, Preprocessing(tc.max_length, tuple(cfg.clean.mask_pii))
-    )
+    bundle = ClassifierBundle.from_base(tc.base_model, labels, Preprocessing.of(cfg))
     model = bundle.model.to(device.type)
     label_ids = {label: i for i, label in enumerate(labels)}
     train_rows = _rows(bundle, train_frame, label_ids)
@@ -204,7 +207,7 @@ def fit(
                 log.info("train: step %d val macro-F1 %.4f", state["step"], score)
                 if score > state["best"]:
                     state.update(best=score, best_step=state["step"], bad_evals=0)
-                    bundle.save(best_dir)
+                    replace_dir_atomic(best_dir, bundle.save)
                 else:
                     state["bad_evals"] += 1
                     stop = state["bad_evals"] >= tc.early_stopping_patience
@@ -258,40 +261,40 @@ def _evaluate(bundle: ClassifierBundle, rows: list[dict], batch_size: int, n_lab
 
 
 def _save_checkpoint(directory, bundle, optimizer, scheduler, scaler, state, cfg, data_version):
-    """Model + optimizer/scheduler/scaler + RNG states + a readable checkpoint.json."""
+    """Model + optimizer/scheduler/scaler + RNG states + a readable checkpoint.json, swapped in
+    whole: a run killed while saving still has its previous checkpoint."""
     import torch
 
-    tmp = directory.with_name(directory.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    bundle.save(tmp)
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "rng": {
-                "python": random.getstate(),
-                "numpy": np.random.get_state(),
-                "torch": torch.get_rng_state(),
+    def write(staging: Path) -> None:
+        bundle.save(staging)
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": {
+                    "python": random.getstate(),
+                    "numpy": np.random.get_state(),
+                    "torch": torch.get_rng_state(),
+                },
+                "state": state,
             },
-            "state": state,
-        },
-        tmp / STATE_FILE,
-    )
-    meta = {
-        "step": state["step"],
-        "epoch": state["epoch"],
-        "batch": state["batch"],
-        "best_val_macro_f1": state["best"],
-        "best_step": state["best_step"],
-        "history": state["history"],
-        "data_version": data_version,
-        "seed": cfg.seed,
-        "train": cfg.section("train"),
-    }
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    shutil.rmtree(directory, ignore_errors=True)
-    tmp.rename(directory)
+            staging / STATE_FILE,
+        )
+        meta = {
+            "step": state["step"],
+            "epoch": state["epoch"],
+            "batch": state["batch"],
+            "best_val_macro_f1": state["best"],
+            "best_step": state["best_step"],
+            "history": state["history"],
+            "data_version": data_version,
+            "seed": cfg.seed,
+            "train": cfg.section("train"),
+        }
+        (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    replace_dir_atomic(directory, write)
 
 
 def _load_checkpoint(directory, model, optimizer, scheduler, scaler) -> dict[str, Any]:
@@ -308,3 +311,39 @@ def _load_checkpoint(directory, model, optimizer, scheduler, scaler) -> dict[str
     np.random.set_state(payload["rng"]["numpy"])
     torch.set_rng_state(payload["rng"]["torch"])
     return payload["state"]
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_task(
+    cfg: Config, prepared: PrepareResult, parent: tracking.RunRef, resume: bool = False
+) -> TrainResult:
+    """Fine-tune on the prepared splits, tracked as the `train` run: curves, best model."""
+    paths = prepared.split_paths
+    train_frame, val_frame = read_parquet(paths["train"]), read_parquet(paths["val"])
+    device = runtime.select_device(cfg.train.device, cfg.train.precision)
+    tags = {"flywheel.device": str(device), "flywheel.resume": str(resume).lower()}
+    with tracking.stage_run(cfg, "train", parent, tags) as run:
+        tracking.log_dataset(run, train_frame, paths["train"], "train")
+        tracking.log_dataset(run, val_frame, paths["val"], "validation")
+        result = fit(
+            cfg, train_frame, val_frame, parent.lineage.data_version, device=device, resume=resume
+        )
+        points = [("train_loss", loss, step) for step, loss in result.losses]
+        for row in result.history:
+            points += [("val_macro_f1", row["val_macro_f1"], row["step"])]
+            points += [("epoch", row["epoch"], row["step"])]
+        tracking.log_metrics(run, points)
+        tracking.log_scalars(
+            run,
+            {
+                "best_val_macro_f1": result.best_val_macro_f1,
+                "best_step": result.best_step,
+                "steps": result.steps,
+                "train_seconds": result.seconds,
+                "samples_per_second": result.samples_per_second,
+            },
+        )
+        if result.resumed_from_step is not None:
+            tracking.set_tags(run, {"flywheel.resumed_from_step": str(result.resumed_from_step)})
+        tracking.log_artifacts(run, result.model_dir, "model")
+    return replace(result, run_id=run.run_id)

@@ -3,7 +3,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from flywheel.config import ConfigError, EmbeddedSource, PathSource, load_config, parse_override
+from flywheel.config import (
+    ConfigError,
+    EmbeddedSource,
+    PathSource,
+    changes_data,
+    load_config,
+    parse_override,
+    with_run_outputs,
+)
 from tests.conftest import REPO
 
 
@@ -97,6 +105,11 @@ def test_parse_override_reads_yaml_values():
     assert parse_override("split.train=0.7") == ("split.train", 0.7)
     assert parse_override("validate.labels=[a, b]") == ("validate.labels", ["a", "b"])
     assert parse_override("validate.labels=null") == ("validate.labels", None)
+    # YAML 1.1 would read these as strings; people (and DVC's YAML 1.2) mean numbers.
+    assert parse_override("train.lr=2e-5") == ("train.lr", 2e-5)
+    assert parse_override("train.lr=1E+3") == ("train.lr", 1e3)
+    assert parse_override("train.lr=5.0e-5") == ("train.lr", 5e-5)
+    assert parse_override("evaluate.positive_label=e5") == ("evaluate.positive_label", "e5")
     with pytest.raises(ConfigError, match="KEY=VALUE"):
         parse_override("seed")
 
@@ -123,3 +136,27 @@ def test_bad_profiles_are_named(tmp_path):
     path = write_params(tmp_path, lambda r: r["profiles"].update(typo={"train": {"epohcs": 2}}))
     with pytest.raises(ConfigError, match=r"profile 'typo': unknown config key 'train.epohcs'"):
         load_config(path, profile="typo")
+    path = write_params(tmp_path, lambda r: r["profiles"].update(big={"split": {"train": 0.9}}))
+    with pytest.raises(ConfigError, match=r"profile 'big' sets split: profiles may only set"):
+        load_config(path, profile="big")
+
+
+def test_only_data_changing_overrides_move_the_outputs():
+    assert with_run_outputs({}) == {}
+    model_only = {"train.lr": 2e-5, "evaluate.batch_size": 8}
+    assert with_run_outputs(model_only) == model_only
+    assert not changes_data(model_only)
+    mixed = with_run_outputs({"split.train": 0.7, "split.val": 0.2, "train.lr": 2e-5})
+    assert changes_data(mixed)
+    assert mixed["train.lr"] == 2e-5
+    # The folder is keyed on the data overrides only: a new lr reuses the prepared data.
+    same_data = with_run_outputs({"split.train": 0.7, "split.val": 0.2, "train.lr": 1e-3})
+    assert mixed["split.prepared_dir"] == same_data["split.prepared_dir"]
+    assert mixed["split.prepared_dir"].startswith("data/runs/")
+
+
+def test_evaluate_polarity_labels_come_in_pairs():
+    with pytest.raises(ConfigError, match="set both positive_label and negative_label"):
+        load_config(REPO / "params.yaml", {"evaluate.negative_label": None})
+    with pytest.raises(ConfigError, match="must differ"):
+        load_config(REPO / "params.yaml", {"evaluate.negative_label": "fresh"})

@@ -52,7 +52,7 @@ def split_table(result) -> pd.DataFrame:
 @pytest.fixture
 def done(project: Path):
     """The project after one successful default run."""
-    return project, pipeline(params_path=project / "params.yaml")
+    return project, pipeline(params_path=project / "params.yaml", data_only=True)
 
 
 def test_default_run_versions_the_prepared_data(done):
@@ -88,7 +88,7 @@ def test_failed_validation_stops_before_prepare_and_keeps_the_version(done):
     params.write_text(params.read_text().replace("labels: [fresh, rotten]", "labels: [fresh]"))
     before = snapshot(root)
     with pytest.raises(DataValidationError) as info:
-        pipeline(params_path=params)
+        pipeline(params_path=params, data_only=True)
     summary = info.value.report.summary()
     assert "x label is one of fresh (5,405 of 12,808 rows)" in summary
     assert "row rotten_tomatoes:" in summary
@@ -122,7 +122,7 @@ def test_feedback_rows_enter_a_new_masked_data_version(done):
             for i in range(30)
         ],
     )
-    grown = pipeline(params_path=root / "params.yaml")
+    grown = pipeline(params_path=root / "params.yaml", data_only=True)
     assert grown.collect.rows_per_source["feedback"] == 30
     assert grown.prepare.report.pii_counts["phone"] == 30
     assert grown.data_version != result.data_version
@@ -158,6 +158,7 @@ def test_one_off_run_is_versioned_beside_the_pipeline_not_in_it(done, tmp_path):
     source = make_csv(tmp_path / "mine.csv")
     args = [
         "run",
+        "--data-only",
         "--params",
         str(root / "params.yaml"),
         "--source",
@@ -213,7 +214,7 @@ def test_bad_source_is_a_clear_error_and_changes_nothing(done, tmp_path, case):
         path.write_bytes(payload)
     before = snapshot(root)
     out = CliRunner().invoke(
-        app, ["run", "--params", str(root / "params.yaml"), "--source", str(path)]
+        app, ["run", "--data-only", "--params", str(root / "params.yaml"), "--source", str(path)]
     )
     assert out.exit_code == exit_code, out.output
     assert phrase in out.output

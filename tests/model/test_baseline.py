@@ -14,7 +14,7 @@ def frame(n: int, offset: int = 0) -> pd.DataFrame:
 
 
 def test_baseline_learns_selects_on_val_and_round_trips(tmp_path):
-    result = train_baseline(frame(40), frame(10, 100), PREP, 42, tmp_path / "baseline.joblib")
+    _, result = train_baseline(frame(40), frame(10, 100), PREP, 42, tmp_path / "baseline.joblib")
     assert {k: result.chosen[k] for k in ("C", "min_df")} in GRID
     assert result.chosen["val_macro_f1"] == 1.0
     model = BaselineModel.load(result.model_path)

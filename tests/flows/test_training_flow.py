@@ -1,0 +1,237 @@
+"""The whole flow with the model stages, end to end on a small slice of the default data:
+real Prefect (test harness), real DVC, real MLflow (sqlite in the temporary project)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.entities import Run
+from prefect.client.orchestration import get_client
+from typer.testing import CliRunner
+
+from flywheel.cli import app
+from flywheel.config import EmbeddedSource
+from flywheel.flows.pipeline import pipeline
+from flywheel.io import file_md5
+from flywheel.tasks.collect import read_embedded
+from flywheel.tasks.train import META_FILE
+from mlflow import MlflowClient
+from tests.conftest import make_project, run
+
+ROWS_PER_LABEL = 300
+TRAIN = {"max_length": 32, "batch_size": 16, "checkpoint_every_steps": 5, "log_every_steps": 2}
+
+
+def small_project(root: Path, remote: Path) -> Path:
+    """A committed project whose only source is a balanced 600-row slice of the default data."""
+    make_project(root, remote)
+    frame = read_embedded(EmbeddedSource(kind="embedded"))
+    frame = frame.groupby("label").sample(ROWS_PER_LABEL, random_state=0)
+    frame[["text", "label"]].to_csv(root / "data" / "sources" / "slice.csv", index=False)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["sources"] = [{"kind": "path", "path": "data/sources/slice.csv"}]
+    params["train"].update(TRAIN)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "p"], root)
+    return root
+
+
+@pytest.fixture(autouse=True, scope="module")
+def project_store():
+    """Every run goes to its project's own sqlite store (mlflow/ in the project)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One uninterrupted run of the whole flow, with its wall time."""
+    base = tmp_path_factory.mktemp("trained")
+    root = small_project(base / "project", base / "remote")
+    started = time.perf_counter()
+    result = pipeline(params_path=root / "params.yaml")
+    return root, result, time.perf_counter() - started
+
+
+def store(root: Path) -> MlflowClient:
+    return MlflowClient(f"sqlite:///{root / 'mlflow' / 'mlflow.db'}")
+
+
+def runs_of(root: Path, parent_id: str) -> dict[str, Run]:
+    """The parent run and its nested runs, by stage."""
+    client = store(root)
+    runs = client.search_runs([client.get_experiment_by_name("flywheel").experiment_id])
+    return {
+        r.data.tags["flywheel.stage"]: r
+        for r in runs
+        if parent_id in (r.info.run_id, r.data.tags.get("mlflow.parentRunId"))
+    }
+
+
+def test_the_flow_trains_evaluates_and_tracks_in_under_3_minutes(trained):
+    root, result, seconds = trained
+    assert seconds < 180
+    ev, train, base = result.evaluation, result.train, result.baseline
+    assert train.steps == 30  # ~480 training texts / 16 per batch, one epoch
+    assert train.resumed_from_step is None
+    assert (train.model_dir / "flywheel.json").is_file()
+    assert ev.report.metrics.rows == result.prepare.rows_per_split["test"]
+    assert ev.baseline is base.evaluation
+    assert ev.accuracy_gain == pytest.approx(
+        ev.report.metrics.accuracy - base.evaluation.metrics.accuracy
+    )
+    saved = json.loads((ev.report_dir / "report.json").read_text())
+    assert saved["metrics"]["accuracy"] == ev.report.metrics.accuracy
+    assert {c["name"] for c in saved["behaviour"]} == {
+        "swap PII placeholder",
+        "swap person name",
+        "clear-cut reviews",
+    }
+    assert (root / "reports" / "evaluation" / "baseline" / "confusion.png").is_file()
+
+
+def test_one_parent_run_with_nested_stage_runs_and_lineage(trained):
+    root, result, _ = trained
+    client = store(root)
+    experiment = client.get_experiment_by_name("flywheel")
+    assert len(client.search_runs([experiment.experiment_id])) == 4
+    runs = runs_of(root, result.mlflow_run.run_id)
+    assert set(runs) == {"pipeline", "baseline", "train", "evaluate"}
+    parent = runs.pop("pipeline")
+    assert result.mlflow_run.run_id == parent.info.run_id
+    assert "mlflow.parentRunId" not in parent.data.tags
+    commit = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+    with get_client(sync_client=True) as prefect:
+        flow_run = prefect.read_flow_run(parent.data.tags["flywheel.flow_run_id"])
+    assert parent.info.run_name == flow_run.name
+    for stage in [parent, *runs.values()]:
+        tags = stage.data.tags
+        assert tags["flywheel.data_version"] == result.data_version
+        assert tags["mlflow.source.git.commit"] == commit
+        assert tags["flywheel.git_dirty"] == "false"  # dvc.lock was written by the run itself
+        assert tags["flywheel.flow_run_id"] == str(flow_run.id)
+        assert stage.info.status == "FINISHED"
+        # the full resolved config on every run
+        assert stage.data.params["train.lr"] == "0.0001"
+        assert stage.data.params["train.max_length"] == "32"
+        assert stage.data.params["split.val"] == "0.1"
+    for stage in runs.values():
+        assert stage.data.tags["mlflow.parentRunId"] == parent.info.run_id
+
+
+def test_curves_metrics_datasets_and_artifacts_are_logged(trained):
+    root, result, _ = trained
+    runs = runs_of(root, result.mlflow_run.run_id)
+    client = store(root)
+    train_run = runs["train"]
+    losses = client.get_metric_history(train_run.info.run_id, "train_loss")
+    assert [m.step for m in sorted(losses, key=lambda m: m.step)] == list(range(2, 31, 2))
+    assert train_run.data.metrics["best_val_macro_f1"] == result.train.best_val_macro_f1
+
+    def inputs(r):
+        return {
+            next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+            for d in r.inputs.dataset_inputs
+        }
+
+    assert set(inputs(train_run)) == {"train", "validation"}
+    assert set(inputs(runs["pipeline"])) == {"train", "val", "test"}
+    train_set = inputs(train_run)["train"]
+    assert train_set.digest == file_md5(result.prepare.split_paths["train"])[:12]
+    assert train_set.name == f"train@{result.data_version}"
+
+    evaluate = runs["evaluate"].data.metrics
+    assert evaluate["test_accuracy"] == result.evaluation.report.metrics.accuracy
+    assert evaluate["baseline_test_accuracy"] == result.baseline.evaluation.metrics.accuracy
+    assert "test_fresh_f1" in evaluate and "behaviour.swap person name.pass_rate" in evaluate
+    assert runs["pipeline"].data.metrics["accuracy_gain_vs_baseline"] == pytest.approx(
+        result.evaluation.accuracy_gain
+    )
+    assert runs["baseline"].data.params["baseline.C"] == str(result.baseline.fit.chosen["C"])
+
+    def files(r, path=""):
+        return {f.path for f in client.list_artifacts(r.info.run_id, path)}
+
+    assert {"report.json", "confusion.png", "reliability.png"} <= files(runs["evaluate"])
+    assert {"model/flywheel.json", "model/model.safetensors", "model/tokenizer.json"} <= files(
+        train_run, "model"
+    )
+    assert "model/model.joblib" in files(runs["baseline"], "model")
+
+
+def wait_for_checkpoint(root: Path, min_step: int, proc: subprocess.Popen, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "exited"
+        for meta in root.glob(f"checkpoints/*/last/{META_FILE}"):
+            try:
+                step = json.loads(meta.read_text())["step"]
+            except (OSError, ValueError):
+                continue  # being replaced right now
+            if step >= min_step:
+                return step
+        time.sleep(0.5)
+    raise AssertionError(f"no checkpoint at step >= {min_step} within {timeout} s")
+
+
+def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
+    """`flywheel run` killed (SIGKILL) mid-training, then `--resume`: same final metrics."""
+    _, straight, _ = trained
+    root = small_project(tmp_path / "project", tmp_path / "remote")
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    proc = subprocess.Popen(
+        [str(Path(sys.prefix) / "bin" / "flywheel"), "run", "--params", str(root / "params.yaml")],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,  # its own process group: the kill reaches Prefect's server too
+    )
+    try:
+        wait_for_checkpoint(root, 10, proc, timeout=240)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+
+    resumed = pipeline(params_path=root / "params.yaml", resume=True)
+    assert resumed.data_version == straight.data_version
+    assert 10 <= resumed.train.resumed_from_step < 30
+    assert resumed.train.steps == straight.train.steps
+    assert resumed.train.best_val_macro_f1 == pytest.approx(
+        straight.train.best_val_macro_f1, abs=1e-6
+    )
+    got, want = resumed.evaluation.report.metrics, straight.evaluation.report.metrics
+    assert got.accuracy == pytest.approx(want.accuracy, abs=1e-6)
+    assert got.macro_f1 == pytest.approx(want.macro_f1, abs=1e-6)
+    tags = runs_of(root, resumed.mlflow_run.run_id)["train"].data.tags
+    assert tags["flywheel.resumed_from_step"] == str(resumed.train.resumed_from_step)
+
+
+def test_resume_without_a_matching_checkpoint_is_a_clear_error(trained):
+    """A new learning rate is a new training run: nothing of it to resume. A train-only override
+    keeps the pipeline's data (no one-off data folder), and the failed runs say FAILED."""
+    root, result, _ = trained
+    args = ["run", "--params", str(root / "params.yaml"), "--resume", "--set", "train.lr=2e-4"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 2, out.output
+    assert "no checkpoint to resume in" in out.output
+    assert "config, seed and data must match" in out.output
+    assert not (root / "data" / "runs").exists()
+    client = store(root)
+    failed = client.search_runs(
+        [client.get_experiment_by_name("flywheel").experiment_id], "attributes.status = 'FAILED'"
+    )
+    assert {r.data.tags["flywheel.stage"] for r in failed} == {"pipeline", "train"}
+    assert all(r.data.params["train.lr"] == "0.0002" for r in failed)
