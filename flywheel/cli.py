@@ -149,9 +149,13 @@ def run(
     under data/runs/<key>/ and its version into a .dvc file there. --set train.* / evaluate.*
     and --profile keep the data of params.yaml.
     """
+    from flywheel import runtime
+
     with user_errors(params):
         overrides = collect_overrides(sets, source, text_col, label_col, labels)
-        load_config(params, overrides, profile=profile)  # fail fast, before Prefect starts
+        cfg = load_config(params, overrides, profile=profile)  # fail fast, before Prefect starts
+        if not data_only:
+            runtime.select_device(cfg.train.device, cfg.train.precision)
         from flywheel.flows.pipeline import pipeline
 
         result = pipeline(

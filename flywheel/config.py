@@ -195,7 +195,9 @@ class EvaluateConfig(_Section):
     min_behaviour_pass_rate: float = Field(
         0.9, ge=0, le=1, description="Share of behavioural cases a model must get right."
     )
-    batch_size: int = Field(64, ge=1, description="Texts per forward pass when scoring.")
+    batch_size: int = Field(
+        64, ge=1, description="Texts per forward pass when scoring the test split."
+    )
 
     @model_validator(mode="after")
     def _both_polarities(self) -> EvaluateConfig:

@@ -59,12 +59,25 @@ def write_json(path: Path, payload: Any) -> None:
     )
 
 
+def recover_dir(target: Path) -> None:
+    """Clean up after a process killed inside `replace_dir_atomic`: drop its staging folders and,
+    if it died between the two renames (target gone, old copy kept), put the old copy back."""
+    for staging in target.parent.glob(f".{target.name}.staging-*"):
+        shutil.rmtree(staging, ignore_errors=True)
+    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if olds and not target.exists():
+        os.replace(olds.pop(), target)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def replace_dir_atomic(target: Path, fill: Callable[[Path], T]) -> T:
     """Fill a staging folder beside `target`, then swap it in; on error `target` is untouched.
 
     A non-empty `target` that Flywheel did not write (no marker file) is never replaced: a
     mistyped --report-dir must not delete someone's folder.
     """
+    recover_dir(target)
     if target.is_dir() and any(target.iterdir()) and not (target / OUTPUT_MARKER).is_file():
         raise FlywheelError(
             f"{target} exists and was not written by flywheel; refusing to replace it "

@@ -9,6 +9,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from flywheel.config import ConfigError
 from flywheel.errors import FlywheelError
 
 # Defaults only: a value already in the environment wins (e.g. PREFECT_API_URL for a server).
@@ -23,9 +24,11 @@ OFFLINE_DEFAULTS = {
     # transformers' load reports and per-file progress bars; training has its own progress bar.
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    # MLflow configures its own loggers on import; its INFO lines are about database migrations.
+    "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
 
-QUIET_LOGGERS = ("httpx", "great_expectations", "filelock", "mlflow", "alembic")
+QUIET_LOGGERS = ("httpx", "great_expectations", "filelock", "alembic")
 
 
 class NoTracebackForExpectedErrors(logging.Filter):
@@ -96,21 +99,24 @@ def select_device(
         kind = next(name for name in ("cuda", "mps", "cpu") if available[name])
     elif preference in available:
         if not available[preference]:
-            raise RuntimeError(
-                f"train.device is {preference!r} but no {preference} device is available"
+            raise ConfigError(
+                f"train.device is {preference!r} but no {preference} device is available "
+                "(use auto, or cpu)"
             )
         kind = preference
     else:
-        raise ValueError(f"unknown device {preference!r} (auto, cuda, mps, cpu)")
+        raise ConfigError(f"unknown device {preference!r} (auto, cuda, mps, cpu)")
     if kind != "cuda" or precision == "fp32":
         return Device(kind, None, False)
     if precision == "bf16" or (precision == "auto" and bf16_supported):
         if not bf16_supported:
-            raise RuntimeError("train.precision is bf16 but this GPU does not support bfloat16")
+            raise ConfigError(
+                "train.precision is bf16 but this GPU does not support bfloat16 (use auto or fp16)"
+            )
         return Device(kind, "bfloat16", False)
     if precision in ("fp16", "auto"):
         return Device(kind, "float16", True)
-    raise ValueError(f"unknown precision {precision!r} (auto, bf16, fp16, fp32)")
+    raise ConfigError(f"unknown precision {precision!r} (auto, bf16, fp16, fp32)")
 
 
 def seed_everything(seed: int) -> None:

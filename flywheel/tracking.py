@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flywheel.errors import FlywheelError
 from flywheel.io import file_md5
 
 if TYPE_CHECKING:
@@ -77,12 +78,14 @@ def git_state(root: Path) -> tuple[str, bool]:
     return head.stdout.strip(), bool(status.stdout.strip())
 
 
+def default_uri(root: Path) -> str:
+    """The project's own store: mlflow/mlflow.db (artifacts beside it in mlflow/artifacts)."""
+    return f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}"
+
+
 def tracking_uri(root: Path) -> str:
     """MLFLOW_TRACKING_URI if set, else the project's sqlite store."""
-    return (
-        os.environ.get("MLFLOW_TRACKING_URI")
-        or f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}"
-    )
+    return os.environ.get("MLFLOW_TRACKING_URI") or default_uri(root)
 
 
 def client(uri: str) -> MlflowClient:
@@ -94,16 +97,24 @@ def client(uri: str) -> MlflowClient:
 
 
 def experiment_id(root: Path, name: str = EXPERIMENT) -> tuple[str, str]:
-    """(tracking URI, experiment id) of the project's experiment, created on first use with its
-    artifacts in <root>/mlflow/artifacts."""
+    """(tracking URI, experiment id) of the project's experiment, created on first use. In the
+    project's own store its artifacts go to <root>/mlflow/artifacts; a tracking server keeps its
+    own artifact root (a client-side path would be wrong for every other user)."""
     uri = tracking_uri(root)
-    if uri.startswith("sqlite:///"):
+    local = uri == default_uri(root)
+    if local:
         (root / "mlflow").mkdir(parents=True, exist_ok=True)
     mlflow_client = client(uri)
     found = mlflow_client.get_experiment_by_name(name)
+    if found is not None and found.lifecycle_stage == "deleted":
+        raise FlywheelError(
+            f"the MLflow experiment {name!r} (id {found.experiment_id}) in {uri} is deleted: "
+            f"restore it (mlflow experiments restore --experiment-id {found.experiment_id}) "
+            "or remove it for good (mlflow gc), then run again"
+        )
     if found is not None:
         return uri, found.experiment_id
-    artifacts = (root / "mlflow" / "artifacts").resolve().as_uri()
+    artifacts = (root / "mlflow" / "artifacts").resolve().as_uri() if local else None
     return uri, mlflow_client.create_experiment(name, artifact_location=artifacts)
 
 
@@ -227,8 +238,8 @@ def pipeline_run(
 
 
 def log_dataset(run: RunRef, frame: pd.DataFrame, path: Path, context: str) -> None:
-    """Record a split as an MLflow dataset input: name = split, digest = the file's md5 (the
-    entry of that file in the DVC data version's listing), source = the Parquet file."""
+    """Record a split as an MLflow dataset input: name = `<split>@<data version>`, digest = the
+    file's md5 (its entry in the DVC data version's listing), source = the Parquet file."""
     import mlflow.data
     from mlflow.entities import DatasetInput, InputTag
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
@@ -241,7 +252,7 @@ def log_dataset(run: RunRef, frame: pd.DataFrame, path: Path, context: str) -> N
             source=str(path),
             name=f"{context}@{run.lineage.data_version}",
             targets="label",
-            digest=file_md5(path)[:12],
+            digest=file_md5(path),
         )
     entity = DatasetInput(
         dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)]

@@ -7,6 +7,7 @@ against what a linear model gets for free. Same interface as the transformer bun
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from flywheel.config import Config
 from flywheel.io import read_parquet
 from flywheel.models.bundle import Preprocessing
 from flywheel.tasks.clean import PrepareResult
-from flywheel.tasks.evaluate import EvaluationReport, evaluate_model
+from flywheel.tasks.evaluate import EvaluationReport, check_polarity_labels, evaluate_model
 
 
 class BaselineModel:
@@ -41,10 +42,13 @@ class BaselineModel:
         return self.pipeline.predict_proba([self.preprocessing.normalise(t) for t in texts])
 
     def save(self, path: Path) -> None:
+        """Write beside `path`, then rename: a killed run leaves no half-written file."""
         import joblib
 
         path.parent.mkdir(parents=True, exist_ok=True)
-        joblib.dump({"pipeline": self.pipeline, "preprocessing": self.preprocessing}, path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        joblib.dump({"pipeline": self.pipeline, "preprocessing": self.preprocessing}, tmp)
+        os.replace(tmp, path)
 
     @classmethod
     def load(cls, path: Path) -> BaselineModel:
@@ -118,7 +122,9 @@ class BaselineReport:
 def baseline_task(cfg: Config, prepared: PrepareResult, parent: tracking.RunRef) -> BaselineReport:
     """Fit the baseline on train (selected on val), evaluate it on test, track it in MLflow."""
     splits = {name: read_parquet(path) for name, path in prepared.split_paths.items()}
-    path = cfg.resolve(cfg.train.checkpoint_dir) / "baseline" / "model.joblib"
+    check_polarity_labels(cfg, sorted(set(splits["train"]["label"])))
+    data_key = parent.lineage.data_version.removesuffix(".dir")[:12]
+    path = cfg.resolve(cfg.train.checkpoint_dir) / "baseline" / data_key / "model.joblib"
     with tracking.stage_run(cfg, "baseline", parent) as run:
         tracking.log_dataset(run, splits["train"], prepared.split_paths["train"], "train")
         model, fitted = train_baseline(

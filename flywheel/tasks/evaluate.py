@@ -7,6 +7,7 @@ typed `EvaluationReport`, written as JSON beside a confusion matrix and a reliab
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from collections.abc import Sequence
@@ -122,19 +123,24 @@ class EvaluationReport:
             out[f"{prefix}roc_auc"] = m.roc_auc
         for label, scores in m.per_class.items():
             for name in ("precision", "recall", "f1"):
-                out[f"{prefix}{metric_name(label)}_{name}"] = getattr(scores, name)
+                out[f"{prefix}class.{metric_name(label)}.{name}"] = getattr(scores, name)
         for s in self.slices:
-            key = metric_name(s.slice.replace("=", "."))
-            out[f"{prefix}slice.{key}.accuracy"] = s.accuracy
-            out[f"{prefix}slice.{key}.macro_f1"] = s.macro_f1
+            kind, _, value = s.slice.partition("=")
+            key = f"{prefix}slice.{kind}.{metric_name(value)}"
+            out[f"{key}.accuracy"] = s.accuracy
+            out[f"{key}.macro_f1"] = s.macro_f1
         for check in self.behaviour:
             out[f"behaviour.{metric_name(check.name)}.pass_rate"] = check.pass_rate
         return out
 
 
-def metric_name(text: str) -> str:
-    """Characters MLflow accepts in a metric name; anything else becomes '_'."""
-    return re.sub(r"[^\w.\-/ ]", "_", text)
+def metric_name(text: str, limit: int = 80) -> str:
+    """One component of a metric name (a label, a source): characters MLflow accepts, no '/'
+    (MLflow reads names as paths), at most `limit` characters (long ones end in a hash)."""
+    safe = re.sub(r"[^\w.\- ]", "_", text)
+    if len(safe) > limit:
+        safe = safe[: limit - 9] + "-" + hashlib.sha1(text.encode()).hexdigest()[:8]
+    return safe
 
 
 def predict_labels(model: Classifier, texts: Sequence[str]) -> np.ndarray:
@@ -339,12 +345,13 @@ def evaluate(
     positive: str | None = None,
     negative: str | None = None,
     min_pass_rate: float = 0.9,
+    batch_size: int = 64,
 ) -> EvaluationReport:
     """Score `model` on the test split and write report.json, confusion.png, reliability.png
     into `out_dir`."""
     labels = model.labels
     texts = test_frame["text"].tolist()
-    proba = model.predict_proba(texts)
+    proba = model.predict_proba(texts, batch_size)
     metrics = compute_metrics(test_frame["label"].tolist(), proba, labels)
     predicted = np.asarray(labels)[proba.argmax(axis=1)]
     wrong = test_frame.assign(predicted=predicted, confidence=proba.max(axis=1))
@@ -441,19 +448,26 @@ def _plot_reliability(confidence: np.ndarray, correct: np.ndarray, path: Path, t
 # --- in the pipeline ----------------------------------------------------------------------------
 
 
+def check_polarity_labels(cfg: Config, labels: Sequence[str]) -> None:
+    """evaluate.positive_label/negative_label must be labels of the data (checked before any
+    model is fitted, so a typo costs seconds, not a training run)."""
+    ec = cfg.evaluate
+    for key, label in (("positive", ec.positive_label), ("negative", ec.negative_label)):
+        if label is not None and label not in labels:
+            raise ConfigError(
+                f"evaluate.{key}_label {label!r} is not a label of the data "
+                f"({', '.join(labels)}): set evaluate.positive_label/negative_label to two of "
+                "them, or both to null"
+            )
+
+
 def evaluate_model(
     cfg: Config, model: Classifier, test_frame: pd.DataFrame, name: str
 ) -> tuple[EvaluationReport, Path]:
     """Score one of the pipeline's models on the test split into `<evaluate.report_dir>/<name>/`
     (replaced whole); returns the report and its folder."""
     ec = cfg.evaluate
-    for key, label in (("positive", ec.positive_label), ("negative", ec.negative_label)):
-        if label is not None and label not in model.labels:
-            raise ConfigError(
-                f"evaluate.{key}_label {label!r} is not a label of the model "
-                f"({', '.join(model.labels)}): set evaluate.positive_label/negative_label to "
-                "two of them, or both to null"
-            )
+    check_polarity_labels(cfg, model.labels)
     folder = cfg.resolve(ec.report_dir) / name
     report = replace_dir_atomic(
         folder,
@@ -465,6 +479,7 @@ def evaluate_model(
             ec.positive_label,
             ec.negative_label,
             ec.min_behaviour_pass_rate,
+            ec.batch_size,
         ),
     )
     return report, folder
@@ -516,7 +531,9 @@ def evaluate_task(
         tracking.log_scalars(run, {**report.scalars(), **comparison})
         tracking.log_artifacts(run, folder)
     headline = {
-        k: v for k, v in report.scalars().items() if not k.startswith(("test_slice", "behaviour"))
+        k: v
+        for k, v in report.scalars().items()
+        if not k.startswith(("test_slice.", "test_class.", "behaviour."))
     }
     tracking.log_scalars(
         parent,

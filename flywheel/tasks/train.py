@@ -28,7 +28,7 @@ from prefect.cache_policies import NO_CACHE
 from flywheel import runtime, tracking
 from flywheel.config import Config, TrainConfig
 from flywheel.errors import FlywheelError
-from flywheel.io import read_parquet, replace_dir_atomic
+from flywheel.io import read_parquet, recover_dir, replace_dir_atomic
 from flywheel.models.bundle import ClassifierBundle, Preprocessing
 from flywheel.tasks.clean import PrepareResult
 
@@ -136,9 +136,13 @@ def fit(
         "bad_evals": 0,
         "history": [],
         "losses": [],
+        "stopped": False,  # early-stopped: a resume must not train on
+        "seconds": 0.0,  # training time and samples over every session of this run
+        "samples": 0,
     }
     resumed_from = None
     if resume:
+        recover_dir(last_dir)
         if not (last_dir / STATE_FILE).is_file():
             raise NothingToResumeError(
                 f"no checkpoint to resume in {run_dir} (config, seed and data must match)"
@@ -152,18 +156,20 @@ def fit(
         shutil.rmtree(run_dir)
 
     log.info(
-        "train: %d texts, %d labels, %d steps on %s",
-        len(train_rows),
+        "train: %s texts, %d labels, %d steps on %s",
+        f"{len(train_rows):,}",
         len(labels),
         total_steps,
         device,
     )
-    started, samples_seen, running = time.perf_counter(), 0, []
-    stop = False
+    started, seconds_before, samples_now, running = time.perf_counter(), state["seconds"], 0, []
+    stop = state["stopped"]
     progress = tqdm(
         total=total_steps, initial=state["step"], desc="train", unit="step", disable=None
     )
     for epoch in range(state["epoch"], tc.epochs):
+        if stop:
+            break
         order = torch.randperm(
             len(train_rows), generator=torch.Generator().manual_seed(cfg.seed + epoch)
         ).tolist()
@@ -179,7 +185,8 @@ def fit(
                 loss = model(**batch).loss / tc.grad_accum_steps
             scaler.scale(loss).backward()
             running.append(loss.item() * tc.grad_accum_steps)
-            samples_seen += len(ids)
+            samples_now += len(ids)
+            state["samples"] += len(ids)
             if (batch_index + 1) % tc.grad_accum_steps and batch_index + 1 != batches_per_epoch:
                 continue
 
@@ -192,7 +199,8 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
             state["epoch"], state["batch"] = epoch, batch_index + 1
-            rate = samples_seen / (time.perf_counter() - started)
+            state["seconds"] = seconds_before + time.perf_counter() - started
+            rate = samples_now / (time.perf_counter() - started)
             progress.update(1)
             progress.set_postfix(loss=f"{np.mean(running):.4f}", samples_s=f"{rate:.1f}")
             if state["step"] % tc.log_every_steps == 0:
@@ -210,7 +218,7 @@ def fit(
                     replace_dir_atomic(best_dir, bundle.save)
                 else:
                     state["bad_evals"] += 1
-                    stop = state["bad_evals"] >= tc.early_stopping_patience
+                    stop = state["stopped"] = state["bad_evals"] >= tc.early_stopping_patience
                 model.train()
             if state["step"] % tc.checkpoint_every_steps == 0 or stop:
                 _save_checkpoint(
@@ -228,14 +236,13 @@ def fit(
         state["epoch"], state["batch"] = epoch + 1, 0
     progress.close()
     _save_checkpoint(last_dir, bundle, optimizer, scheduler, scaler, state, cfg, data_version)
-    seconds = time.perf_counter() - started
     return TrainResult(
         model_dir=best_dir,
         best_val_macro_f1=state["best"],
         best_step=state["best_step"],
         steps=state["step"],
-        seconds=seconds,
-        samples_per_second=samples_seen / seconds if seconds else 0.0,
+        seconds=state["seconds"],
+        samples_per_second=state["samples"] / state["seconds"] if state["seconds"] else 0.0,
         device=str(device),
         history=state["history"],
         losses=[tuple(x) for x in state["losses"]],
@@ -276,6 +283,7 @@ def _save_checkpoint(directory, bundle, optimizer, scheduler, scaler, state, cfg
                     "python": random.getstate(),
                     "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 },
                 "state": state,
             },
@@ -306,10 +314,13 @@ def _load_checkpoint(directory, model, optimizer, scheduler, scaler) -> dict[str
     payload = torch.load(directory / STATE_FILE, weights_only=False)
     optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
-    scaler.load_state_dict(payload["scaler"])
+    if payload["scaler"]:  # empty when saved without loss scaling (CPU, bf16)
+        scaler.load_state_dict(payload["scaler"])
     random.setstate(payload["rng"]["python"])
     np.random.set_state(payload["rng"]["numpy"])
     torch.set_rng_state(payload["rng"]["torch"])
+    if payload["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
     return payload["state"]
 
 
@@ -324,7 +335,7 @@ def train_task(
     tags = {"flywheel.device": str(device), "flywheel.resume": str(resume).lower()}
     with tracking.stage_run(cfg, "train", parent, tags) as run:
         tracking.log_dataset(run, train_frame, paths["train"], "train")
-        tracking.log_dataset(run, val_frame, paths["val"], "validation")
+        tracking.log_dataset(run, val_frame, paths["val"], "val")
         result = fit(
             cfg, train_frame, val_frame, parent.lineage.data_version, device=device, resume=resume
         )

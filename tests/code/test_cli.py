@@ -55,6 +55,10 @@ def test_validate_exit_codes(tmp_path):
         ),
         (["config", "--set", "split.trian=0.5"], "'trian' is not a key of split"),
         (["run", "--label-col", "y"], "--text-col/--label-col need --source"),
+        # checked before any stage runs (this machine has no GPU)
+        (["run", "--set", "train.device=cuda"], "train.device is 'cuda' but no cuda device"),
+        (["run", "--profile", "tpu"], "unknown profile 'tpu' (profiles: gpu)"),
+        (["run", "--set", "evaluate.negative_label=null"], "set both positive_label and"),
     ],
 )
 def test_bad_input_or_config_is_exit_2_with_a_message(args, phrase):

@@ -1,7 +1,9 @@
+import os
+
 import pytest
 
 from flywheel.errors import FlywheelError
-from flywheel.io import OUTPUT_MARKER, replace_dir_atomic
+from flywheel.io import OUTPUT_MARKER, recover_dir, replace_dir_atomic
 
 
 def fill_with(name: str):
@@ -44,3 +46,17 @@ def test_an_empty_folder_may_be_used(tmp_path):
     target.mkdir()
     replace_dir_atomic(target, fill_with("report"))
     assert (target / "report").is_file()
+
+
+def test_a_swap_killed_between_its_renames_is_recovered(tmp_path):
+    target = tmp_path / "last"
+    replace_dir_atomic(target, lambda d: (d / "state").write_text("step 6"))
+    # What a kill between the two os.replace calls leaves: the old copy aside, no target, and
+    # the new copy's staging folder.
+    os.replace(target, tmp_path / ".last.old-abc")
+    (tmp_path / ".last.staging-abc").mkdir()
+    recover_dir(target)
+    assert (target / "state").read_text() == "step 6"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last"]
+    replace_dir_atomic(target, lambda d: (d / "state").write_text("step 8"))
+    assert (target / "state").read_text() == "step 8"

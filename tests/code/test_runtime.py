@@ -45,13 +45,13 @@ def test_device_choice(preference, precision, cuda, mps, bf16, expected):
 
 
 def test_device_errors_are_explicit():
-    with pytest.raises(RuntimeError, match="no cuda device is available"):
+    with pytest.raises(ConfigError, match="no cuda device is available"):
         select_device("cuda", cuda_available=False, mps_available=False, bf16_supported=False)
-    with pytest.raises(RuntimeError, match="does not support bfloat16"):
+    with pytest.raises(ConfigError, match="does not support bfloat16"):
         select_device(
             "cuda", "bf16", cuda_available=True, mps_available=False, bf16_supported=False
         )
-    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+    with pytest.raises(ConfigError, match="unknown device 'tpu'"):
         select_device("tpu", cuda_available=False, mps_available=False, bf16_supported=False)
 
 

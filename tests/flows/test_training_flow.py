@@ -144,16 +144,16 @@ def test_curves_metrics_datasets_and_artifacts_are_logged(trained):
             for d in r.inputs.dataset_inputs
         }
 
-    assert set(inputs(train_run)) == {"train", "validation"}
+    assert set(inputs(train_run)) == {"train", "val"}
     assert set(inputs(runs["pipeline"])) == {"train", "val", "test"}
     train_set = inputs(train_run)["train"]
-    assert train_set.digest == file_md5(result.prepare.split_paths["train"])[:12]
+    assert train_set.digest == file_md5(result.prepare.split_paths["train"])
     assert train_set.name == f"train@{result.data_version}"
 
     evaluate = runs["evaluate"].data.metrics
     assert evaluate["test_accuracy"] == result.evaluation.report.metrics.accuracy
     assert evaluate["baseline_test_accuracy"] == result.baseline.evaluation.metrics.accuracy
-    assert "test_fresh_f1" in evaluate and "behaviour.swap person name.pass_rate" in evaluate
+    assert "test_class.fresh.f1" in evaluate and "behaviour.swap person name.pass_rate" in evaluate
     assert runs["pipeline"].data.metrics["accuracy_gain_vs_baseline"] == pytest.approx(
         result.evaluation.accuracy_gain
     )

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from flywheel.tasks.evaluate import (
+    EvaluationReport,
     compute_metrics,
     evaluate,
     expected_calibration_error,
@@ -139,3 +140,33 @@ def test_minimum_functionality_needs_known_polarity(tmp_path):
     report = evaluate(WordModel(), frame, tmp_path, "word")
     assert [c.kind for c in report.behaviour] == ["invariance", "invariance"]
     assert report.worst == []
+
+
+def test_scalars_are_valid_mlflow_metric_names_without_collisions():
+    from mlflow.utils.validation import _validate_metric_name
+
+    labels = ["macro", "a//b"]
+    frame = pd.DataFrame(
+        {
+            "text": ["short", "x" * 70, "y" * 200, "tiny"],
+            "label": ["macro", "macro", "a//b", "a//b"],
+            "source": ["/proj/../shared/r.csv", "feedback", "feedback", "s" * 300],
+        }
+    )
+    report = EvaluationReport(
+        model="m",
+        labels=labels,
+        metrics=compute_metrics(frame["label"].tolist(), PROBA, labels),
+        slices=slice_metrics(frame, PROBA, labels),
+        worst=[],
+        behaviour=[],
+        artifacts={},
+    )
+    scalars = report.scalars()
+    for name in scalars:
+        _validate_metric_name(name)  # raises on a name MLflow would reject
+        assert len(name) <= 250
+    assert scalars["test_macro_f1"] == report.metrics.macro_f1  # not overwritten by label "macro"
+    assert "test_class.macro.f1" in scalars and "test_class.a__b.f1" in scalars
+    assert "test_slice.source._proj_.._shared_r.csv.accuracy" in scalars
+    assert len([k for k in scalars if k.startswith("test_slice.source.")]) == 2 * 3

@@ -99,3 +99,17 @@ def test_resume_needs_a_matching_checkpoint(tmp_path, slices):
     other = tiny_config(tmp_path, lr=2e-4)
     assert run_key(cfg.train, 42, "d.dir") != run_key(other.train, 42, "d.dir")
     assert run_key(cfg.train, 42, "d.dir") != run_key(cfg.train, 42, "e.dir")
+
+
+def test_an_early_stopped_run_stays_stopped_when_resumed(tmp_path, slices):
+    cfg = tiny_config(tmp_path, lr=1e-6, eval_every_steps=1, early_stopping_patience=1)
+    stopped = fit(cfg, *slices, data_version="d.dir", device=CPU)
+    assert stopped.steps < 15  # a tiny lr leaves validation macro-F1 flat: patience 1 stops it
+    meta = json.loads((stopped.model_dir.parent / "last" / META_FILE).read_text())
+    assert meta["step"] == stopped.steps
+    again = fit(cfg, *slices, data_version="d.dir", device=CPU, resume=True)
+    assert again.resumed_from_step == again.steps == stopped.steps
+    assert again.history == stopped.history
+    # time and throughput cover the whole run, not just the (empty) resumed part
+    assert again.seconds == pytest.approx(stopped.seconds)
+    assert again.samples_per_second == pytest.approx(stopped.samples_per_second)
