@@ -169,6 +169,20 @@ def run(
         typer.echo(f"{name:>12}  {text}")
 
 
+def export_line(export: Any) -> str:
+    """The export's choice, its parity and speed, or why it stayed fp32."""
+    latency = f"p95 {export.latency.p95_ms:.1f} ms per text (fp32 {export.fp32_latency.p95_ms:.1f})"
+    if export.test is None:
+        why = export.reasons[-1] if export.reasons else "no int8 candidate"
+        return f"fp32 ONNX (no int8 variant passed: {why}); {latency} -> {export.directory}"
+    kept = len(next(c for c in export.candidates if c.name == export.chosen).keep_fp32)
+    return (
+        f"{export.chosen} ({kept} node groups kept fp32): test agreement "
+        f"{export.test.agreement:.2%}, accuracy loss {100 * export.test.accuracy_loss:.2f} pts, "
+        f"{export.speedup:.2f}x fp32 speed, {latency} -> {export.directory}"
+    )
+
+
 def summary_lines(result: Any) -> dict[str, str]:
     """What a run did, one line per stage (the CLI's report of a PipelineResult)."""
     from flywheel import tracking
@@ -209,6 +223,7 @@ def summary_lines(result: Any) -> dict[str, str]:
         "evaluate": f"test accuracy {m.accuracy:.4f} ({100 * ev.accuracy_gain:+.1f} pts vs "
         f"baseline), macro-F1 {m.macro_f1:.4f}, ECE {m.ece:.3f} -> {ev.report_dir}",
         "behaviour": behaviour,
+        "export": export_line(result.export),
         "mlflow": tracking.run_url(result.mlflow_run),
     }
     return lines

@@ -208,6 +208,41 @@ class EvaluateConfig(_Section):
         return self
 
 
+class ExportConfig(_Section):
+    opset: int = Field(18, ge=18, description="ONNX opset of the export (pinned).")
+    max_logit_diff: float = Field(
+        1e-4, gt=0, description="Largest |logit| difference ONNX fp32 vs PyTorch (test split)."
+    )
+    min_agreement: float = Field(
+        0.985, gt=0, le=1, description="int8 vs fp32: least share of texts with the same label."
+    )
+    max_metric_loss: float = Field(
+        0.005,
+        ge=0,
+        lt=1,
+        description="int8 vs fp32: largest accuracy / macro-F1 loss (0.005 = "
+        "0.5 points), overall and per judged slice.",
+    )
+    min_slice_rows: int = Field(
+        500,
+        ge=1,
+        description="Slices with fewer rows are reported, not judged: with ~1.5 % of labels "
+        "changing, a smaller slice's loss varies by more than 0.5 points by chance alone.",
+    )
+    sensitivity_rows: int = Field(
+        256, ge=1, description="Validation texts used to rank node groups by int8 sensitivity."
+    )
+    max_fp32_groups: int = Field(
+        12,
+        ge=0,
+        description="Most node groups the search may keep in fp32 (0: no search, "
+        "whole-model int8 or fp32).",
+    )
+    latency_texts: int = Field(
+        100, ge=10, description="Test texts timed one at a time for the latency figures."
+    )
+
+
 class Config(_Section):
     seed: int = Field(42, description="The one seed: split hashing and training.")
     data: DataConfig
@@ -216,6 +251,7 @@ class Config(_Section):
     split: SplitConfig = SplitConfig()
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    export: ExportConfig = ExportConfig()
     root: ConfigPath = Field(
         Path("."), exclude=True, description="Project root (params.yaml's folder)."
     )
@@ -243,7 +279,7 @@ RUN_OUTPUTS = {
     "split.prepared_dir": "prepared",
 }
 # Sections only the model stages read: overriding them leaves the data as params.yaml makes it.
-MODEL_SECTIONS = ("train", "evaluate")
+MODEL_SECTIONS = ("train", "evaluate", "export")
 
 
 def changes_data(overrides: dict[str, Any]) -> bool:
@@ -349,7 +385,7 @@ def load_config(
         if outside:
             raise ConfigError(
                 f"{path}: profile {profile!r} sets {', '.join(outside)}: profiles may only set "
-                f"{' and '.join(MODEL_SECTIONS)} (the data must not depend on the machine)"
+                f"{', '.join(MODEL_SECTIONS)} (the data must not depend on the machine)"
             )
         try:
             raw = apply_overrides(raw, dotted(profiles[profile]))

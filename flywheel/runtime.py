@@ -28,7 +28,15 @@ OFFLINE_DEFAULTS = {
     "MLFLOW_LOGGING_LEVEL": "WARNING",
 }
 
-QUIET_LOGGERS = ("httpx", "great_expectations", "filelock", "alembic")
+QUIET_LOGGERS = (
+    "httpx",
+    "great_expectations",
+    "filelock",
+    "alembic",
+    "onnx_ir",
+    "onnxscript",
+    "torch.onnx",
+)
 
 
 class NoTracebackForExpectedErrors(logging.Filter):

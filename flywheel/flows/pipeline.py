@@ -2,9 +2,10 @@
 
     collect -> validate (GX gate) -> prepare (clean + split) -> version (DVC)
             -> baseline (TF-IDF) -> train (fine-tune) -> evaluate (test split, vs baseline)
+            -> export (ONNX, int8 search on val, parity gate on test)
 
-The model stages run inside one MLflow parent run (see flywheel/tracking.py). Export, register
-and promote are added here in the same shape.
+The model stages run inside one MLflow parent run (see flywheel/tracking.py). Register and
+promote are added here in the same shape.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from flywheel.tasks.baseline import BaselineReport, baseline_task
 from flywheel.tasks.clean import PrepareResult, prepare_task
 from flywheel.tasks.collect import CollectResult, collect_task
 from flywheel.tasks.evaluate import EvaluateResult, evaluate_task
+from flywheel.tasks.export import ExportResult, export_task
 from flywheel.tasks.train import TrainResult, train_task
 from flywheel.tasks.validate import ValidationReport, validate_task
 from flywheel.tasks.version import DataVersion, version_task
@@ -38,6 +40,7 @@ class PipelineResult:
     baseline: BaselineReport | None = None
     train: TrainResult | None = None
     evaluation: EvaluateResult | None = None
+    export: ExportResult | None = None
     mlflow_run: tracking.RunRef | None = None
 
     @property
@@ -75,6 +78,7 @@ def pipeline(
         baseline = baseline_task(cfg, prepared, run)
         trained = train_task(cfg, prepared, run, resume=resume)
         evaluation = evaluate_task(cfg, prepared, trained, baseline, run)
+        exported = export_task(cfg, prepared, trained, run)
     return PipelineResult(
-        collected, validation, prepared, version, baseline, trained, evaluation, run
+        collected, validation, prepared, version, baseline, trained, evaluation, exported, run
     )

@@ -47,6 +47,36 @@ class Preprocessing:
         """Raw text as the model sees it: cleaned, PII-masked."""
         return mask_pii(clean_text(text), self.mask_pii)[0]
 
+    def encode(self, tokenizer: Any, texts: Sequence[str]) -> dict[str, list[list[int]]]:
+        """Token ids per text (normalised, truncated, not padded: batches pad dynamically).
+        The one encoding of raw text, for PyTorch and ONNX models alike."""
+        return tokenizer(
+            [self.normalise(t) for t in texts], truncation=True, max_length=self.max_length
+        )
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Probabilities from scores, row by row (numerically stable)."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return shifted / shifted.sum(axis=1, keepdims=True)
+
+
+def write_meta(directory: Path, labels: Sequence[str], preprocessing: Preprocessing) -> None:
+    """flywheel.json: what turns raw text into model inputs, and the label order of outputs."""
+    meta = {"format": BUNDLE_FORMAT, "labels": list(labels), **asdict(preprocessing)}
+    (directory / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def read_meta(directory: Path) -> tuple[list[str], Preprocessing]:
+    """Labels and preprocessing saved with a model (PyTorch bundle or ONNX export)."""
+    path = directory / BUNDLE_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory} is not a Flywheel model bundle (no {BUNDLE_FILE})")
+    meta = json.loads(path.read_text(encoding="utf-8"))
+    if meta.get("format") != BUNDLE_FORMAT:
+        raise ValueError(f"{path}: bundle format {meta.get('format')}, need {BUNDLE_FORMAT}")
+    return meta["labels"], Preprocessing(meta["max_length"], tuple(meta["mask_pii"]))
+
 
 def resolve_base_model(name: str) -> Path:
     """A local folder, or a Python package that ships weights (`get_model_path()`), e.g. the
@@ -95,24 +125,24 @@ class ClassifierBundle:
 
     def encode(self, texts: Sequence[str]) -> dict[str, list[list[int]]]:
         """Token ids per text (normalised, truncated, not padded: batches pad dynamically)."""
-        return self.tokenizer(
-            [self.preprocessing.normalise(t) for t in texts],
-            truncation=True,
-            max_length=self.preprocessing.max_length,
-        )
+        return self.preprocessing.encode(self.tokenizer, texts)
 
     def pad(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
         """Pad one batch to its longest member, as torch tensors."""
         return self.tokenizer.pad(features, return_tensors="pt")
 
-    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
-        """Class probabilities, one row per text, columns in `labels` order."""
+    def logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Raw scores, one row per text, columns in `labels` order."""
         encoded = self.encode(texts)
         rows = [{k: encoded[k][i] for k in encoded} for i in range(len(texts))]
-        return self.proba_of_encoded(rows, batch_size)
+        return self.logits_of_encoded(rows, batch_size)
 
-    def proba_of_encoded(self, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
-        """Class probabilities of already-encoded texts (extra keys such as labels are ignored)."""
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities, one row per text, columns in `labels` order."""
+        return softmax(self.logits(texts, batch_size))
+
+    def logits_of_encoded(self, rows: list[dict[str, Any]], batch_size: int = 64) -> np.ndarray:
+        """Raw scores of already-encoded texts (extra keys such as labels are ignored)."""
         import torch
 
         self.model.eval()
@@ -127,7 +157,7 @@ class ClassifierBundle:
                 batch = {
                     k: v.to(device) for k, v in self.pad(rows[start : start + batch_size]).items()
                 }
-                out.append(torch.softmax(self.model(**batch).logits.float(), dim=-1).cpu().numpy())
+                out.append(self.model(**batch).logits.float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, len(self.labels)), dtype=np.float32)
 
     def save(self, directory: Path) -> None:
@@ -135,29 +165,21 @@ class ClassifierBundle:
         directory.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(directory)
         self.tokenizer.save_pretrained(directory)
-        meta = {"format": BUNDLE_FORMAT, "labels": self.labels, **asdict(self.preprocessing)}
-        (directory / BUNDLE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        write_meta(directory, self.labels, self.preprocessing)
 
     @classmethod
     def load(cls, directory: Path) -> ClassifierBundle:
         """Load a saved bundle; its labels must match the model's own label map."""
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        meta_path = directory / BUNDLE_FILE
-        if not meta_path.is_file():
-            raise FileNotFoundError(
-                f"{directory} is not a Flywheel model bundle (no {BUNDLE_FILE})"
-            )
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        if meta.get("format") != BUNDLE_FORMAT:
-            raise ValueError(
-                f"{meta_path}: bundle format {meta.get('format')}, need {BUNDLE_FORMAT}"
-            )
+        labels, preprocessing = read_meta(directory)
         bundle = cls(
             AutoModelForSequenceClassification.from_pretrained(directory),
             AutoTokenizer.from_pretrained(directory),
-            Preprocessing(max_length=meta["max_length"], mask_pii=tuple(meta["mask_pii"])),
+            preprocessing,
         )
-        if bundle.labels != meta["labels"]:
-            raise ValueError(f"{meta_path}: labels {meta['labels']} != model's {bundle.labels}")
+        if bundle.labels != labels:
+            raise ValueError(
+                f"{directory / BUNDLE_FILE}: labels {labels} != model's {bundle.labels}"
+            )
         return bundle

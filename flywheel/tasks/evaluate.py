@@ -212,28 +212,30 @@ def length_bucket(n_chars: int) -> str:
     return f"{low}+"
 
 
-def slice_metrics(
-    frame: pd.DataFrame, proba: np.ndarray, labels: Sequence[str]
-) -> list[SliceMetrics]:
-    """Accuracy and macro-F1 per source and per text-length bucket."""
+def slice_masks(frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """Row masks of every slice: `source=<name>` and `length=<bucket>` (characters)."""
     keys = {
         "source": frame["source"].astype(str),
         "length": frame["text"].str.len().map(length_bucket),
     }
+    return {
+        f"{name}={value}": (values == value).to_numpy()
+        for name, values in keys.items()
+        for value in sorted(values.unique())
+    }
+
+
+def slice_metrics(
+    frame: pd.DataFrame, proba: np.ndarray, labels: Sequence[str]
+) -> list[SliceMetrics]:
+    """Accuracy and macro-F1 per source and per text-length bucket."""
     out = []
-    for name, values in keys.items():
-        for value in sorted(values.unique()):
-            members = (values == value).to_numpy()
-            scores = compute_metrics(frame["label"][members].tolist(), proba[members], labels)
-            out.append(
-                SliceMetrics(
-                    f"{name}={value}",
-                    int(members.sum()),
-                    scores.accuracy,
-                    scores.macro_f1,
-                    int(members.sum()) >= MIN_SLICE_ROWS,
-                )
-            )
+    for name, members in slice_masks(frame).items():
+        scores = compute_metrics(frame["label"][members].tolist(), proba[members], labels)
+        rows = int(members.sum())
+        out.append(
+            SliceMetrics(name, rows, scores.accuracy, scores.macro_f1, rows >= MIN_SLICE_ROWS)
+        )
     return out
 
 

@@ -263,7 +263,7 @@ def _rows(bundle: ClassifierBundle, frame: pd.DataFrame, label_ids: dict[str, in
 
 def _evaluate(bundle: ClassifierBundle, rows: list[dict], batch_size: int, n_labels: int) -> float:
     """Validation macro-F1 of the current weights."""
-    predicted = bundle.proba_of_encoded(rows, batch_size).argmax(axis=1)
+    predicted = bundle.logits_of_encoded(rows, batch_size).argmax(axis=1)
     return macro_f1(np.array([r["labels"] for r in rows]), predicted, n_labels)
 
 

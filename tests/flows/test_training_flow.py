@@ -17,10 +17,11 @@ from mlflow.entities import Run
 from prefect.client.orchestration import get_client
 from typer.testing import CliRunner
 
-from flywheel.cli import app
+from flywheel.cli import app, summary_lines
 from flywheel.config import EmbeddedSource
 from flywheel.flows.pipeline import pipeline
 from flywheel.io import file_md5
+from flywheel.models.predictor import OnnxPredictor
 from flywheel.tasks.collect import read_embedded
 from flywheel.tasks.train import META_FILE
 from mlflow import MlflowClient
@@ -28,6 +29,9 @@ from tests.conftest import make_project, run
 
 ROWS_PER_LABEL = 300
 TRAIN = {"max_length": 32, "batch_size": 16, "checkpoint_every_steps": 5, "log_every_steps": 2}
+# No sensitivity search on the slice (the gate and search are tested in tests/model); bounds any
+# int8 model passes, so the run exercises the int8 path end to end.
+EXPORT = {"max_fp32_groups": 0, "min_agreement": 0.01, "max_metric_loss": 0.99, "latency_texts": 10}
 
 
 def small_project(root: Path, remote: Path) -> Path:
@@ -39,6 +43,7 @@ def small_project(root: Path, remote: Path) -> Path:
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["sources"] = [{"kind": "path", "path": "data/sources/slice.csv"}]
     params["train"].update(TRAIN)
+    params["export"].update(EXPORT)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "p"], root)
@@ -98,15 +103,25 @@ def test_the_flow_trains_evaluates_and_tracks_in_under_3_minutes(trained):
         "clear-cut reviews",
     }
     assert (root / "reports" / "evaluation" / "baseline" / "confusion.png").is_file()
+    export = result.export
+    assert export.directory == train.model_dir.parent / "onnx"
+    assert export.chosen in {"int8", "int8-per-channel"}
+    assert export.fp32_max_logit_diff < 1e-4
+    predictor = OnnxPredictor(export.directory)
+    assert predictor.labels == ev.report.labels
+    lines = summary_lines(result)  # what `flywheel run` prints
+    assert lines["evaluate"].startswith(f"test accuracy {ev.report.metrics.accuracy:.4f}")
+    assert lines["export"].startswith(f"{export.chosen} (0 node groups kept fp32)")
+    assert lines["mlflow"].endswith(result.mlflow_run.run_id)
 
 
 def test_one_parent_run_with_nested_stage_runs_and_lineage(trained):
     root, result, _ = trained
     client = store(root)
     experiment = client.get_experiment_by_name("flywheel")
-    assert len(client.search_runs([experiment.experiment_id])) == 4
+    assert len(client.search_runs([experiment.experiment_id])) == 5
     runs = runs_of(root, result.mlflow_run.run_id)
-    assert set(runs) == {"pipeline", "baseline", "train", "evaluate"}
+    assert set(runs) == {"pipeline", "baseline", "train", "evaluate", "export"}
     parent = runs.pop("pipeline")
     assert result.mlflow_run.run_id == parent.info.run_id
     assert "mlflow.parentRunId" not in parent.data.tags
@@ -167,6 +182,11 @@ def test_curves_metrics_datasets_and_artifacts_are_logged(trained):
         train_run, "model"
     )
     assert "model/model.joblib" in files(runs["baseline"], "model")
+    exported = runs["export"]
+    assert exported.data.tags["flywheel.export.chosen"] == result.export.chosen
+    assert exported.data.metrics["fp32_max_logit_diff"] == result.export.fp32_max_logit_diff
+    assert "test_agreement" in exported.data.metrics
+    assert "parity.json" in files(exported)
 
 
 def wait_for_checkpoint(root: Path, min_step: int, proc: subprocess.Popen, timeout: float) -> int:

@@ -1,0 +1,87 @@
+"""The ONNX predictor: raw texts -> labels and probabilities, for every consumer of an exported
+model (evaluation of the export, the registry's pyfunc model, serving).
+
+    <dir>/model.onnx          the chosen model (fp32, int8 or mixed)
+    <dir>/tokenizer.json ...  the tokenizer of the fine-tuned bundle
+    <dir>/flywheel.json       labels and preprocessing (same file and code as the bundle)
+
+Texts are normalised, PII-masked and tokenised by `Preprocessing.encode`, the same code the
+training bundle uses; batches are padded to their longest member after sorting by length, so a
+batch of short texts does not pay for one long text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from flywheel.models.bundle import read_meta, softmax
+
+MODEL_FILE = "model.onnx"
+
+
+@dataclass(frozen=True)
+class Prediction:
+    label: str
+    probabilities: dict[str, float]
+
+
+class OnnxPredictor:
+    """An exported model with its tokenizer and label map, on onnxruntime's CPU provider."""
+
+    def __init__(self, directory: Path, model_file: str | Path = MODEL_FILE, threads: int = 0):
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.directory = Path(directory)
+        self.model_path = self.directory / model_file
+        if not self.model_path.is_file():
+            raise FileNotFoundError(f"{self.model_path}: no ONNX model there (run flywheel run)")
+        self._labels, self.preprocessing = read_meta(self.directory)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default
+        self.session = ort.InferenceSession(
+            str(self.model_path), options, providers=["CPUExecutionProvider"]
+        )
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self._labels)
+
+    def logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Raw scores, one row per text in input order, columns in `labels` order."""
+        if not len(texts):
+            return np.zeros((0, len(self._labels)), dtype=np.float32)
+        encoded = self.preprocessing.encode(self.tokenizer, texts)
+        order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+        out = np.zeros((len(texts), len(self._labels)), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            members = order[start : start + batch_size]
+            out[members] = self.session.run(None, self._feed(encoded, members))[0]
+        return out
+
+    def _feed(self, encoded: Any, members: np.ndarray) -> dict[str, np.ndarray]:
+        features = [{k: encoded[k][i] for k in self.input_names} for i in members]
+        padded = self.tokenizer.pad(features, return_tensors="np")
+        return {name: padded[name].astype(np.int64) for name in self.input_names}
+
+    def predict_proba(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        """Class probabilities, one row per text, columns in `labels` order."""
+        return softmax(self.logits(texts, batch_size))
+
+    def predict(self, texts: Sequence[str], batch_size: int = 64) -> list[Prediction]:
+        """The most probable label of each text, with every label's probability."""
+        proba = self.predict_proba(texts, batch_size)
+        return [
+            Prediction(
+                self._labels[int(row.argmax())],
+                {label: float(p) for label, p in zip(self._labels, row, strict=True)},
+            )
+            for row in proba
+        ]
