@@ -282,9 +282,14 @@ RUN_OUTPUTS = {
 MODEL_SECTIONS = ("train", "evaluate", "export")
 
 
+def data_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """The overrides of anything the data stages read (all but the model sections)."""
+    return {k: v for k, v in overrides.items() if k.split(".")[0] not in MODEL_SECTIONS}
+
+
 def changes_data(overrides: dict[str, Any]) -> bool:
     """Whether the overrides touch anything the data stages read."""
-    return any(key.split(".")[0] not in MODEL_SECTIONS for key in overrides)
+    return bool(data_overrides(overrides))
 
 
 def with_run_outputs(overrides: dict[str, Any]) -> dict[str, Any]:
@@ -294,10 +299,10 @@ def with_run_outputs(overrides: dict[str, Any]) -> dict[str, Any]:
     The same overrides reuse the same folder; an explicitly overridden path is kept as given.
     Overrides of the train/evaluate sections alone keep data/prepared and dvc.lock.
     """
-    data_overrides = {k: v for k, v in overrides.items() if k.split(".")[0] not in MODEL_SECTIONS}
-    if not data_overrides:
+    changed = data_overrides(overrides)
+    if not changed:
         return dict(overrides)
-    payload = json.dumps(data_overrides, sort_keys=True, default=str).encode()
+    payload = json.dumps(changed, sort_keys=True, default=str).encode()
     key = hashlib.sha256(payload).hexdigest()
     paths = {name: f"data/runs/{key[:12]}/{leaf}" for name, leaf in RUN_OUTPUTS.items()}
     return {**paths, **overrides}

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from flywheel.config import dotted
 from flywheel.errors import FlywheelError
 from flywheel.io import file_md5
 
@@ -118,16 +119,10 @@ def experiment_id(root: Path, name: str = EXPERIMENT) -> tuple[str, str]:
     return uri, mlflow_client.create_experiment(name, artifact_location=artifacts)
 
 
-def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """{"train": {"lr": 5e-5}} -> {"train.lr": "5e-05"}: config sections as MLflow params."""
-    out: dict[str, str] = {}
-    for key, value in mapping.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten(value, f"{name}."))
-        else:
-            out[name] = str(value)[:6000]
-    return out
+def flatten(mapping: dict[str, Any]) -> dict[str, str]:
+    """{"train": {"lr": 5e-5}} -> {"train.lr": "5e-05"}: config sections as MLflow params
+    (values as text, cut to MLflow's 6,000-character limit)."""
+    return {key: str(value)[:6000] for key, value in dotted(mapping).items()}
 
 
 @dataclass(frozen=True)

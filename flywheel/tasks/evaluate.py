@@ -530,11 +530,12 @@ def evaluate_task(
             "accuracy_gain_vs_baseline": result.accuracy_gain,
             "macro_f1_gain_vs_baseline": result.macro_f1_gain,
         }
-        tracking.log_scalars(run, {**report.scalars(), **comparison})
+        scalars = report.scalars()
+        tracking.log_scalars(run, {**scalars, **comparison})
         tracking.log_artifacts(run, folder)
     headline = {
         k: v
-        for k, v in report.scalars().items()
+        for k, v in scalars.items()
         if not k.startswith(("test_slice.", "test_class.", "behaviour."))
     }
     tracking.log_scalars(

@@ -75,12 +75,11 @@ class Parity:
         return not self.failures
 
 
-def export_fp32(bundle_dir: Path, path: Path, opset: int) -> Path:
+def export_fp32(bundle: ClassifierBundle, path: Path, opset: int) -> Path:
     """The fine-tuned bundle as a single-file ONNX model with dynamic batch and sequence axes."""
     import torch
     from torch.export import Dim
 
-    bundle = ClassifierBundle.load(bundle_dir)
     encoded = bundle.encode(["a short text", "a somewhat longer text to give two lengths"])
     sample = bundle.pad([{k: encoded[k][i] for k in encoded} for i in range(2)])
     names = [n for n in INPUTS if n in sample]
@@ -381,11 +380,13 @@ def export(
 
     def fill(staging: Path) -> ExportResult:
         copy_preprocessing(bundle_dir, staging)
-        fp32 = export_fp32(bundle_dir, staging / "fp32.onnx", ec.opset)
+        bundle = ClassifierBundle.load(bundle_dir)
+        fp32 = export_fp32(bundle, staging / "fp32.onnx", ec.opset)
         fp32_predictor = OnnxPredictor(staging, fp32)
+        labels = fp32_predictor.labels
         texts = test_frame["text"].tolist()
         reference = fp32_predictor.logits(texts)
-        diff = float(np.abs(reference - ClassifierBundle.load(bundle_dir).logits(texts)).max())
+        diff = float(np.abs(reference - bundle.logits(texts)).max())
         if diff > ec.max_logit_diff:
             raise ExportParityError(
                 f"ONNX fp32 logits differ from PyTorch by up to {diff:.2e} on the test split "
@@ -400,7 +401,6 @@ def export(
         chosen, test_parity, reasons = None, None, []
         for variant in sorted((c for c in candidates if c.val.passed), key=lambda c: c.seconds):
             logits = OnnxPredictor(staging, variant.path).logits(texts)
-            labels = fp32_predictor.labels
             parity = compare(variant.name, reference, logits, test_frame, labels, bounds)
             if parity.passed:
                 chosen, test_parity = variant, parity

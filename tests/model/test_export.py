@@ -41,7 +41,7 @@ def exported(tmp_path_factory):
     bundle.save(base / "bundle")
     out = base / "onnx"
     copy_preprocessing(base / "bundle", out)
-    export_fp32(base / "bundle", out / "fp32.onnx", opset=18)
+    export_fp32(bundle, out / "fp32.onnx", opset=18)
     return ClassifierBundle.load(base / "bundle"), out
 
 
