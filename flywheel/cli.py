@@ -1,4 +1,5 @@
-"""The `flywheel` command line: run the pipeline, validate a file, run one stage for DVC."""
+"""The `flywheel` command line: run the pipeline, validate a file, run one stage for DVC, manage
+the registered models."""
 
 from __future__ import annotations
 
@@ -137,13 +138,16 @@ def run(
     ] = False,
 ) -> None:
     """Run the pipeline as a Prefect flow: collect -> validate -> prepare -> version (DVC) ->
-    baseline -> train -> evaluate, tracked in MLflow.
+    baseline -> train -> evaluate -> export (ONNX, int8) -> register -> promote, tracked in
+    MLflow.
 
     With no options it runs on params.yaml (by default the embedded Rotten Tomatoes snippets):
     writes data/raw, data/validation and data/prepared, records the data version in dvc.lock,
     pushes the prepared data to the DVC remote, fits the TF-IDF baseline, fine-tunes the
-    transformer (checkpoints/) and evaluates both on the test split (reports/evaluation/). Every
-    run is one MLflow parent run with nested baseline/train/evaluate runs (mlflow/).
+    transformer (checkpoints/), evaluates both on the test split (reports/evaluation/), exports
+    the model to ONNX (int8 where it keeps parity), registers it in the MLflow model registry and
+    promotes it to `champion` if it passes the gates of params.yaml's `registry` section. Every
+    run is one MLflow parent run with a nested run per model stage (mlflow/).
 
     Options that change the data (--source, --set on data keys) make a one-off run: data goes
     under data/runs/<key>/ and its version into a .dvc file there. --set train.* / evaluate.*
@@ -171,7 +175,11 @@ def run(
 
 def export_line(export: Any) -> str:
     """The export's choice, its parity and speed, or why it stayed fp32."""
-    latency = f"p95 {export.latency.p95_ms:.1f} ms per text (fp32 {export.fp32_latency.p95_ms:.1f})"
+    graph = "optimized" if export.graph.applied else "not optimized"
+    latency = (
+        f"p95 {export.latency.p95_ms:.1f} ms per text (fp32 {export.fp32_latency.p95_ms:.1f}, "
+        f"graph {graph}: {export.graph.speedup:.2f}x)"
+    )
     if export.test is None:
         why = export.reasons[-1] if export.reasons else "no int8 candidate"
         return f"fp32 ONNX (no int8 variant passed: {why}); {latency} -> {export.directory}"
@@ -224,6 +232,10 @@ def summary_lines(result: Any) -> dict[str, str]:
         f"baseline), macro-F1 {m.macro_f1:.4f}, ECE {m.ece:.3f} -> {ev.report_dir}",
         "behaviour": behaviour,
         "export": export_line(result.export),
+        "register": f"{result.registered.uri}: ONNX test accuracy "
+        f"{result.registered.report.metrics.accuracy:.4f}, macro-F1 "
+        f"{result.registered.report.metrics.macro_f1:.4f} -> {result.registered.report_dir}",
+        "promote": result.promotion.summary(),
         "mlflow": tracking.run_url(result.mlflow_run),
     }
     return lines
@@ -306,3 +318,165 @@ def config(
     with user_errors(params):
         cfg = load_config(params, collect_overrides(sets), profile=profile)
     yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sys.stdout, sort_keys=False)
+
+
+models_app = typer.Typer(
+    help="The registered models: list, compare, promote through the gates, roll back, history.\n\n"
+    "Versions are named by number or alias (champion, previous, challenger). Store: "
+    "MLFLOW_TRACKING_URI or the project's mlflow/ folder; model name: registry.model_name.",
+    no_args_is_help=True,
+)
+app.add_typer(models_app, name="models")
+ReasonOption = Annotated[
+    str, typer.Option("--reason", "-r", help="Why: written to the audit log with the move.")
+]
+
+
+def current_test_split(cfg: Any) -> Any:
+    """The test split of params.yaml's data, which gates and comparisons score on."""
+    import pandas as pd
+
+    path = cfg.resolve(cfg.split.prepared_dir) / "test.parquet"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no test split; run `flywheel run --data-only` first")
+    return pd.read_parquet(path)
+
+
+def table(rows: list[dict[str, str]]) -> str:
+    """Rows as left-aligned columns under their keys."""
+    if not rows:
+        return ""
+    widths = {k: max(len(k), *(len(r[k]) for r in rows)) for k in rows[0]}
+    lines = ["  ".join(k.ljust(w) for k, w in widths.items())]
+    lines += ["  ".join(r[k].ljust(w) for k, w in widths.items()) for r in rows]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+@models_app.command("list")
+def models_list(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Every version, newest first: aliases, test scores, variant, latency, data version."""
+    from flywheel.tasks.registry import ModelRegistry
+
+    with user_errors(params):
+        registry = ModelRegistry.of(load_config(params))
+        versions = registry.versions()
+    if not versions:
+        typer.echo(f"no versions of {registry.name} in {registry.uri}")
+        return
+    rows = [
+        {
+            "version": v.version,
+            "aliases": ",".join(v.aliases) or "-",
+            "created (UTC)": v.created.replace("T", " ")[:16],
+            "macro-F1": v.tags.get("flywheel.test.macro_f1", "?")[:6],
+            "accuracy": v.tags.get("flywheel.test.accuracy", "?")[:6],
+            "variant": v.tags.get("flywheel.variant", "?"),
+            "p95 ms": v.tags.get("flywheel.latency.p95_ms", "?"),
+            "data version": v.tags.get("flywheel.data_version", "?")[:12],
+            "gates": v.tags.get("flywheel.promotion", "-"),
+        }
+        for v in versions
+    ]
+    typer.echo(f"{registry.name} ({registry.uri})\n{table(rows)}")
+
+
+@models_app.command("compare")
+def models_compare(
+    a: Annotated[str, typer.Argument(help="Version number or alias, e.g. champion.")],
+    b: Annotated[str, typer.Argument(help="Version number or alias, e.g. 4.")],
+    params: ParamsOption = DEFAULT_PARAMS,
+    limit: Annotated[int, typer.Option(help="Disagreements to list.")] = 20,
+) -> None:
+    """Score A and B on the current test split and show where they differ.
+
+    Metrics, per-class F1 and per-slice accuracy side by side (delta = B - A), then the texts on
+    which their labels disagree."""
+    from flywheel.tasks.registry import ModelRegistry, compare_versions
+
+    with user_errors(params):
+        cfg = load_config(params)
+        result = compare_versions(ModelRegistry.of(cfg), a, b, current_test_split(cfg), limit)
+
+    def section(title: str, values: dict[str, tuple], label: str) -> str:
+        rows = [
+            {
+                label: name,
+                f"v{result.a}": f"{pair[0]:.4f}" if pair[0] is not None else "-",
+                f"v{result.b}": f"{pair[1]:.4f}" if pair[1] is not None else "-",
+                "delta": f"{pair[1] - pair[0]:+.4f}" if None not in pair[:2] else "-",
+                **({"rows": str(pair[2])} if len(pair) > 2 else {}),
+            }
+            for name, pair in values.items()
+        ]
+        return f"\n{title}\n{table(rows)}"
+
+    typer.echo(f"versions {result.a} and {result.b} on the current test split ({result.rows} rows)")
+    typer.echo(section("metrics", result.metrics, "metric"))
+    typer.echo(section("per-class F1", result.per_class, "label"))
+    typer.echo(section("per-slice accuracy", result.slices, "slice"))
+    shown = len(result.disagreements)
+    typer.echo(
+        f"\n{result.disagree} disagreements ({result.disagree / result.rows:.2%})"
+        + (f", first {shown}:" if shown else "")
+    )
+    for row in result.disagreements:
+        text = row["text"] if len(row["text"]) <= 90 else row["text"][:87] + "..."
+        typer.echo(f"  true {row['label']}: v{result.a} {row['a']}, v{result.b} {row['b']}: {text}")
+
+
+@models_app.command("promote")
+def models_promote(
+    version: Annotated[str, typer.Argument(help="Version number or alias to make champion.")],
+    reason: ReasonOption,
+    params: ParamsOption = DEFAULT_PARAMS,
+    sets: SetOption = None,
+    force: Annotated[
+        bool, typer.Option("--force", help="Promote even if gates fail (logged as forced).")
+    ] = False,
+) -> None:
+    """Make VERSION champion if it passes the promotion gates.
+
+    The gates of params.yaml's `registry` section, with VERSION and the champion both scored on
+    the current test split and VERSION's latency measured now. Exit 1 (nothing moves) if a gate
+    fails, unless --force (recorded as forced in the audit log)."""
+    from flywheel.tasks.registry import ModelRegistry, manual_promotion
+
+    with user_errors(params):
+        cfg = load_config(params, collect_overrides(sets))
+        decision = manual_promotion(
+            ModelRegistry.of(cfg), cfg, version, current_test_split(cfg), reason, force
+        )
+    for check in decision.checks:
+        typer.echo(f"  {'pass' if check.passed else 'FAIL'}  {check.detail}")
+    typer.echo(decision.summary())
+    raise typer.Exit(0 if decision.promoted else 1)
+
+
+@models_app.command("rollback")
+def models_rollback(
+    params: ParamsOption = DEFAULT_PARAMS,
+    reason: Annotated[
+        str, typer.Option("--reason", "-r", help="Why: written to the audit log.")
+    ] = "rollback",
+) -> None:
+    """Move `champion` back to the `previous` version (the rolled-back one becomes `previous`)."""
+    from flywheel.tasks.registry import ModelRegistry, cli_actor, rollback
+
+    with user_errors(params):
+        entries = rollback(ModelRegistry.of(load_config(params)), reason, cli_actor("rollback"))
+    for entry in entries:
+        typer.echo(entry.line())
+
+
+@models_app.command("history")
+def models_history(params: ParamsOption = DEFAULT_PARAMS) -> None:
+    """Every alias move, oldest first: time, alias from -> to, who, why, metrics."""
+    from flywheel.tasks.registry import ModelRegistry
+
+    with user_errors(params):
+        registry = ModelRegistry.of(load_config(params))
+        entries = registry.history()
+    if not entries:
+        typer.echo(f"no alias moves recorded for {registry.name}")
+    for entry in entries:
+        typer.echo(entry.line())

@@ -241,6 +241,43 @@ class ExportConfig(_Section):
     latency_texts: int = Field(
         100, ge=10, description="Test texts timed one at a time for the latency figures."
     )
+    min_int8_speedup: float = Field(
+        1.0,
+        ge=0,
+        description="An int8 variant is chosen only if it scores validation texts at least this "
+        "many times as fast as fp32 (else fp32, which loses nothing, is the better model).",
+    )
+
+
+class RegistryConfig(_Section):
+    model_name: str = Field(
+        "flywheel-classifier",
+        min_length=1,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Registered model name in the MLflow model registry.",
+    )
+    min_test_macro_f1: float = Field(
+        0.80, ge=0, le=1, description="Gate: least macro-F1 of the exported model on test."
+    )
+    max_macro_f1_drop: float = Field(
+        0.005,
+        ge=0,
+        lt=1,
+        description="Gate: most the test macro-F1 may fall below the champion's, both scored "
+        "on the current test split (a tie within this margin passes).",
+    )
+    max_slice_drop: float = Field(
+        0.03,
+        ge=0,
+        lt=1,
+        description="Gate: most any slice's test accuracy may fall below the champion's.",
+    )
+    min_slice_rows: int = Field(
+        100, ge=1, description="Slices with fewer test rows are reported, not judged."
+    )
+    max_p95_latency_ms: float = Field(
+        50.0, gt=0, description="Gate: p95 latency of one text through the exported model."
+    )
 
 
 class Config(_Section):
@@ -252,6 +289,7 @@ class Config(_Section):
     train: TrainConfig = TrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
+    registry: RegistryConfig = RegistryConfig()
     root: ConfigPath = Field(
         Path("."), exclude=True, description="Project root (params.yaml's folder)."
     )
@@ -279,7 +317,7 @@ RUN_OUTPUTS = {
     "split.prepared_dir": "prepared",
 }
 # Sections only the model stages read: overriding them leaves the data as params.yaml makes it.
-MODEL_SECTIONS = ("train", "evaluate", "export")
+MODEL_SECTIONS = ("train", "evaluate", "export", "registry")
 
 
 def data_overrides(overrides: dict[str, Any]) -> dict[str, Any]:

@@ -26,6 +26,8 @@ OFFLINE_DEFAULTS = {
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
     # MLflow configures its own loggers on import; its INFO lines are about database migrations.
     "MLFLOW_LOGGING_LEVEL": "WARNING",
+    # one bar per downloaded file of a registered model (tens of lines per `flywheel models`)
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }
 
 QUIET_LOGGERS = (

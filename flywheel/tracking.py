@@ -1,4 +1,5 @@
-"""MLflow tracking, at the edge: every MLflow call of the pipeline goes through this module.
+"""MLflow tracking, at the edge: every run-tracking call of the pipeline goes through this module
+(the model registry is flywheel/tasks/registry.py, on a client from here).
 
 Default store: `sqlite:///<root>/mlflow/mlflow.db` with artifacts in `<root>/mlflow/artifacts`;
 MLFLOW_TRACKING_URI overrides it (e.g. a team server). Params, metrics and tags are sent with

@@ -3,9 +3,9 @@
     collect -> validate (GX gate) -> prepare (clean + split) -> version (DVC)
             -> baseline (TF-IDF) -> train (fine-tune) -> evaluate (test split, vs baseline)
             -> export (ONNX, int8 search on val, parity gate on test)
+            -> register (MLflow model registry) -> promote (gates: champion or challenger)
 
-The model stages run inside one MLflow parent run (see flywheel/tracking.py). Register and
-promote are added here in the same shape.
+The model stages run inside one MLflow parent run (see flywheel/tracking.py).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from flywheel.tasks.clean import PrepareResult, prepare_task
 from flywheel.tasks.collect import CollectResult, collect_task
 from flywheel.tasks.evaluate import EvaluateResult, evaluate_task
 from flywheel.tasks.export import ExportResult, export_task
+from flywheel.tasks.registry import Decision, Registered, promote_task, register_task
 from flywheel.tasks.train import TrainResult, train_task
 from flywheel.tasks.validate import ValidationReport, validate_task
 from flywheel.tasks.version import DataVersion, version_task
@@ -41,6 +42,8 @@ class PipelineResult:
     train: TrainResult | None = None
     evaluation: EvaluateResult | None = None
     export: ExportResult | None = None
+    registered: Registered | None = None
+    promotion: Decision | None = None
     mlflow_run: tracking.RunRef | None = None
 
     @property
@@ -79,6 +82,19 @@ def pipeline(
         trained = train_task(cfg, prepared, run, resume=resume)
         evaluation = evaluate_task(cfg, prepared, trained, baseline, run)
         exported = export_task(cfg, prepared, trained, run)
+        registered = register_task(cfg, prepared, exported, run)
+        actor = f"flow run {flow_run.get_name() or 'pipeline'} ({flow_run.get_id() or 'none'})"
+        decision = promote_task(cfg, prepared, registered, run, actor)
     return PipelineResult(
-        collected, validation, prepared, version, baseline, trained, evaluation, exported, run
+        collected,
+        validation,
+        prepared,
+        version,
+        baseline,
+        trained,
+        evaluation,
+        exported,
+        registered,
+        decision,
+        run,
     )

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow.pyfunc
 import pytest
 import yaml
 from mlflow.entities import Run
@@ -18,11 +19,12 @@ from prefect.client.orchestration import get_client
 from typer.testing import CliRunner
 
 from flywheel.cli import app, summary_lines
-from flywheel.config import EmbeddedSource
+from flywheel.config import EmbeddedSource, load_config
 from flywheel.flows.pipeline import pipeline
 from flywheel.io import file_md5
 from flywheel.models.predictor import OnnxPredictor
 from flywheel.tasks.collect import read_embedded
+from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry
 from flywheel.tasks.train import META_FILE
 from mlflow import MlflowClient
 from tests.conftest import make_project, run
@@ -31,7 +33,15 @@ ROWS_PER_LABEL = 300
 TRAIN = {"max_length": 32, "batch_size": 16, "checkpoint_every_steps": 5, "log_every_steps": 2}
 # No sensitivity search on the slice (the gate and search are tested in tests/model); bounds any
 # int8 model passes, so the run exercises the int8 path end to end.
-EXPORT = {"max_fp32_groups": 0, "min_agreement": 0.01, "max_metric_loss": 0.99, "latency_texts": 10}
+EXPORT = {
+    "max_fp32_groups": 0,
+    "min_agreement": 0.01,
+    "max_metric_loss": 0.99,
+    "latency_texts": 10,
+    "min_int8_speedup": 0.0,  # ~60 validation texts time too noisily to decide on speed
+}
+# A 600-row, one-epoch model: the absolute gates are tested in tests/model/test_registry.py.
+REGISTRY = {"min_test_macro_f1": 0.0, "max_p95_latency_ms": 1000.0}
 
 
 def small_project(root: Path, remote: Path) -> Path:
@@ -44,6 +54,7 @@ def small_project(root: Path, remote: Path) -> Path:
     params["data"]["sources"] = [{"kind": "path", "path": "data/sources/slice.csv"}]
     params["train"].update(TRAIN)
     params["export"].update(EXPORT)
+    params["registry"].update(REGISTRY)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "p"], root)
@@ -119,9 +130,17 @@ def test_one_parent_run_with_nested_stage_runs_and_lineage(trained):
     root, result, _ = trained
     client = store(root)
     experiment = client.get_experiment_by_name("flywheel")
-    assert len(client.search_runs([experiment.experiment_id])) == 5
+    assert len(client.search_runs([experiment.experiment_id])) == 7
     runs = runs_of(root, result.mlflow_run.run_id)
-    assert set(runs) == {"pipeline", "baseline", "train", "evaluate", "export"}
+    assert set(runs) == {
+        "pipeline",
+        "baseline",
+        "train",
+        "evaluate",
+        "export",
+        "register",
+        "promote",
+    }
     parent = runs.pop("pipeline")
     assert result.mlflow_run.run_id == parent.info.run_id
     assert "mlflow.parentRunId" not in parent.data.tags
@@ -187,6 +206,84 @@ def test_curves_metrics_datasets_and_artifacts_are_logged(trained):
     assert exported.data.metrics["fp32_max_logit_diff"] == result.export.fp32_max_logit_diff
     assert "test_agreement" in exported.data.metrics
     assert "parity.json" in files(exported)
+
+
+def test_the_export_is_registered_promoted_and_loads_by_alias(trained, monkeypatch):
+    root, result, _ = trained
+    registered, decision = result.registered, result.promotion
+    assert (registered.name, registered.version) == ("flywheel-classifier", "1")
+    assert decision.promoted and decision.champion_before is None  # the first model
+    registry = ModelRegistry.of(load_config(root / "params.yaml"))
+    assert registry.alias(CHAMPION) == "1"
+    tags = registry.version("1").tags
+    commit = run(["git", "rev-parse", "HEAD"], root).stdout.strip()
+    assert tags["flywheel.data_version"] == result.data_version
+    assert tags["flywheel.git_commit"] == commit
+    assert tags["flywheel.flow_run_id"] == result.mlflow_run.lineage.flow_run_id
+    assert tags["flywheel.mlflow_run_id"] == result.mlflow_run.run_id
+    assert tags["flywheel.variant"] == result.export.chosen
+    assert float(tags["flywheel.test.macro_f1"]) == pytest.approx(
+        registered.report.metrics.macro_f1, abs=1e-6
+    )
+    assert float(tags["flywheel.parity.test_agreement"]) == pytest.approx(
+        result.export.test.agreement, abs=1e-6
+    )
+    assert float(tags["flywheel.latency.p95_ms"]) == pytest.approx(
+        result.export.latency.p95_ms, abs=0.01
+    )
+    assert tags["flywheel.promotion"] == "promoted"
+    # the registered model's own evaluation went through the ONNX predictor
+    assert registered.report.model == "onnx"
+    assert (root / "reports" / "evaluation" / "onnx" / "report.json").is_file()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", registry.uri)
+    model = mlflow.pyfunc.load_model("models:/flywheel-classifier@champion")
+    out = model.predict(["A wonderful, moving film.", "A dull, lifeless mess."])
+    assert {o["label"] for o in out} <= {"fresh", "rotten"}
+    assert sum(out[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    lines = summary_lines(result)
+    assert lines["register"].startswith("models:/flywheel-classifier/1: ONNX test accuracy")
+    assert lines["promote"].startswith("version 1 is champion (all gates passed; no champion)")
+    [entry] = registry.history()
+    assert entry.actor.startswith("flow run ") and entry.to_version == "1"
+
+
+def test_models_cli_lists_compares_promotes_and_rolls_back(trained):
+    root, result, _ = trained
+    params = str(root / "params.yaml")
+    registry = ModelRegistry.of(load_config(root / "params.yaml"))
+    registry.register(
+        result.export.directory,
+        result.mlflow_run,
+        {"flywheel.parity.passed": "true", "flywheel.data_version": result.data_version},
+        "the same export again",
+    )
+
+    def models(*args: str, code: int = 0) -> str:
+        out = CliRunner().invoke(app, ["models", *args, "--params", params])
+        assert out.exit_code == code, out.output
+        return out.output
+
+    listed = models("list")
+    rows = [line.split() for line in listed.splitlines() if line[:1].isdigit()]
+    assert [row[:2] for row in rows] == [["2", "-"], ["1", "champion"]]
+    assert result.data_version[:12] in listed
+    same = models("compare", "champion", "2")
+    assert "0 disagreements (0.00%)" in same and "per-slice accuracy" in same
+    refused = models(
+        "promote", "2", "--reason", "too strict", "--set", "registry.min_test_macro_f1=1.0", code=1
+    )
+    assert "FAIL  test macro-F1" in refused and "version 2 is not promoted" in refused
+    assert registry.alias(CHAMPION) == "1"
+    promoted = models("promote", "2", "--reason", "identical model: a tie")
+    assert "version 2 is champion (all gates passed; champion was 1)" in promoted
+    assert (registry.alias(CHAMPION), registry.alias(PREVIOUS)) == ("2", "1")
+    models("promote", "2", "--reason", "again", code=2)  # already champion: a clear error
+    models("rollback", "--reason", "undo")
+    assert (registry.alias(CHAMPION), registry.alias(PREVIOUS)) == ("1", "2")
+    history = models("history").splitlines()
+    assert len(history) == 5
+    assert "champion: 1 -> 2" in history[1] and "via flywheel models promote" in history[1]
+    assert "champion: 2 -> 1" in history[3] and "undo" in history[3]
 
 
 def wait_for_checkpoint(root: Path, min_step: int, proc: subprocess.Popen, timeout: float) -> int:

@@ -18,6 +18,7 @@ from flywheel.tasks.export import (
     copy_preprocessing,
     export_fp32,
     node_groups,
+    optimize_graph,
     quantize,
 )
 
@@ -227,3 +228,22 @@ def test_a_wrong_export_stops_and_leaves_nothing(tmp_path, bundle_dir):
     with pytest.raises(ExportParityError, match="ONNX fp32 logits differ from PyTorch"):
         export(cfg, bundle_dir, val, test)
     assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["best"]
+
+
+def test_graph_optimization_keeps_logits_and_the_node_names_groups_refer_to(exported, tmp_path):
+    bundle, out = exported
+    raw = out / "fp32.onnx"
+    optimized = tmp_path / "optimized.onnx"
+    texts = TEXTS * 5
+    result = optimize_graph(raw, optimized, 12, 384, out, texts, 1e-4, min_speedup=0.0)
+    assert result.applied and result.fused.get("SkipLayerNormalization", 0) > 0
+    assert result.max_logit_diff < 1e-4
+    assert onnx.load(str(optimized)).graph.node[0].metadata_props == []  # metadata dropped ...
+    names = {n.name for n in onnx.load(str(optimized)).graph.node}
+    assert {n for nodes in node_groups(raw).values() for n in nodes} <= names  # ... names kept
+    groups = node_groups(raw)
+    mixed = quantize(optimized, tmp_path / "mixed.onnx", False, next(iter(groups.values())))
+    assert np.abs(OnnxPredictor(out, mixed).logits(texts) - bundle.logits(texts)).max() < 0.5
+    slower = optimize_graph(raw, optimized, 12, 384, out, texts, 1e-4, min_speedup=100.0)
+    assert not slower.applied
+    assert optimized.read_bytes() == raw.read_bytes()  # not faster: the raw export is kept

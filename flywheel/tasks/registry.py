@@ -1,0 +1,750 @@
+"""Register and promote: the exported model as one MLflow model version, moved between aliases
+only through explicit gates (docs/decisions/0006).
+
+    register  the export folder (model.onnx, tokenizer, label map) as a pyfunc model from code
+              (flywheel/models/mlflow_model.py, nothing pickled), with signature and input
+              example; the version is tagged with its lineage (data version, git commit, flow
+              run), the ONNX model's test metrics, parity and latency. Artifacts are uploaded and
+              checked first and the version is created last, so a failure leaves no version.
+    promote   the gates of params.yaml's `registry` section on the current test split, with the
+              champion re-scored on it: passing -> alias `champion` (the old champion keeps
+              `previous`); failing -> alias `challenger` and the reasons as a version tag.
+    audit     every alias move is appended to the registered model's tags (`flywheel.audit.N`):
+              time, alias, from -> to version, metrics, reason and who or what moved it.
+"""
+
+from __future__ import annotations
+
+import getpass
+import importlib.metadata
+import json
+import shutil
+import tempfile
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pandas as pd
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from flywheel import tracking
+from flywheel.config import Config, RegistryConfig
+from flywheel.errors import FlywheelError
+from flywheel.io import read_parquet, write_json
+from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
+from flywheel.tasks.evaluate import (
+    EvaluationReport,
+    Metrics,
+    SliceMetrics,
+    compute_metrics,
+    evaluate_model,
+    slice_metrics,
+)
+
+if TYPE_CHECKING:
+    from mlflow.entities.model_registry import ModelVersion
+
+    from flywheel.tasks.clean import PrepareResult
+    from flywheel.tasks.export import ExportResult
+
+CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
+ALIASES = (CHAMPION, PREVIOUS, CHALLENGER)
+AUDIT_PREFIX = "flywheel.audit."
+PROMOTION_TAG = "flywheel.promotion"  # the gates' decision when it was made: promoted, rejected
+REASONS_TAG = "flywheel.promotion.reasons"
+# The registered artifact: what the predictor reads, without the fp32 reference copy.
+EXPORT_FILES_SKIPPED = ("fp32.onnx", ".flywheel-output")
+# The predictor's modules, shipped with every version so that loading needs no flywheel install.
+PREDICTOR_MODULES = (
+    "__init__.py",
+    "errors.py",
+    "pii.py",
+    "text.py",
+    "models/__init__.py",
+    "models/bundle.py",
+    "models/predictor.py",
+)
+RUNTIME_REQUIREMENTS = ("mlflow", "onnxruntime", "transformers", "tokenizers", "numpy")
+
+
+class RegistryError(FlywheelError):
+    """A registry operation that cannot be done as asked (unknown version, missing alias...)."""
+
+
+# --- gates (pure) -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scores:
+    """A model's scores on one test split: overall and per slice."""
+
+    metrics: Metrics
+    slices: list[SliceMetrics]
+
+    @classmethod
+    def of(cls, report: EvaluationReport) -> Scores:
+        return cls(report.metrics, report.slices)
+
+    @classmethod
+    def compute(cls, frame: pd.DataFrame, proba: np.ndarray, labels: Sequence[str]) -> Scores:
+        return cls(
+            compute_metrics(frame["label"].tolist(), proba, labels),
+            slice_metrics(frame, proba, labels),
+        )
+
+    def headline(self) -> dict[str, float]:
+        return {"test_macro_f1": self.metrics.macro_f1, "test_accuracy": self.metrics.accuracy}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A model version as the gates see it."""
+
+    version: str
+    scores: Scores  # on the current test split
+    parity_passed: bool  # the export's parity gate (ONNX vs PyTorch, int8 vs fp32)
+    p95_ms: float  # single-text latency
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    passed: bool
+    detail: str
+
+
+def gate_checks(candidate: Candidate, champion: Scores | None, rc: RegistryConfig) -> list[Check]:
+    """Every promotion gate, passed or not. `champion` is the current champion re-scored on the
+    same test split as the candidate (None when there is no champion yet)."""
+    m = candidate.scores.metrics
+    checks = [
+        Check(
+            "min_test_macro_f1",
+            m.macro_f1 >= rc.min_test_macro_f1,
+            f"test macro-F1 {m.macro_f1:.4f} vs minimum {rc.min_test_macro_f1:.4f}",
+        ),
+        Check(
+            "parity",
+            candidate.parity_passed,
+            "export parity gate " + ("passed" if candidate.parity_passed else "failed"),
+        ),
+        Check(
+            "max_p95_latency_ms",
+            candidate.p95_ms <= rc.max_p95_latency_ms,
+            f"p95 latency {candidate.p95_ms:.1f} ms vs bound {rc.max_p95_latency_ms:.1f} ms",
+        ),
+    ]
+    if champion is None:
+        return checks
+    c = champion.metrics
+    checks.append(
+        Check(
+            "max_macro_f1_drop",
+            m.macro_f1 >= c.macro_f1 - rc.max_macro_f1_drop,
+            f"test macro-F1 {m.macro_f1:.4f} vs champion {c.macro_f1:.4f} "
+            f"(may be lower by {rc.max_macro_f1_drop:.4f})",
+        )
+    )
+    theirs = {s.slice: s for s in champion.slices}
+    for ours in candidate.scores.slices:
+        other = theirs.get(ours.slice)
+        if other is None or ours.rows < rc.min_slice_rows:
+            continue
+        checks.append(
+            Check(
+                f"slice {ours.slice}",
+                ours.accuracy >= other.accuracy - rc.max_slice_drop,
+                f"slice {ours.slice} ({ours.rows} rows) accuracy {ours.accuracy:.4f} vs "
+                f"champion {other.accuracy:.4f} (may be lower by {rc.max_slice_drop:.4f})",
+            )
+        )
+    return checks
+
+
+# --- the registry (MLflow) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: str
+    aliases: list[str]
+    created: str  # ISO time, UTC
+    tags: dict[str, str]
+    source: str
+    run_id: str | None
+
+    def tag_float(self, key: str) -> float | None:
+        value = self.tags.get(key)
+        return float(value) if value not in (None, "") else None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One alias move."""
+
+    time: str
+    alias: str
+    from_version: str | None
+    to_version: str | None
+    reason: str
+    actor: str
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    def line(self) -> str:
+        moved = f"{self.alias}: {self.from_version or '-'} -> {self.to_version or '-'}"
+        scores = ", ".join(f"{k} {v:.4f}" for k, v in self.metrics.items())
+        return f"{self.time}  {moved:<24} by {self.actor}: {self.reason}" + (
+            f" [{scores}]" if scores else ""
+        )
+
+
+def _when(millis: int | None) -> str:
+    return datetime.fromtimestamp((millis or 0) / 1000, UTC).isoformat(timespec="seconds")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+class ModelRegistry:
+    """One registered model in one MLflow store; every registry call of Flywheel goes here."""
+
+    def __init__(self, uri: str, name: str):
+        self.uri, self.name = uri, name
+        self.client = tracking.client(uri)
+
+    @classmethod
+    def of(cls, cfg: Config) -> ModelRegistry:
+        return cls(tracking.tracking_uri(cfg.root), cfg.registry.model_name)
+
+    def exists(self) -> bool:
+        return bool(self.client.search_registered_models(f"name = '{self.name}'"))
+
+    def _model(self) -> Any:
+        if not self.exists():
+            raise RegistryError(
+                f"no registered model {self.name!r} in {self.uri}: run `flywheel run` first"
+            )
+        return self.client.get_registered_model(self.name)
+
+    def aliases(self) -> dict[str, str]:
+        """Alias -> version number (as text)."""
+        if not self.exists():
+            return {}
+        return {alias: str(v) for alias, v in self._model().aliases.items()}
+
+    def _info(self, mv: ModelVersion, aliases: dict[str, str] | None = None) -> VersionInfo:
+        # Searching versions does not fill in their aliases: they come from the model.
+        aliases = self.aliases() if aliases is None else aliases
+        return VersionInfo(
+            str(mv.version),
+            sorted(a for a, v in aliases.items() if v == str(mv.version)),
+            _when(mv.creation_timestamp),
+            dict(mv.tags or {}),
+            mv.source,
+            mv.run_id,
+        )
+
+    def versions(self) -> list[VersionInfo]:
+        """Every version, newest first."""
+        if not self.exists():
+            return []
+        found = self.client.search_model_versions(f"name = '{self.name}'")
+        aliases = self.aliases()
+        return sorted((self._info(mv, aliases) for mv in found), key=lambda v: -int(v.version))
+
+    def alias(self, alias: str) -> str | None:
+        """The version an alias points at, or None."""
+        return self.aliases().get(alias)
+
+    def version(self, ref: str) -> VersionInfo:
+        """A version by number or alias (`3`, `champion`)."""
+        self._model()  # a clear error when nothing is registered yet
+        aliases = self.aliases()
+        number = aliases.get(ref, ref)
+        if not number.isdigit():
+            known = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
+            raise RegistryError(
+                f"{ref!r} is neither a version number nor an alias (aliases: {known})"
+            )
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self._info(self.client.get_model_version(self.name, str(number)))
+        except MlflowException:
+            raise RegistryError(f"{self.name} has no version {number}") from None
+
+    def register(
+        self, export_dir: Path, run: tracking.RunRef, tags: dict[str, str], description: str
+    ) -> VersionInfo:
+        """The export folder as a new version. Artifacts are uploaded and verified before the
+        version exists; any failure leaves the registry as it was (no version, no alias)."""
+        from mlflow.exceptions import MlflowException
+
+        with tempfile.TemporaryDirectory(prefix="flywheel-register-") as tmp:
+            staged = _save_pyfunc(export_dir, Path(tmp))
+            logged = self.client.create_logged_model(
+                run.experiment_id, name="model", source_run_id=run.run_id
+            )
+            try:
+                self.client.log_model_artifacts(logged.model_id, str(staged))
+                self._verify(logged.artifact_location, staged)
+            except BaseException:
+                self.client.finalize_logged_model(logged.model_id, "FAILED")
+                raise
+            self.client.finalize_logged_model(logged.model_id, "READY")
+        try:
+            self.client.create_registered_model(self.name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        mv = self.client.create_model_version(
+            self.name,
+            source=logged.artifact_location,
+            run_id=run.run_id,
+            tags=tags,
+            description=description,
+            model_id=logged.model_id,
+        )
+        return self._info(mv)
+
+    def _verify(self, artifact_uri: str, staged: Path) -> None:
+        """Every staged file arrived, with its size: a partial upload is not a model."""
+        import mlflow.artifacts
+
+        local = {
+            p.relative_to(staged).as_posix(): p.stat().st_size
+            for p in staged.rglob("*")
+            if p.is_file()
+        }
+        remote: dict[str, int | None] = {}
+        pending = [""]
+        while pending:
+            prefix = pending.pop()
+            for item in mlflow.artifacts.list_artifacts(
+                artifact_uri=f"{artifact_uri}/{prefix}".rstrip("/"), tracking_uri=self.uri
+            ):
+                path = f"{prefix}/{Path(item.path).name}".lstrip("/")
+                if item.is_dir:
+                    pending.append(path)
+                else:
+                    remote[path] = item.file_size
+        missing = sorted(p for p, size in local.items() if remote.get(p) != size)
+        if missing:
+            raise RegistryError(
+                f"the upload to {artifact_uri} is incomplete ({len(missing)} of {len(local)} "
+                f"files missing or truncated, e.g. {missing[0]}): nothing was registered"
+            )
+
+    def load(self, version: str) -> OnnxPredictor:
+        """The version's ONNX model with its tokenizer, through the shared predictor."""
+        import mlflow.artifacts
+
+        source = self.version(version).source
+        with tempfile.TemporaryDirectory(prefix="flywheel-model-") as tmp:
+            local = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{source}/artifacts/onnx", dst_path=tmp, tracking_uri=self.uri
+            )
+            return OnnxPredictor(Path(local))  # the session and tokenizer are in memory now
+
+    def set_tags(self, version: str, tags: dict[str, str]) -> None:
+        for key, value in tags.items():
+            self.client.set_model_version_tag(self.name, version, key, value)
+
+    def history(self) -> list[AuditEntry]:
+        """Every alias move, oldest first."""
+        if not self.exists():
+            return []
+        tags = self._model().tags
+        keys = sorted((k for k in tags if k.startswith(AUDIT_PREFIX)), key=_audit_number)
+        return [AuditEntry(**json.loads(tags[k])) for k in keys]
+
+    def move(
+        self,
+        moves: Sequence[tuple[str, str | None]],
+        reason: str,
+        actor: str,
+        metrics: dict[str, float] | None = None,
+    ) -> list[AuditEntry]:
+        """Point each alias at a version (None: remove it) and append the moves to the audit
+        log, all or nothing: on a failure the aliases are put back and no entry is kept."""
+        before = self.aliases()
+        entries = [
+            AuditEntry(_now(), alias, before.get(alias), to, reason[:1000], actor, metrics or {})
+            for alias, to in moves
+            if before.get(alias) != to
+        ]
+        written: list[str] = []
+        try:
+            for entry in entries:
+                if entry.to_version is None:
+                    self.client.delete_registered_model_alias(self.name, entry.alias)
+                else:
+                    self.client.set_registered_model_alias(self.name, entry.alias, entry.to_version)
+            number = max(map(_audit_number, self._model().tags), default=0)
+            for offset, entry in enumerate(entries, start=1):
+                key = f"{AUDIT_PREFIX}{number + offset:06d}"
+                self.client.set_registered_model_tag(self.name, key, json.dumps(asdict(entry)))
+                written.append(key)
+        except BaseException:
+            self._restore(before, [alias for alias, _ in moves], written)
+            raise
+        return entries
+
+    def _restore(
+        self, aliases: dict[str, str], moved: Sequence[str], audit_keys: list[str]
+    ) -> None:
+        for alias in moved:
+            if alias in aliases:
+                self.client.set_registered_model_alias(self.name, alias, aliases[alias])
+            elif alias in self.aliases():
+                self.client.delete_registered_model_alias(self.name, alias)
+        for key in audit_keys:
+            self.client.delete_registered_model_tag(self.name, key)
+
+
+def _audit_number(key: str) -> int:
+    tail = key.removeprefix(AUDIT_PREFIX)
+    return int(tail) if key.startswith(AUDIT_PREFIX) and tail.isdigit() else 0
+
+
+def _save_pyfunc(export_dir: Path, staging: Path) -> Path:
+    """The export folder as a local MLflow pyfunc model (models-from-code) in `staging/model`."""
+    import mlflow.pyfunc
+
+    import flywheel
+
+    onnx_dir, code_dir = staging / "onnx", staging / "code" / "flywheel"
+    onnx_dir.mkdir()
+    for item in export_dir.iterdir():
+        if item.is_file() and item.name not in EXPORT_FILES_SKIPPED:
+            shutil.copy2(item, onnx_dir / item.name)
+    if not (onnx_dir / MODEL_FILE).is_file():
+        raise RegistryError(f"{export_dir} has no {MODEL_FILE}: nothing to register")
+    package = Path(flywheel.__file__).parent
+    for module in PREDICTOR_MODULES:
+        (code_dir / module).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(package / module, code_dir / module)
+    out = staging / "model"
+    with warnings.catch_warnings():
+        # The output maps labels to probabilities; MLflow notes that it cannot check `Any`.
+        warnings.filterwarnings("ignore", message=".*Any type hint is inferred as AnyType")
+        mlflow.pyfunc.save_model(
+            str(out),
+            python_model=str(package / "models" / "mlflow_model.py"),
+            artifacts={"onnx": str(onnx_dir)},
+            code_paths=[str(code_dir)],
+            input_example=["A wonderful, moving film."],
+            pip_requirements=[
+                f"{name}=={importlib.metadata.version(name)}" for name in RUNTIME_REQUIREMENTS
+            ],
+        )
+    return out
+
+
+# --- promotion ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the gates said about one version and what moved."""
+
+    version: str
+    promoted: bool
+    checks: list[Check]
+    champion_before: str | None
+    champion_scores: dict[str, float]  # the champion re-scored on the current test split
+    forced: bool = False
+    moves: list[AuditEntry] = field(default_factory=list)
+
+    @property
+    def reasons(self) -> list[str]:
+        return [c.detail for c in self.checks if not c.passed]
+
+    def summary(self) -> str:
+        before = f"champion was {self.champion_before}" if self.champion_before else "no champion"
+        if self.promoted:
+            how = "forced past the gates" if self.forced else "all gates passed"
+            return f"version {self.version} is champion ({how}; {before})"
+        outcome = "is challenger" if self.moves else "is not promoted"
+        return f"version {self.version} {outcome} ({before}): " + "; ".join(self.reasons)
+
+
+def promote(
+    registry: ModelRegistry,
+    candidate: Candidate,
+    champion: Scores | None,
+    rc: RegistryConfig,
+    reason: str,
+    actor: str,
+    *,
+    force: bool = False,
+    challenger_on_fail: bool = True,
+) -> Decision:
+    """Run the gates and move the aliases: champion (+ previous) when they pass or `force`,
+    otherwise challenger (when `challenger_on_fail`) with the reasons tagged on the version."""
+    before = registry.alias(CHAMPION)
+    checks = gate_checks(candidate, champion, rc)
+    failed = "; ".join(c.detail for c in checks if not c.passed)
+    passed = not failed
+    v = candidate.version
+    metrics = candidate.scores.headline()
+    champion_scores = champion.headline() if champion else {}
+    if passed or force:
+        moves: list[tuple[str, str | None]] = [(CHAMPION, v)]
+        if before is not None and before != v:
+            moves.append((PREVIOUS, before))
+        if registry.alias(CHALLENGER) == v:
+            moves.append((CHALLENGER, None))
+        why = reason if passed else f"{reason} (forced; failed gates: {failed})"
+        entries = registry.move(moves, why, actor, metrics)
+        registry.set_tags(v, {PROMOTION_TAG: "promoted", REASONS_TAG: why[:5000]})
+        return Decision(v, True, checks, before, champion_scores, not passed, entries)
+    entries = []
+    if challenger_on_fail:
+        why = f"{reason}: gates failed: {failed}"
+        entries = registry.move([(CHALLENGER, v)], why, actor, metrics)
+        registry.set_tags(v, {PROMOTION_TAG: "rejected", REASONS_TAG: failed[:5000]})
+    return Decision(v, False, checks, before, champion_scores, False, entries)
+
+
+def score_version(
+    registry: ModelRegistry, version: str, frame: pd.DataFrame
+) -> tuple[Scores, OnnxPredictor, np.ndarray]:
+    """A registered version scored on `frame` now (stale tags do not count): its scores, its
+    predictor and the probabilities."""
+    predictor = registry.load(version)
+    proba = predictor.predict_proba(frame["text"].tolist())
+    return Scores.compute(frame, proba, predictor.labels), predictor, proba
+
+
+def manual_promotion(
+    registry: ModelRegistry,
+    cfg: Config,
+    ref: str,
+    frame: pd.DataFrame,
+    reason: str,
+    force: bool = False,
+) -> Decision:
+    """`flywheel models promote`: the pipeline's gates with both models scored on `frame` and
+    the candidate's latency measured now; nothing moves when they fail (unless `force`)."""
+    from flywheel.tasks.export import measure_latency
+
+    info = registry.version(ref)
+    champion = registry.alias(CHAMPION)
+    if champion == info.version:
+        raise RegistryError(f"version {info.version} is already champion")
+    scores, predictor, _ = score_version(registry, info.version, frame)
+    latency = measure_latency(predictor, frame["text"].tolist()[: cfg.export.latency_texts])
+    candidate = Candidate(
+        info.version, scores, info.tags.get("flywheel.parity.passed") == "true", latency.p95_ms
+    )
+    champion_scores = score_version(registry, champion, frame)[0] if champion else None
+    return promote(
+        registry,
+        candidate,
+        champion_scores,
+        cfg.registry,
+        reason,
+        cli_actor("promote"),
+        force=force,
+        challenger_on_fail=False,
+    )
+
+
+def rollback(registry: ModelRegistry, reason: str, actor: str) -> list[AuditEntry]:
+    """Champion back to `previous`; the rolled-back version becomes `previous`, so a second
+    rollback undoes the first."""
+    champion, previous = registry.alias(CHAMPION), registry.alias(PREVIOUS)
+    if previous is None:
+        raise RegistryError(
+            f"{registry.name} has no `previous` version to roll back to "
+            f"(champion: {champion or 'none'}); see `flywheel models history`"
+        )
+    return registry.move([(CHAMPION, previous), (PREVIOUS, champion)], reason, actor)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Two versions scored on the same test split."""
+
+    a: str
+    b: str
+    rows: int
+    metrics: dict[str, tuple[float, float]]  # name -> (a, b)
+    per_class: dict[str, tuple[float, float]]  # label -> F1 (a, b)
+    slices: dict[str, tuple[float, float, int]]  # slice -> accuracy (a, b), rows
+    disagree: int  # texts on which the two labels differ
+    disagreements: list[dict[str, str]]  # the first `limit` of them: text, label, a, b
+
+
+def compare_versions(
+    registry: ModelRegistry, a: str, b: str, frame: pd.DataFrame, limit: int = 20
+) -> Comparison:
+    """Score versions `a` and `b` (numbers or aliases) on `frame`; list where they disagree."""
+    va, vb = registry.version(a), registry.version(b)
+    texts = frame["text"].tolist()
+    (sa, ma, pa), (sb, mb, pb) = (score_version(registry, v.version, frame) for v in (va, vb))
+    pred_a, pred_b = np.asarray(ma.labels)[pa.argmax(1)], np.asarray(mb.labels)[pb.argmax(1)]
+    differ = np.flatnonzero(pred_a != pred_b)
+    keys = ("accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece")
+    slices_b = {s.slice: s for s in sb.slices}
+    return Comparison(
+        va.version,
+        vb.version,
+        len(frame),
+        {k: (getattr(sa.metrics, k), getattr(sb.metrics, k)) for k in keys},
+        {
+            label: (m.f1, sb.metrics.per_class[label].f1)
+            for label, m in sa.metrics.per_class.items()
+            if label in sb.metrics.per_class
+        },
+        {
+            s.slice: (s.accuracy, slices_b[s.slice].accuracy, s.rows)
+            for s in sa.slices
+            if s.slice in slices_b
+        },
+        len(differ),
+        [
+            {"text": texts[i], "label": str(frame["label"].iloc[i]), "a": pred_a[i], "b": pred_b[i]}
+            for i in differ[:limit]
+        ],
+    )
+
+
+def cli_actor(command: str) -> str:
+    return f"{getpass.getuser()} via flywheel models {command}"
+
+
+# --- flow tasks ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registered:
+    """A registered version and the scores it was registered with."""
+
+    name: str
+    version: str
+    report: EvaluationReport  # the ONNX model on the test split
+    report_dir: Path
+    parity_passed: bool
+    p95_ms: float
+    run_id: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+
+def version_tags(
+    lineage: tracking.Lineage, exported: ExportResult, report: EvaluationReport, pipeline_run: str
+) -> dict[str, str]:
+    """What a version is made of and how good it is, as registry tags."""
+    m = report.metrics
+    tags = {
+        "flywheel.data_version": lineage.data_version,
+        "flywheel.git_commit": lineage.git_commit,
+        "flywheel.git_dirty": str(lineage.git_dirty).lower(),
+        "flywheel.flow_run_id": lineage.flow_run_id or "none",
+        "flywheel.mlflow_run_id": pipeline_run,
+        "flywheel.variant": exported.chosen,
+        "flywheel.size_mb": f"{(exported.directory / MODEL_FILE).stat().st_size / 1e6:.1f}",
+        "flywheel.test.rows": str(m.rows),
+        "flywheel.test.accuracy": f"{m.accuracy:.6f}",
+        "flywheel.test.macro_f1": f"{m.macro_f1:.6f}",
+        "flywheel.test.weighted_f1": f"{m.weighted_f1:.6f}",
+        "flywheel.test.ece": f"{m.ece:.6f}",
+        "flywheel.parity.passed": "true",  # export raises when fp32 parity fails
+        "flywheel.parity.fp32_max_logit_diff": f"{exported.fp32_max_logit_diff:.3e}",
+        "flywheel.latency.p50_ms": f"{exported.latency.p50_ms:.2f}",
+        "flywheel.latency.p95_ms": f"{exported.latency.p95_ms:.2f}",
+    }
+    if m.roc_auc is not None:
+        tags["flywheel.test.roc_auc"] = f"{m.roc_auc:.6f}"
+    if exported.test is not None:
+        tags |= {
+            "flywheel.parity.test_agreement": f"{exported.test.agreement:.6f}",
+            "flywheel.parity.test_accuracy_loss": f"{exported.test.accuracy_loss:.6f}",
+            "flywheel.parity.test_macro_f1_loss": f"{exported.test.macro_f1_loss:.6f}",
+        }
+    return tags
+
+
+@task(name="register", cache_policy=NO_CACHE)
+def register_task(
+    cfg: Config, prepared: PrepareResult, exported: ExportResult, parent: tracking.RunRef
+) -> Registered:
+    """Score the exported model on test through the ONNX predictor, then register it."""
+    test = read_parquet(prepared.split_paths["test"])
+    registry = ModelRegistry(parent.uri, cfg.registry.model_name)
+    with tracking.stage_run(cfg, "register", parent) as run:
+        report, folder = evaluate_model(cfg, OnnxPredictor(exported.directory), test, "onnx")
+        tracking.log_scalars(run, report.scalars())
+        tracking.log_artifacts(run, folder)
+        info = registry.register(
+            exported.directory,
+            run,
+            version_tags(parent.lineage, exported, report, parent.run_id),
+            f"{exported.chosen} ONNX model, data version {parent.lineage.data_version}",
+        )
+        tracking.set_tags(
+            run, {"flywheel.model_name": registry.name, "flywheel.model_version": info.version}
+        )
+    return Registered(
+        registry.name, info.version, report, folder, True, exported.latency.p95_ms, run.run_id
+    )
+
+
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_task(
+    cfg: Config,
+    prepared: PrepareResult,
+    registered: Registered,
+    parent: tracking.RunRef,
+    actor: str,
+) -> Decision:
+    """Re-score the champion on the current test split, run the gates, move the aliases."""
+    test = read_parquet(prepared.split_paths["test"])
+    registry = ModelRegistry(parent.uri, cfg.registry.model_name)
+    with tracking.stage_run(cfg, "promote", parent) as run:
+        champion = registry.alias(CHAMPION)
+        champion_scores = None
+        if champion is not None and champion != registered.version:
+            report, _ = evaluate_model(cfg, registry.load(champion), test, "champion")
+            champion_scores = Scores.of(report)
+        candidate = Candidate(
+            registered.version,
+            Scores.of(registered.report),
+            registered.parity_passed,
+            registered.p95_ms,
+        )
+        decision = promote(
+            registry,
+            candidate,
+            champion_scores,
+            cfg.registry,
+            reason=f"new version from the pipeline (data {parent.lineage.data_version})",
+            actor=actor,
+        )
+        tracking.log_scalars(
+            run,
+            {"promoted": float(decision.promoted)}
+            | {f"champion_{k}": v for k, v in decision.champion_scores.items()},
+        )
+        tracking.set_tags(
+            run,
+            {
+                "flywheel.model_version": registered.version,
+                PROMOTION_TAG: "promoted" if decision.promoted else "rejected",
+            },
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "decision.json"
+            write_json(path, asdict(decision) | {"reasons": decision.reasons})
+            tracking.log_artifacts(run, path)
+    return decision
