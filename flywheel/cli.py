@@ -235,7 +235,10 @@ def summary_lines(result: Any) -> dict[str, str]:
         "register": f"{result.registered.uri}: ONNX test accuracy "
         f"{result.registered.report.metrics.accuracy:.4f}, macro-F1 "
         f"{result.registered.report.metrics.macro_f1:.4f} -> {result.registered.report_dir}",
-        "promote": result.promotion.summary(),
+        "promote": result.promotion.summary()
+        if result.promotion
+        else "skipped: a one-off data run is registered, not promoted (see flywheel models "
+        "promote)",
         "mlflow": tracking.run_url(result.mlflow_run),
     }
     return lines
@@ -356,12 +359,13 @@ def table(rows: list[dict[str, str]]) -> str:
 def models_list(params: ParamsOption = DEFAULT_PARAMS) -> None:
     """Every version, newest first: aliases, test scores, variant, latency, data version."""
     from flywheel.tasks.registry import ModelRegistry
+    from flywheel.tracking import display_uri
 
     with user_errors(params):
         registry = ModelRegistry.of(load_config(params))
         versions = registry.versions()
     if not versions:
-        typer.echo(f"no versions of {registry.name} in {registry.uri}")
+        typer.echo(f"no versions of {registry.name} in {display_uri(registry.uri)}")
         return
     rows = [
         {
@@ -377,7 +381,7 @@ def models_list(params: ParamsOption = DEFAULT_PARAMS) -> None:
         }
         for v in versions
     ]
-    typer.echo(f"{registry.name} ({registry.uri})\n{table(rows)}")
+    typer.echo(f"{registry.name} ({display_uri(registry.uri)})\n{table(rows)}")
 
 
 @models_app.command("compare")

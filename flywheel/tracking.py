@@ -110,7 +110,8 @@ def experiment_id(root: Path, name: str = EXPERIMENT) -> tuple[str, str]:
     found = mlflow_client.get_experiment_by_name(name)
     if found is not None and found.lifecycle_stage == "deleted":
         raise FlywheelError(
-            f"the MLflow experiment {name!r} (id {found.experiment_id}) in {uri} is deleted: "
+            f"the MLflow experiment {name!r} (id {found.experiment_id}) in {display_uri(uri)} "
+            "is deleted: "
             f"restore it (mlflow experiments restore --experiment-id {found.experiment_id}) "
             "or remove it for good (mlflow gc), then run again"
         )
@@ -265,9 +266,20 @@ def log_artifacts(run: RunRef, local: Path, artifact_path: str | None = None) ->
         mlflow_client.log_artifact(run.run_id, str(local), artifact_path)
 
 
+def display_uri(uri: str) -> str:
+    """A store URI fit to print: user and password (https://user:token@..., postgresql://...)
+    replaced by ***."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if "@" not in parts.netloc:
+        return uri
+    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rsplit("@", 1)[1]))
+
+
 def run_url(run: RunRef) -> str:
     """Where to look at a run: its page on a tracking server, or the store and run id."""
-    uri = run.uri
+    uri = display_uri(run.uri)
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/#/experiments/{run.experiment_id}/runs/{run.run_id}"
     return f"{uri} run {run.run_id}"

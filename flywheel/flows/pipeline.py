@@ -62,7 +62,9 @@ def pipeline(
     """Run the pipeline on params.yaml; a failed gate stops the flow.
 
     Overrides of data settings make a one-off run: data outputs go to data/runs/<key>/ and the
-    data version is recorded in a .dvc file there, never in dvc.lock (docs/decisions/0002).
+    data version is recorded in a .dvc file there, never in dvc.lock (docs/decisions/0002); its
+    model is registered but not promoted (`flywheel models promote` judges it on the pipeline's
+    test split).
     `resume` continues training from the last checkpoint of the same config and data.
     """
     overrides = overrides or {}
@@ -83,8 +85,10 @@ def pipeline(
         evaluation = evaluate_task(cfg, prepared, trained, baseline, run)
         exported = export_task(cfg, prepared, trained, run)
         registered = register_task(cfg, prepared, exported, run)
-        actor = f"flow run {flow_run.get_name() or 'pipeline'} ({flow_run.get_id() or 'none'})"
-        decision = promote_task(cfg, prepared, registered, run, actor)
+        decision = None
+        if not changes_data(overrides):  # a one-off data run's test split is not the champion's
+            actor = f"flow run {flow_run.get_name() or 'pipeline'} ({flow_run.get_id() or 'none'})"
+            decision = promote_task(cfg, prepared, registered, run, actor)
     return PipelineResult(
         collected,
         validation,

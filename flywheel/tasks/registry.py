@@ -18,10 +18,13 @@ from __future__ import annotations
 import getpass
 import importlib.metadata
 import json
+import logging
+import os
 import shutil
 import tempfile
+import uuid
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -51,6 +54,8 @@ if TYPE_CHECKING:
 
     from flywheel.tasks.clean import PrepareResult
     from flywheel.tasks.export import ExportResult
+
+log = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 ALIASES = (CHAMPION, PREVIOUS, CHALLENGER)
@@ -193,7 +198,8 @@ class AuditEntry:
     to_version: str | None
     reason: str
     actor: str
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # of the version moved to
+    gates: dict[str, float] = field(default_factory=dict)  # the thresholds it was judged by
 
     def line(self) -> str:
         moved = f"{self.alias}: {self.from_version or '-'} -> {self.to_version or '-'}"
@@ -228,7 +234,8 @@ class ModelRegistry:
     def _model(self) -> Any:
         if not self.exists():
             raise RegistryError(
-                f"no registered model {self.name!r} in {self.uri}: run `flywheel run` first"
+                f"no registered model {self.name!r} in {tracking.display_uri(self.uri)}: run "
+                "`flywheel run` first"
             )
         return self.client.get_registered_model(self.name)
 
@@ -276,7 +283,9 @@ class ModelRegistry:
 
         try:
             return self._info(self.client.get_model_version(self.name, str(number)))
-        except MlflowException:
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
             raise RegistryError(f"{self.name} has no version {number}") from None
 
     def register(
@@ -356,12 +365,20 @@ class ModelRegistry:
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
 
+    def delete_tags(self, version: str, keys: Sequence[str]) -> None:
+        """Best effort (used while undoing a failed step)."""
+        for key in keys:
+            try:
+                self.client.delete_model_version_tag(self.name, version, key)
+            except Exception as exc:
+                log.error("registry: could not delete tag %s of version %s: %s", key, version, exc)
+
     def history(self) -> list[AuditEntry]:
         """Every alias move, oldest first."""
         if not self.exists():
             return []
         tags = self._model().tags
-        keys = sorted((k for k in tags if k.startswith(AUDIT_PREFIX)), key=_audit_number)
+        keys = sorted(k for k in tags if k.startswith(AUDIT_PREFIX))  # keys sort by time
         return [AuditEntry(**json.loads(tags[k])) for k in keys]
 
     def move(
@@ -370,47 +387,60 @@ class ModelRegistry:
         reason: str,
         actor: str,
         metrics: dict[str, float] | None = None,
+        gates: dict[str, float] | None = None,
     ) -> list[AuditEntry]:
-        """Point each alias at a version (None: remove it) and append the moves to the audit
-        log, all or nothing: on a failure the aliases are put back and no entry is kept."""
+        """Point each alias at a version (None: remove it), all or nothing, each move logged.
+
+        The audit entries are written first and `champion` is moved last, so no failure can
+        leave the champion moved without its entry; on a failure every alias is put back and
+        the entries written are deleted (best effort: the original error is what is raised).
+        """
         before = self.aliases()
         entries = [
-            AuditEntry(_now(), alias, before.get(alias), to, reason[:1000], actor, metrics or {})
+            AuditEntry(
+                _now(),
+                alias,
+                before.get(alias),
+                to,
+                reason[:1000],
+                actor,
+                metrics or {},
+                gates or {},
+            )
             for alias, to in moves
             if before.get(alias) != to
         ]
         written: list[str] = []
         try:
             for entry in entries:
+                # unique per entry and sortable by time: concurrent writers cannot collide
+                stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
+                key = f"{AUDIT_PREFIX}{stamp}-{uuid.uuid4().hex[:8]}"
+                self.client.set_registered_model_tag(self.name, key, json.dumps(asdict(entry)))
+                written.append(key)
+            for entry in sorted(entries, key=lambda e: e.alias == CHAMPION):
                 if entry.to_version is None:
                     self.client.delete_registered_model_alias(self.name, entry.alias)
                 else:
                     self.client.set_registered_model_alias(self.name, entry.alias, entry.to_version)
-            number = max(map(_audit_number, self._model().tags), default=0)
-            for offset, entry in enumerate(entries, start=1):
-                key = f"{AUDIT_PREFIX}{number + offset:06d}"
-                self.client.set_registered_model_tag(self.name, key, json.dumps(asdict(entry)))
-                written.append(key)
         except BaseException:
-            self._restore(before, [alias for alias, _ in moves], written)
+            self._restore(before, [e.alias for e in entries], written)
             raise
         return entries
 
-    def _restore(
-        self, aliases: dict[str, str], moved: Sequence[str], audit_keys: list[str]
-    ) -> None:
-        for alias in moved:
-            if alias in aliases:
-                self.client.set_registered_model_alias(self.name, alias, aliases[alias])
-            elif alias in self.aliases():
-                self.client.delete_registered_model_alias(self.name, alias)
-        for key in audit_keys:
-            self.client.delete_registered_model_tag(self.name, key)
-
-
-def _audit_number(key: str) -> int:
-    tail = key.removeprefix(AUDIT_PREFIX)
-    return int(tail) if key.startswith(AUDIT_PREFIX) and tail.isdigit() else 0
+    def _restore(self, aliases: dict[str, str], moved: Sequence[str], keys: list[str]) -> None:
+        """Put aliases back and delete audit entries; each step on its own, failures logged."""
+        steps = [
+            (lambda a=alias: self.client.set_registered_model_alias(self.name, a, aliases[a]))
+            if alias in aliases
+            else (lambda a=alias: self.client.delete_registered_model_alias(self.name, a))
+            for alias in moved
+        ] + [(lambda k=key: self.client.delete_registered_model_tag(self.name, k)) for key in keys]
+        for step in steps:
+            try:
+                step()
+            except Exception as exc:  # keep restoring; the caller re-raises the first error
+                log.error("registry: could not undo a step of a failed alias move: %s", exc)
 
 
 def _save_pyfunc(export_dir: Path, staging: Path) -> Path:
@@ -483,17 +513,24 @@ def promote(
     reason: str,
     actor: str,
     *,
+    champion_error: str | None = None,
     force: bool = False,
     challenger_on_fail: bool = True,
 ) -> Decision:
     """Run the gates and move the aliases: champion (+ previous) when they pass or `force`,
-    otherwise challenger (when `challenger_on_fail`) with the reasons tagged on the version."""
+    otherwise challenger (when `challenger_on_fail`) with the reasons tagged on the version.
+
+    `champion_error` says why the current champion could not be re-scored: a failed gate (its
+    stored numbers are stale, so nothing can stand in for them)."""
     before = registry.alias(CHAMPION)
     checks = gate_checks(candidate, champion, rc)
+    if champion_error is not None:
+        checks.append(Check("champion re-scored", False, champion_error))
     failed = "; ".join(c.detail for c in checks if not c.passed)
     passed = not failed
     v = candidate.version
     metrics = candidate.scores.headline()
+    gates = rc.model_dump(exclude={"model_name"})
     champion_scores = champion.headline() if champion else {}
     if passed or force:
         moves: list[tuple[str, str | None]] = [(CHAMPION, v)]
@@ -502,15 +539,20 @@ def promote(
         if registry.alias(CHALLENGER) == v:
             moves.append((CHALLENGER, None))
         why = reason if passed else f"{reason} (forced; failed gates: {failed})"
-        entries = registry.move(moves, why, actor, metrics)
-        registry.set_tags(v, {PROMOTION_TAG: "promoted", REASONS_TAG: why[:5000]})
-        return Decision(v, True, checks, before, champion_scores, not passed, entries)
-    entries = []
-    if challenger_on_fail:
+        tags = {PROMOTION_TAG: "promoted", REASONS_TAG: why[:5000]}
+    elif challenger_on_fail:
+        moves = [(CHALLENGER, v)]
         why = f"{reason}: gates failed: {failed}"
-        entries = registry.move([(CHALLENGER, v)], why, actor, metrics)
-        registry.set_tags(v, {PROMOTION_TAG: "rejected", REASONS_TAG: failed[:5000]})
-    return Decision(v, False, checks, before, champion_scores, False, entries)
+        tags = {PROMOTION_TAG: "rejected", REASONS_TAG: failed[:5000]}
+    else:
+        return Decision(v, False, checks, before, champion_scores)
+    registry.set_tags(v, tags)  # before the move: a moved alias always has its reasons
+    try:
+        entries = registry.move(moves, why, actor, metrics, gates)
+    except BaseException:
+        registry.delete_tags(v, list(tags))
+        raise
+    return Decision(v, passed or force, checks, before, champion_scores, not passed, entries)
 
 
 def score_version(
@@ -544,7 +586,9 @@ def manual_promotion(
     candidate = Candidate(
         info.version, scores, info.tags.get("flywheel.parity.passed") == "true", latency.p95_ms
     )
-    champion_scores = score_version(registry, champion, frame)[0] if champion else None
+    champion_scores, error = rescore_champion(
+        champion, lambda: score_version(registry, champion, frame)[0]
+    )
     return promote(
         registry,
         candidate,
@@ -552,9 +596,24 @@ def manual_promotion(
         cfg.registry,
         reason,
         cli_actor("promote"),
+        champion_error=error,
         force=force,
         challenger_on_fail=False,
     )
+
+
+def rescore_champion(
+    champion: str | None, score: Callable[[], Scores]
+) -> tuple[Scores | None, str | None]:
+    """The champion's scores now, or why they could not be had (missing artifacts, labels that
+    no longer match the data...): a reason for the gates, not a crash after registration."""
+    if champion is None:
+        return None, None
+    try:
+        return score(), None
+    except Exception as exc:
+        log.warning("registry: champion %s could not be re-scored: %s", champion, exc)
+        return None, f"champion {champion} could not be re-scored on the test split: {exc}"
 
 
 def rollback(registry: ModelRegistry, reason: str, actor: str) -> list[AuditEntry]:
@@ -566,7 +625,10 @@ def rollback(registry: ModelRegistry, reason: str, actor: str) -> list[AuditEntr
             f"{registry.name} has no `previous` version to roll back to "
             f"(champion: {champion or 'none'}); see `flywheel models history`"
         )
-    return registry.move([(CHAMPION, previous), (PREVIOUS, champion)], reason, actor)
+    info = registry.version(previous)  # its scores as registered (rollback re-scores nothing)
+    scores = {f"test_{m}": info.tag_float(f"flywheel.test.{m}") for m in ("macro_f1", "accuracy")}
+    metrics = {name: value for name, value in scores.items() if value is not None}
+    return registry.move([(CHAMPION, previous), (PREVIOUS, champion)], reason, actor, metrics)
 
 
 @dataclass(frozen=True)
@@ -618,7 +680,12 @@ def compare_versions(
 
 
 def cli_actor(command: str) -> str:
-    return f"{getpass.getuser()} via flywheel models {command}"
+    """Who moved an alias from the command line (the OS user; the uid when it has no name)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container uid without a passwd entry
+        user = f"uid {os.getuid()}"
+    return f"{user} via flywheel models {command}"
 
 
 # --- flow tasks ---------------------------------------------------------------------------------
@@ -659,7 +726,7 @@ def version_tags(
         "flywheel.test.macro_f1": f"{m.macro_f1:.6f}",
         "flywheel.test.weighted_f1": f"{m.weighted_f1:.6f}",
         "flywheel.test.ece": f"{m.ece:.6f}",
-        "flywheel.parity.passed": "true",  # export raises when fp32 parity fails
+        "flywheel.parity.passed": str(exported.parity_passed).lower(),
         "flywheel.parity.fp32_max_logit_diff": f"{exported.fp32_max_logit_diff:.3e}",
         "flywheel.latency.p50_ms": f"{exported.latency.p50_ms:.2f}",
         "flywheel.latency.p95_ms": f"{exported.latency.p95_ms:.2f}",
@@ -696,7 +763,13 @@ def register_task(
             run, {"flywheel.model_name": registry.name, "flywheel.model_version": info.version}
         )
     return Registered(
-        registry.name, info.version, report, folder, True, exported.latency.p95_ms, run.run_id
+        registry.name,
+        info.version,
+        report,
+        folder,
+        exported.parity_passed,
+        exported.latency.p95_ms,
+        run.run_id,
     )
 
 
@@ -713,10 +786,10 @@ def promote_task(
     registry = ModelRegistry(parent.uri, cfg.registry.model_name)
     with tracking.stage_run(cfg, "promote", parent) as run:
         champion = registry.alias(CHAMPION)
-        champion_scores = None
-        if champion is not None and champion != registered.version:
-            report, _ = evaluate_model(cfg, registry.load(champion), test, "champion")
-            champion_scores = Scores.of(report)
+        champion_scores, error = rescore_champion(
+            champion,
+            lambda: Scores.of(evaluate_model(cfg, registry.load(champion), test, "champion")[0]),
+        )
         candidate = Candidate(
             registered.version,
             Scores.of(registered.report),
@@ -730,6 +803,7 @@ def promote_task(
             cfg.registry,
             reason=f"new version from the pipeline (data {parent.lineage.data_version})",
             actor=actor,
+            champion_error=error,
         )
         tracking.log_scalars(
             run,

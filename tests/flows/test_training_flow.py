@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -24,7 +25,7 @@ from flywheel.flows.pipeline import pipeline
 from flywheel.io import file_md5
 from flywheel.models.predictor import OnnxPredictor
 from flywheel.tasks.collect import read_embedded
-from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry
+from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry, promote_task
 from flywheel.tasks.train import META_FILE
 from mlflow import MlflowClient
 from tests.conftest import make_project, run
@@ -284,6 +285,17 @@ def test_models_cli_lists_compares_promotes_and_rolls_back(trained):
     assert len(history) == 5
     assert "champion: 1 -> 2" in history[1] and "via flywheel models promote" in history[1]
     assert "champion: 2 -> 1" in history[3] and "undo" in history[3]
+
+    # the pipeline's promote stage with a champion in place: it is re-scored on the test split
+    cfg = load_config(root / "params.yaml")
+    again = replace(result.registered, version="2")
+    decision = promote_task.fn(cfg, result.prepare, again, result.mlflow_run, "test")
+    assert decision.promoted and decision.champion_before == "1"
+    assert decision.champion_scores["test_macro_f1"] == pytest.approx(
+        result.registered.report.metrics.macro_f1, abs=1e-6
+    )  # version 1 is the same model: re-scored, it scores what it was registered with
+    assert (root / "reports" / "evaluation" / "champion" / "report.json").is_file()
+    assert registry.aliases() == {CHAMPION: "2", PREVIOUS: "1"}
 
 
 def wait_for_checkpoint(root: Path, min_step: int, proc: subprocess.Popen, timeout: float) -> int:

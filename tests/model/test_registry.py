@@ -4,7 +4,7 @@ exported (untrained) MiniLM classifier."""
 
 from __future__ import annotations
 
-import json
+import shutil
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -13,11 +13,11 @@ import pandas as pd
 import pytest
 
 from flywheel import tracking
-from flywheel.config import RegistryConfig
+from flywheel.config import Config, RegistryConfig
 from flywheel.models.bundle import ClassifierBundle, Preprocessing
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
 from flywheel.tasks.evaluate import ClassMetrics, Metrics, SliceMetrics
-from flywheel.tasks.export import copy_preprocessing, export_fp32
+from flywheel.tasks.export import copy_preprocessing, export_fp32, quantize
 from flywheel.tasks.registry import (
     CHALLENGER,
     CHAMPION,
@@ -28,10 +28,15 @@ from flywheel.tasks.registry import (
     Scores,
     compare_versions,
     gate_checks,
+    manual_promotion,
     promote,
     rollback,
 )
 
+LENIENT = {"min_test_macro_f1": 0.0, "max_p95_latency_ms": 1000.0}  # an untrained model
+CFG = Config.model_validate(
+    {"data": {"sources": [{"kind": "embedded"}]}, "validate": {"labels": None}, "registry": LENIENT}
+)
 RC = RegistryConfig(
     min_test_macro_f1=0.80,
     max_macro_f1_drop=0.005,
@@ -71,6 +76,10 @@ def test_first_model_is_judged_on_the_absolute_gates_only():
 def test_better_passes_worse_fails_and_a_tie_within_the_margin_passes():
     champion = scores(0.85)
     assert failed(gate_checks(candidate(0.86), champion, RC)) == []
+    assert failed(gate_checks(candidate(0.86, parity=False, p95=60), champion, RC)) == [
+        "parity",
+        "max_p95_latency_ms",
+    ]
     assert failed(gate_checks(candidate(0.846), champion, RC)) == []  # -0.004: within 0.005
     assert failed(gate_checks(candidate(0.844), champion, RC)) == ["max_macro_f1_drop"]
 
@@ -207,18 +216,65 @@ def test_version_refs_and_missing_previous_are_clear_errors(registry, export_dir
         rollback(registry, "why", "ops")
 
 
-def test_compare_scores_both_versions_on_the_same_texts(registry, export_dir):
+FRAME = pd.DataFrame(
+    {
+        "text": [f"{t} Take {i}." for i in range(20) for t in TEXTS],
+        "label": ["pos", "neg", "neg"] * 20,
+        "source": ["s"] * 60,
+    }
+)
+
+
+def test_compare_scores_each_version_on_the_same_texts(registry, export_dir, tmp_path):
+    register(registry, export_dir)
+    int8 = tmp_path / "int8"
+    shutil.copytree(export_dir, int8)
+    quantize(export_dir / MODEL_FILE, int8 / MODEL_FILE, per_channel=False)
+    register(registry, int8)
+    result = compare_versions(registry, "1", "2", FRAME, limit=3)
+    direct = [OnnxPredictor(d).predict_proba(FRAME["text"].tolist()) for d in (export_dir, int8)]
+    labels = [np.asarray(LABELS)[p.argmax(1)] for p in direct]
+    accuracy = [float((lab == FRAME["label"].to_numpy()).mean()) for lab in labels]
+    assert result.metrics["accuracy"] == pytest.approx(tuple(accuracy))
+    assert result.disagree == int((labels[0] != labels[1]).sum())
+    assert len(result.disagreements) == min(3, result.disagree)
+    assert set(result.per_class) == set(LABELS) and "source=s" in result.slices
+
+
+def test_manual_promotion_rescores_the_champion_and_ignores_its_stored_numbers(
+    registry, export_dir
+):
+    register(registry, export_dir, **{"flywheel.test.macro_f1": "0.999"})  # stale, flattering
+    promote(registry, candidate(0.9, version="1"), None, RC, "first", "ci")
+    register(registry, export_dir)
+    decision = manual_promotion(registry, CFG, "2", FRAME, "same model")
+    assert decision.promoted, decision.reasons  # a tie with the re-scored champion
+    assert decision.champion_scores["test_macro_f1"] < 0.999
+    assert registry.aliases() == {CHAMPION: "2", PREVIOUS: "1"}
+
+
+def test_a_champion_that_cannot_be_rescored_fails_the_gates_unless_forced(
+    registry, export_dir, monkeypatch
+):
     register(registry, export_dir)
     register(registry, export_dir)
-    frame = pd.DataFrame(
-        {"text": TEXTS * 4, "label": ["pos", "neg", "neg"] * 4, "source": ["s"] * 12}
-    )
-    result = compare_versions(registry, "1", "2", frame)
-    assert result.rows == 12 and result.disagree == 0  # the same model twice
-    accuracy = result.metrics["accuracy"]
-    assert accuracy[0] == accuracy[1]
-    assert set(result.per_class) == set(LABELS)
-    assert "source=s" in result.slices
+    promote(registry, candidate(0.9, version="1"), None, RC, "first", "ci")
+    real = registry.load
+
+    def champion_gone(version):
+        if version == "1":
+            raise FileNotFoundError("injected: the champion's artifacts are gone")
+        return real(version)
+
+    monkeypatch.setattr(registry, "load", champion_gone)
+    refused = manual_promotion(registry, CFG, "2", FRAME, "try")
+    assert not refused.promoted
+    assert any("champion 1 could not be re-scored" in r for r in refused.reasons)
+    assert registry.aliases() == {CHAMPION: "1"}
+    forced = manual_promotion(registry, CFG, "2", FRAME, "artifacts lost", force=True)
+    assert forced.promoted and forced.forced
+    assert "could not be re-scored" in registry.history()[-1].reason
+    assert registry.history()[-1].gates["min_test_macro_f1"] == 0.0
 
 
 # --- injected failures: nothing half-registered, champion never moved --------------------------
@@ -275,4 +331,24 @@ def test_a_failed_alias_move_puts_every_alias_back(registry, export_dir, monkeyp
     monkeypatch.undo()
     assert registry.alias(CHAMPION) == "1" and registry.alias(PREVIOUS) is None
     assert [(e.alias, e.to_version) for e in registry.history()] == [(CHAMPION, "1")]
-    assert json.loads(json.dumps([e.line() for e in registry.history()]))  # printable
+    assert (
+        registry.history()[0]
+        .line()
+        .endswith("by ci: first [test_macro_f1 0.8500, test_accuracy 0.8500]")
+    )
+
+
+def test_a_failed_version_tag_write_moves_nothing(registry, export_dir, monkeypatch):
+    for _ in range(2):
+        register(registry, export_dir)
+    promote(registry, candidate(0.85, version="1"), None, RC, "first", "ci")
+
+    def boom(*args, **kwargs):
+        raise ConnectionError("injected: tag write failed")
+
+    monkeypatch.setattr(registry.client, "set_model_version_tag", boom)
+    with pytest.raises(ConnectionError):
+        promote(registry, candidate(0.9, version="2"), scores(0.85), RC, "retrain", "ci")
+    monkeypatch.undo()
+    assert registry.aliases() == {CHAMPION: "1"}
+    assert len(registry.history()) == 1
