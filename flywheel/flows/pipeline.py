@@ -4,6 +4,7 @@
             -> baseline (TF-IDF) -> train (fine-tune) -> evaluate (test split, vs baseline)
             -> export (ONNX, int8 search on val, parity gate on test)
             -> register (MLflow model registry) -> promote (gates: champion or challenger)
+            -> report (Prefect artifacts: run summary, per-class metrics)
 
 The model stages run inside one MLflow parent run (see flywheel/tracking.py).
 """
@@ -25,6 +26,7 @@ from flywheel.tasks.collect import CollectResult, collect_task
 from flywheel.tasks.evaluate import EvaluateResult, evaluate_task
 from flywheel.tasks.export import ExportResult, export_task
 from flywheel.tasks.registry import Decision, Registered, promote_task, register_task
+from flywheel.tasks.report import report_task
 from flywheel.tasks.train import TrainResult, train_task
 from flywheel.tasks.validate import ValidationReport, validate_task
 from flywheel.tasks.version import DataVersion, version_task
@@ -74,7 +76,9 @@ def pipeline(
     prepared = prepare_task(cfg, collected, validation)
     version = version_task(cfg, prepared, pipeline_run=not changes_data(overrides))
     if data_only:
-        return PipelineResult(collected, validation, prepared, version)
+        result = PipelineResult(collected, validation, prepared, version)
+        report_task(result)
+        return result
 
     lineage = tracking.Lineage.of(cfg.root, version.data_version, flow_run.get_id())
     with tracking.pipeline_run(
@@ -89,7 +93,7 @@ def pipeline(
         if not changes_data(overrides):  # a one-off data run's test split is not the champion's
             actor = f"flow run {flow_run.get_name() or 'pipeline'} ({flow_run.get_id() or 'none'})"
             decision = promote_task(cfg, prepared, registered, run, actor)
-    return PipelineResult(
+    result = PipelineResult(
         collected,
         validation,
         prepared,
@@ -102,3 +106,5 @@ def pipeline(
         decision,
         run,
     )
+    report_task(result)  # the run summary and per-class table on the flow-run page
+    return result

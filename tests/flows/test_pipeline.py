@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from flywheel import feedback
 from flywheel.cli import app
 from flywheel.flows.pipeline import pipeline
+from flywheel.tasks.report import per_class_rows, summary_markdown
 from flywheel.tasks.validate import DataValidationError
 from flywheel.tasks.version import dir_md5
 
@@ -71,6 +72,10 @@ def test_default_run_versions_the_prepared_data(done):
     assert "up to date" in dvc(root, "status")
     summary = (root / "data" / "prepared" / "summary.json").read_text()
     assert '"exact_duplicates": 56' in summary
+    page = summary_markdown(result)  # the flow-run page's summary (published by report_task)
+    assert "collected 12,808 rows: rotten_tomatoes 12,808" in page
+    assert "Data stages only (no model trained)." in page
+    assert per_class_rows(result) == []
 
 
 def test_dvc_repro_agrees_with_the_flow(done):

@@ -11,12 +11,15 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 import mlflow.pyfunc
 import pytest
 import yaml
 from mlflow.entities import Run
 from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from typer.testing import CliRunner
 
 from flywheel.cli import app, summary_lines
@@ -246,6 +249,38 @@ def test_the_export_is_registered_promoted_and_loads_by_alias(trained, monkeypat
     assert lines["promote"].startswith("version 1 is champion (all gates passed; no champion)")
     [entry] = registry.history()
     assert entry.actor.startswith("flow run ") and entry.to_version == "1"
+
+
+def flow_run_artifacts(flow_run_id: str) -> dict[str, Any]:
+    with get_client(sync_client=True) as prefect:
+        found = prefect.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)])
+            )
+        )
+    return {a.key: a for a in found}
+
+
+def test_the_flow_run_page_has_a_summary_and_a_per_class_table(trained):
+    root, result, _ = trained
+    artifacts = flow_run_artifacts(result.mlflow_run.lineage.flow_run_id)
+    assert set(artifacts) == {"flywheel-run-summary", "flywheel-per-class"}
+    summary = artifacts["flywheel-run-summary"].data
+    m = result.registered.report.metrics
+    assert f"data version `{result.data_version}`" in summary
+    assert result.validation.headline in summary
+    assert f"| exported ONNX ({result.export.chosen}), version 1 | {m.accuracy:.4f} |" in summary
+    assert "version 1 is champion (all gates passed; no champion)" in summary
+    assert "- pass: test macro-F1" in summary
+    assert result.mlflow_run.run_id in summary and "models:/flywheel-classifier/1" in summary
+    table = json.loads(artifacts["flywheel-per-class"].data)
+    assert {(r["model"], r["label"]) for r in table} == {
+        (model, label)
+        for model in ("fine-tuned", "baseline", "onnx")
+        for label in ("fresh", "rotten")
+    }
+    onnx = next(r for r in table if r["model"] == "onnx" and r["label"] == "fresh")
+    assert onnx["f1"] == round(m.per_class["fresh"].f1, 4)
 
 
 def test_models_cli_lists_compares_promotes_and_rolls_back(trained):

@@ -1,0 +1,132 @@
+"""Report: what a pipeline run did, as Prefect artifacts on its flow-run page.
+
+    flywheel-run-summary   markdown: data counts, validation, test metrics of the model vs the
+                           baseline vs the champion (re-scored), parity, the promotion decision
+                           with its reasons, and where the MLflow run and model version are
+    flywheel-per-class     table: precision, recall, F1 and support per label and model
+
+The text is built by plain functions (tested without Prefect); the task only publishes it.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from prefect import task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flywheel import tracking
+
+if TYPE_CHECKING:
+    from flywheel.flows.pipeline import PipelineResult
+
+SUMMARY_KEY = "flywheel-run-summary"
+PER_CLASS_KEY = "flywheel-per-class"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+        *("| " + " | ".join(row) + " |" for row in rows),
+    ]
+
+
+def summary_markdown(result: PipelineResult) -> str:
+    """The run in one page of markdown."""
+    prep = result.prepare
+    lines = [
+        f"# Flywheel run: data version `{result.data_version}`",
+        "",
+        "## Data",
+        f"- collected {result.collect.rows:,} rows: "
+        + ", ".join(f"{k} {v:,}" for k, v in result.collect.rows_per_source.items()),
+        f"- validation: {result.validation.headline}",
+        f"- prepared {prep.report.rows_out:,} rows: "
+        + ", ".join(f"{k} {v:,}" for k, v in prep.rows_per_split.items())
+        + f"; PII masked: {sum(prep.report.pii_counts.values()):,}",
+    ]
+    if result.evaluation is None:
+        return "\n".join([*lines, "", "Data stages only (no model trained)."]) + "\n"
+    model, base = result.evaluation.report.metrics, result.evaluation.baseline.metrics
+    rows = [
+        ["fine-tuned (PyTorch)", f"{model.accuracy:.4f}", f"{model.macro_f1:.4f}"],
+        ["TF-IDF baseline", f"{base.accuracy:.4f}", f"{base.macro_f1:.4f}"],
+    ]
+    if result.registered is not None:
+        onnx = result.registered.report.metrics
+        name = f"exported ONNX ({result.export.chosen}), version {result.registered.version}"
+        rows.append([name, f"{onnx.accuracy:.4f}", f"{onnx.macro_f1:.4f}"])
+    decision = result.promotion
+    if decision is not None and decision.champion_scores:
+        champion = decision.champion_scores
+        rows.append(
+            [
+                f"champion before this run (version {decision.champion_before}, re-scored)",
+                f"{champion['test_accuracy']:.4f}",
+                f"{champion['test_macro_f1']:.4f}",
+            ]
+        )
+    lines += ["", "## Test split", *_table(["model", "accuracy", "macro-F1"], rows)]
+    export = result.export
+    if export is not None:
+        parity = (
+            f"agreement with fp32 {export.test.agreement:.2%}, accuracy loss "
+            f"{100 * export.test.accuracy_loss:.2f} pts, macro-F1 loss "
+            f"{100 * export.test.macro_f1_loss:.2f} pts"
+            if export.test is not None
+            else "no int8 variant passed: " + "; ".join(export.reasons[-3:])
+        )
+        lines += [
+            "",
+            "## Export",
+            f"- chosen: `{export.chosen}`; {parity}",
+            f"- ONNX fp32 vs PyTorch: max |logit difference| {export.fp32_max_logit_diff:.1e}",
+            f"- latency per text: p50 {export.latency.p50_ms:.1f} ms, p95 "
+            f"{export.latency.p95_ms:.1f} ms (fp32 p95 {export.fp32_latency.p95_ms:.1f} ms)",
+        ]
+    lines += ["", "## Promotion"]
+    if decision is None:
+        lines.append("- not promoted: a one-off data run is registered only")
+    else:
+        lines.append(f"- {decision.summary()}")
+        lines += [f"  - {'pass' if c.passed else 'FAIL'}: {c.detail}" for c in decision.checks]
+    lines += ["", "## Where"]
+    if result.mlflow_run is not None:
+        lines.append(f"- MLflow run: {tracking.run_url(result.mlflow_run)}")
+    if result.registered is not None:
+        lines.append(f"- model version: `{result.registered.uri}`")
+    return "\n".join(lines) + "\n"
+
+
+def per_class_rows(result: PipelineResult) -> list[dict[str, Any]]:
+    """Precision, recall, F1 and support per label, for each model scored on test."""
+    if result.evaluation is None:
+        return []
+    reports = {"fine-tuned": result.evaluation.report, "baseline": result.evaluation.baseline}
+    if result.registered is not None:
+        reports["onnx"] = result.registered.report
+    return [
+        {
+            "model": name,
+            "label": label,
+            "precision": round(m.precision, 4),
+            "recall": round(m.recall, 4),
+            "f1": round(m.f1, 4),
+            "support": m.support,
+        }
+        for name, report in reports.items()
+        for label, m in report.metrics.per_class.items()
+    ]
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(result: PipelineResult) -> None:
+    """Publish the run summary and the per-class table on the flow run's page."""
+    create_markdown_artifact(
+        summary_markdown(result), key=SUMMARY_KEY, description="What this pipeline run did"
+    )
+    rows = per_class_rows(result)
+    if rows:
+        create_table_artifact(rows, key=PER_CLASS_KEY, description="Per-class test metrics")
