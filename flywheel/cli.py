@@ -420,8 +420,8 @@ def models_compare(
     typer.echo(section("per-slice accuracy", result.slices, "slice"))
     shown = len(result.disagreements)
     typer.echo(
-        f"\n{result.disagree} disagreements ({result.disagree / result.rows:.2%})"
-        + (f", first {shown}:" if shown else "")
+        f"\n{result.disagree} disagreement{'' if result.disagree == 1 else 's'} "
+        f"({result.disagree / result.rows:.2%})" + (f", first {shown}:" if shown else "")
     )
     for row in result.disagreements:
         text = row["text"] if len(row["text"]) <= 90 else row["text"][:87] + "..."
