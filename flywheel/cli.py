@@ -337,12 +337,9 @@ ReasonOption = Annotated[
 
 def current_test_split(cfg: Any) -> Any:
     """The test split of params.yaml's data, which gates and comparisons score on."""
-    import pandas as pd
+    from flywheel.io import read_parquet
 
-    path = cfg.resolve(cfg.split.prepared_dir) / "test.parquet"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no test split; run `flywheel run --data-only` first")
-    return pd.read_parquet(path)
+    return read_parquet(cfg.resolve(cfg.split.prepared_dir) / "test.parquet")
 
 
 def table(rows: list[dict[str, str]]) -> str:

@@ -58,7 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
-ALIASES = (CHAMPION, PREVIOUS, CHALLENGER)
 AUDIT_PREFIX = "flywheel.audit."
 PROMOTION_TAG = "flywheel.promotion"  # the gates' decision when it was made: promoted, rejected
 REASONS_TAG = "flywheel.promotion.reasons"
@@ -228,22 +227,34 @@ class ModelRegistry:
     def of(cls, cfg: Config) -> ModelRegistry:
         return cls(tracking.tracking_uri(cfg.root), cfg.registry.model_name)
 
-    def exists(self) -> bool:
-        return bool(self.client.search_registered_models(f"name = '{self.name}'"))
+    def _model_or_none(self) -> Any:
+        """The registered model (aliases, tags), or None before the first registration."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_registered_model(self.name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            return None
 
     def _model(self) -> Any:
-        if not self.exists():
+        model = self._model_or_none()
+        if model is None:
             raise RegistryError(
                 f"no registered model {self.name!r} in {tracking.display_uri(self.uri)}: run "
                 "`flywheel run` first"
             )
-        return self.client.get_registered_model(self.name)
+        return model
+
+    @staticmethod
+    def _aliases_of(model: Any) -> dict[str, str]:
+        return {alias: str(v) for alias, v in model.aliases.items()}
 
     def aliases(self) -> dict[str, str]:
         """Alias -> version number (as text)."""
-        if not self.exists():
-            return {}
-        return {alias: str(v) for alias, v in self._model().aliases.items()}
+        model = self._model_or_none()
+        return {} if model is None else self._aliases_of(model)
 
     def _info(self, mv: ModelVersion, aliases: dict[str, str] | None = None) -> VersionInfo:
         # Searching versions does not fill in their aliases: they come from the model.
@@ -259,10 +270,11 @@ class ModelRegistry:
 
     def versions(self) -> list[VersionInfo]:
         """Every version, newest first."""
-        if not self.exists():
+        model = self._model_or_none()
+        if model is None:
             return []
         found = self.client.search_model_versions(f"name = '{self.name}'")
-        aliases = self.aliases()
+        aliases = self._aliases_of(model)
         return sorted((self._info(mv, aliases) for mv in found), key=lambda v: -int(v.version))
 
     def alias(self, alias: str) -> str | None:
@@ -271,8 +283,7 @@ class ModelRegistry:
 
     def version(self, ref: str) -> VersionInfo:
         """A version by number or alias (`3`, `champion`)."""
-        self._model()  # a clear error when nothing is registered yet
-        aliases = self.aliases()
+        aliases = self._aliases_of(self._model())  # a clear error when nothing is registered
         number = aliases.get(ref, ref)
         if not number.isdigit():
             known = ", ".join(f"{a} -> {v}" for a, v in sorted(aliases.items())) or "none"
@@ -282,7 +293,7 @@ class ModelRegistry:
         from mlflow.exceptions import MlflowException
 
         try:
-            return self._info(self.client.get_model_version(self.name, str(number)))
+            return self._info(self.client.get_model_version(self.name, number), aliases)
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
                 raise
@@ -375,9 +386,10 @@ class ModelRegistry:
 
     def history(self) -> list[AuditEntry]:
         """Every alias move, oldest first."""
-        if not self.exists():
+        model = self._model_or_none()
+        if model is None:
             return []
-        tags = self._model().tags
+        tags = model.tags
         keys = sorted(k for k in tags if k.startswith(AUDIT_PREFIX))  # keys sort by time
         return [AuditEntry(**json.loads(tags[k])) for k in keys]
 
@@ -522,7 +534,8 @@ def promote(
 
     `champion_error` says why the current champion could not be re-scored: a failed gate (its
     stored numbers are stale, so nothing can stand in for them)."""
-    before = registry.alias(CHAMPION)
+    aliases = registry.aliases()
+    before = aliases.get(CHAMPION)
     checks = gate_checks(candidate, champion, rc)
     if champion_error is not None:
         checks.append(Check("champion re-scored", False, champion_error))
@@ -536,7 +549,7 @@ def promote(
         moves: list[tuple[str, str | None]] = [(CHAMPION, v)]
         if before is not None and before != v:
             moves.append((PREVIOUS, before))
-        if registry.alias(CHALLENGER) == v:
+        if aliases.get(CHALLENGER) == v:
             moves.append((CHALLENGER, None))
         why = reason if passed else f"{reason} (forced; failed gates: {failed})"
         tags = {PROMOTION_TAG: "promoted", REASONS_TAG: why[:5000]}
