@@ -124,12 +124,25 @@ def run(
     labels: LabelsOption = None,
     sets: SetOption = None,
     profile: ProfileOption = None,
-    resume: Annotated[
+    force: Annotated[
+        bool,
+        typer.Option("--force", help="Run every stage, reusing nothing from the cache."),
+    ] = False,
+    force_from: Annotated[
+        str | None,
+        typer.Option(
+            "--force-from",
+            metavar="STAGE",
+            help="Run this stage and every one after it (validate, prepare, baseline, train, "
+            "evaluate, export, register, promote); earlier ones may still be reused.",
+        ),
+    ] = None,
+    dry_run: Annotated[
         bool,
         typer.Option(
-            "--resume",
-            help="Continue training from the last checkpoint of this config and data "
-            "(after a crash or Ctrl-C) instead of starting over.",
+            "--dry-run",
+            help="Print, per stage, whether it would run or reuse its cached result and why; "
+            "writes nothing to the project.",
         ),
     ] = False,
     data_only: Annotated[
@@ -149,15 +162,32 @@ def run(
     promotes it to `champion` if it passes the gates of params.yaml's `registry` section. Every
     run is one MLflow parent run with a nested run per model stage (mlflow/).
 
+    Stages are cached (all but collect, version and report): a stage whose inputs (the content
+    hash of its input data, the config keys it reads, its code, the installed ML stack, the
+    stages before it) are unchanged reuses its persisted result, so a re-run with nothing
+    changed takes seconds; see --dry-run. A run killed during training resumes from its last
+    checkpoint when started again.
+
     Options that change the data (--source, --set on data keys) make a one-off run: data goes
     under data/runs/<key>/ and its version into a .dvc file there. --set train.* / evaluate.*
     and --profile keep the data of params.yaml.
     """
     from flywheel import runtime
+    from flywheel.cache import ORDER, parse_stage
 
     with user_errors(params):
         overrides = collect_overrides(sets, source, text_col, label_col, labels)
         cfg = load_config(params, overrides, profile=profile)  # fail fast, before Prefect starts
+        if force and force_from:
+            raise ConfigError("--force runs every model stage; use it or --force-from, not both")
+        stage = ORDER[0] if force else parse_stage(force_from) if force_from else None
+        if dry_run:
+            from flywheel.tasks.plan import preview
+
+            data_version, plan = preview(params.resolve(), overrides, profile, stage, data_only)
+            typer.echo("collect and version always run; the data version would be " + data_version)
+            typer.echo(plan.table())
+            return
         if not data_only:
             runtime.select_device(cfg.train.device, cfg.train.precision)
         from flywheel.flows.pipeline import pipeline
@@ -166,7 +196,7 @@ def run(
             params_path=params.resolve(),
             overrides=overrides or None,
             profile=profile,
-            resume=resume,
+            force_from=stage,
             data_only=data_only,
         )
     for name, text in summary_lines(result).items():
@@ -209,7 +239,7 @@ def summary_lines(result: Any) -> dict[str, str]:
         "data version": f"{result.data_version} ({result.version.note})",
     }
     if result.evaluation is None:
-        return lines
+        return lines | {"cache": cache_line(result.plan)}
     base, trained, ev = result.baseline, result.train, result.evaluation
     m, b = ev.report.metrics, ev.baseline.metrics
     resumed = (
@@ -239,9 +269,18 @@ def summary_lines(result: Any) -> dict[str, str]:
         if result.promotion
         else "skipped: a one-off data run is registered, not promoted (see flywheel models "
         "promote)",
+        "cache": cache_line(result.plan),
         "mlflow": tracking.run_url(result.mlflow_run),
     }
     return lines
+
+
+def cache_line(plan: Any) -> str:
+    """Which model stages ran and which reused their cached result."""
+    done = plan.summary()
+    reused = [s for s, how in done.items() if how == "reused"]
+    ran = [s for s, how in done.items() if how == "ran"]
+    return f"reused: {', '.join(reused) or 'nothing'}; ran: {', '.join(ran) or 'nothing'}"
 
 
 @app.command("validate")

@@ -14,15 +14,16 @@ stage: `baseline`, `train` (loss and validation curves, the model bundle as arti
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import subprocess
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 from flywheel.config import dotted
 from flywheel.errors import FlywheelError
@@ -33,6 +34,40 @@ if TYPE_CHECKING:
 
     from flywheel.config import Config
     from mlflow import MlflowClient
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass
+class TrackingTime:
+    """Wall time this process spent in MLflow tracking calls: what tracking costs a run."""
+
+    seconds: float = 0.0
+    calls: int = 0
+
+
+SPENT = TrackingTime()
+
+
+@contextmanager
+def _timing() -> Iterator[None]:
+    started = time.perf_counter()
+    try:
+        yield
+    finally:
+        SPENT.seconds += time.perf_counter() - started
+        SPENT.calls += 1
+
+
+def _timed(fn: Callable[P, R]) -> Callable[P, R]:
+    @functools.wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        with _timing():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
 
 EXPERIMENT = "flywheel"
 BATCH = 100  # MLflow accepts at most 100 params/tags and 1000 metrics per log_batch
@@ -98,6 +133,7 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+@_timed
 def experiment_id(root: Path, name: str = EXPERIMENT) -> tuple[str, str]:
     """(tracking URI, experiment id) of the project's experiment, created on first use. In the
     project's own store its artifacts go to <root>/mlflow/artifacts; a tracking server keeps its
@@ -137,6 +173,7 @@ class RunRef:
     lineage: Lineage
 
 
+@_timed
 def log_params_and_tags(
     run: RunRef, params: Mapping[str, str], tags: Mapping[str, str] | None = None
 ) -> None:
@@ -152,6 +189,7 @@ def log_params_and_tags(
         mlflow_client.log_batch(run.run_id, tags=tag_items[start : start + BATCH])
 
 
+@_timed
 def log_metrics(run: RunRef, points: Iterable[tuple[str, float, int]]) -> int:
     """(key, value, step) points in batches of 1000; returns how many were logged."""
     from mlflow.entities import Metric
@@ -202,15 +240,18 @@ def start_run(
     run_tags = {"flywheel.stage": stage, **lineage.tags(), **(tags or {})}
     if parent is not None:
         run_tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
-    run = mlflow_client.create_run(exp, run_name=run_name or stage, tags=run_tags)
+    with _timing():
+        run = mlflow_client.create_run(exp, run_name=run_name or stage, tags=run_tags)
     ref = RunRef(run.info.run_id, exp, uri, lineage)
     try:
         log_params_and_tags(ref, params or {})
         yield ref
     except BaseException:
-        mlflow_client.set_terminated(ref.run_id, "FAILED")
+        with _timing():
+            mlflow_client.set_terminated(ref.run_id, "FAILED")
         raise
-    mlflow_client.set_terminated(ref.run_id, "FINISHED")
+    with _timing():
+        mlflow_client.set_terminated(ref.run_id, "FINISHED")
 
 
 def stage_run(
@@ -234,6 +275,7 @@ def pipeline_run(
         yield run
 
 
+@_timed
 def log_dataset(run: RunRef, frame: pd.DataFrame, path: Path, context: str) -> None:
     """Record a split as an MLflow dataset input: name = `<split>@<data version>`, digest = the
     file's md5 (its entry in the DVC data version's listing), source = the Parquet file."""
@@ -257,6 +299,7 @@ def log_dataset(run: RunRef, frame: pd.DataFrame, path: Path, context: str) -> N
     client(run.uri).log_inputs(run.run_id, datasets=[entity])
 
 
+@_timed
 def log_artifacts(run: RunRef, local: Path, artifact_path: str | None = None) -> None:
     """A file or a folder's contents under `artifact_path` of the run."""
     mlflow_client = client(run.uri)

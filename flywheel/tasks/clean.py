@@ -154,13 +154,15 @@ def summarise(splits: dict[str, pd.DataFrame], report: CleanReport, cfg: Config)
     }
 
 
-def prepare(cfg: Config, raw_path: Path) -> PrepareResult:
-    """Prepare stage: clean + split the raw table and replace data/prepared/ in one step."""
+def prepare(cfg: Config, raw_path: Path, target: Path | None = None) -> PrepareResult:
+    """Prepare stage: clean + split the raw table and replace data/prepared/ in one step.
+
+    `target` writes elsewhere the same bytes (`flywheel run --dry-run` hashes them there)."""
     require_validated(cfg, raw_path)
     frame, report = clean_frame(read_parquet(raw_path), cfg.clean)
     splits = split_frame(frame, cfg.seed, cfg.split)
     check_every_label_in_every_split(splits)
-    target = cfg.resolve(cfg.split.prepared_dir)
+    target = target or cfg.resolve(cfg.split.prepared_dir)
 
     def write(staging: Path) -> None:
         for name, part in splits.items():

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from flywheel import feedback
 from flywheel.config import Config, DataConfig, EmbeddedSource, PathSource, resolve_path
 from flywheel.errors import FlywheelError
-from flywheel.io import write_parquet_atomic
+from flywheel.io import file_md5, write_parquet_atomic
 from flywheel.tasks.retries import retry_on_io
 
 log = logging.getLogger(__name__)
@@ -46,11 +46,13 @@ class SourceError(FlywheelError, ValueError):
 
 @dataclass(frozen=True)
 class CollectResult:
-    """The raw table's path and how many rows each source gave."""
+    """The raw table's path, its md5 (what validate and prepare are keyed on) and how many rows
+    each source gave."""
 
     raw_path: Path
     rows: int
     rows_per_source: dict[str, int]
+    raw_md5: str
 
 
 def embedded_path(name: str = "rotten_tomatoes") -> Path:
@@ -216,7 +218,7 @@ def collect(cfg: Config) -> CollectResult:
         log.info("collect: %s rows from %s", f"{count:,}", name)
     raw_path = cfg.resolve(cfg.data.raw_path)
     write_parquet_atomic(raw, raw_path)
-    return CollectResult(raw_path=raw_path, rows=len(raw), rows_per_source=counts)
+    return CollectResult(raw_path, len(raw), counts, file_md5(raw_path))
 
 
 @task(

@@ -508,7 +508,14 @@ class Decision:
     def reasons(self) -> list[str]:
         return [c.detail for c in self.checks if not c.passed]
 
+    @property
+    def already_champion(self) -> bool:
+        """The version was champion before this decision (nothing judged, nothing moved)."""
+        return self.promoted and not self.moves and self.champion_before == self.version
+
     def summary(self) -> str:
+        if self.already_champion:
+            return f"version {self.version} is already champion (promoted by an earlier run)"
         before = f"champion was {self.champion_before}" if self.champion_before else "no champion"
         if self.promoted:
             how = "forced past the gates" if self.forced else "all gates passed"
@@ -799,25 +806,30 @@ def promote_task(
     registry = ModelRegistry(parent.uri, cfg.registry.model_name)
     with tracking.stage_run(cfg, "promote", parent) as run:
         champion = registry.alias(CHAMPION)
-        champion_scores, error = rescore_champion(
-            champion,
-            lambda: Scores.of(evaluate_model(cfg, registry.load(champion), test, "champion")[0]),
-        )
-        candidate = Candidate(
-            registered.version,
-            Scores.of(registered.report),
-            registered.parity_passed,
-            registered.p95_ms,
-        )
-        decision = promote(
-            registry,
-            candidate,
-            champion_scores,
-            cfg.registry,
-            reason=f"new version from the pipeline (data {parent.lineage.data_version})",
-            actor=actor,
-            champion_error=error,
-        )
+        if champion == registered.version:  # a reused registration, promoted by an earlier run
+            decision = Decision(registered.version, True, [], champion, {})
+        else:
+            champion_scores, error = rescore_champion(
+                champion,
+                lambda: Scores.of(
+                    evaluate_model(cfg, registry.load(champion), test, "champion")[0]
+                ),
+            )
+            candidate = Candidate(
+                registered.version,
+                Scores.of(registered.report),
+                registered.parity_passed,
+                registered.p95_ms,
+            )
+            decision = promote(
+                registry,
+                candidate,
+                champion_scores,
+                cfg.registry,
+                reason=f"new version from the pipeline (data {parent.lineage.data_version})",
+                actor=actor,
+                champion_error=error,
+            )
         tracking.log_scalars(
             run,
             {"promoted": float(decision.promoted)}

