@@ -34,34 +34,24 @@ from pathlib import Path
 from uuid import UUID
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests.conftest builds the throw-away project
 RESULTS = ROOT / "benchmarks" / "results"
 VENV_BIN = Path(sys.prefix) / "bin"
 
 
 def copy_project(root: Path) -> Path:
-    """A committed git + DVC project at `root` with this project's code, params and dvc.yaml."""
-    root.mkdir(parents=True)
-    for name in ("params.yaml", "dvc.yaml", ".dvcignore", ".gitignore"):
-        shutil.copy2(ROOT / name, root / name)
-    for folder in ("data/sources", "data/feedback"):
-        (root / folder).mkdir(parents=True)
-        (root / folder / ".gitkeep").touch()
-    (root / ".venv").symlink_to(Path(sys.prefix), target_is_directory=True)
+    """A committed git + DVC project at `root` with this project's code, params and dvc.yaml
+    (the same throw-away project the flow tests use)."""
+    from tests.conftest import make_project, run
 
-    def run(*cmd: str) -> None:
-        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
-
-    run("git", "init", "-q")
-    run(str(VENV_BIN / "dvc"), "init", "-q")
-    run(str(VENV_BIN / "dvc"), "config", "core.analytics", "false")
-    run(str(VENV_BIN / "dvc"), "remote", "add", "-d", "local", str(root.parent / "remote"))
-    run("git", "add", "-A")
-    run("git", "-c", "user.name=bench", "-c", "user.email=b@example.com", "commit", "-qm", "b")
+    make_project(root, root.parent / "remote")
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.name=b", "-c", "user.email=b@example.com", "commit", "-qm", "b"], root)
     return root
 
 
 def task_seconds(flow_run_id: str) -> dict[str, float]:
-    """Task name -> seconds in Running, for one flow run."""
+    """Task name -> seconds in Running, for one flow run, in the order they started."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -69,6 +59,7 @@ def task_seconds(flow_run_id: str) -> dict[str, float]:
         runs = client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
         )
+    runs = sorted(runs, key=lambda r: r.start_time or r.expected_start_time)
     return {r.name.rsplit("-", 1)[0]: r.total_run_time.total_seconds() for r in runs}
 
 

@@ -20,11 +20,16 @@ miss is explained: the components are compared with those of the stage's last ru
 from __future__ import annotations
 
 import ast
+import fcntl
 import hashlib
 import json
 import logging
+import os
+import platform
+import tempfile
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import cache
@@ -85,16 +90,18 @@ CONFIG_READ: dict[Stage, tuple[str, ...]] = {
     Stage.REGISTER: ("evaluate", "registry.model_name"),
     Stage.PROMOTE: ("evaluate", "registry"),
 }
-SPEED_ONLY = frozenset({"train.threads"})  # change how fast, never what comes out
-TASK_MODULES: dict[Stage, str] = {
-    Stage.VALIDATE: "flywheel/tasks/validate.py",
-    Stage.PREPARE: "flywheel/tasks/clean.py",
-    Stage.BASELINE: "flywheel/tasks/baseline.py",
-    Stage.TRAIN: "flywheel/tasks/train.py",
-    Stage.EVALUATE: "flywheel/tasks/evaluate.py",
-    Stage.EXPORT: "flywheel/tasks/export.py",
-    Stage.REGISTER: "flywheel/tasks/registry.py",
-    Stage.PROMOTE: "flywheel/tasks/registry.py",
+SPEED_ONLY = frozenset({"train.threads", "evaluate.batch_size"})  # how fast, not what comes out
+# The code a stage runs: its task module (plus, for register, the model code it ships by path)
+# and every flywheel module those import, with the packages' __init__.py.
+CODE: dict[Stage, tuple[str, ...]] = {
+    Stage.VALIDATE: ("flywheel/tasks/validate.py",),
+    Stage.PREPARE: ("flywheel/tasks/clean.py",),
+    Stage.BASELINE: ("flywheel/tasks/baseline.py",),
+    Stage.TRAIN: ("flywheel/tasks/train.py",),
+    Stage.EVALUATE: ("flywheel/tasks/evaluate.py",),
+    Stage.EXPORT: ("flywheel/tasks/export.py",),
+    Stage.REGISTER: ("flywheel/tasks/registry.py", "flywheel/models/mlflow_model.py"),
+    Stage.PROMOTE: ("flywheel/tasks/registry.py",),
 }
 # The numerical stack: a new version of any of these may change what a stage produces.
 DEPENDENCIES = (
@@ -106,6 +113,8 @@ DEPENDENCIES = (
     "pandas",
     "pyarrow",
     "scikit-learn",
+    "scipy",
+    "joblib",
     "great-expectations",
     "onnx",
     "onnxruntime",
@@ -173,16 +182,18 @@ def _imported_files(path: Path) -> set[Path]:
 
 
 @cache
-def code_hashes(module: str) -> dict[str, str]:
-    """sha256 (12 hex) of a task module and of every flywheel module it imports, transitively."""
+def code_hashes(*modules: str) -> dict[str, str]:
+    """sha256 (12 hex) of the given source files and of every flywheel module they import,
+    transitively, with the __init__.py of each package on the way."""
     seen: set[Path] = set()
-    todo = [PACKAGE_PARENT / module]
+    todo = [PACKAGE_PARENT / module for module in modules]
     while todo:
         path = todo.pop()
         if path in seen:
             continue
         seen.add(path)
-        todo.extend(_imported_files(path) - seen)
+        package = path.parent / "__init__.py"
+        todo.extend((_imported_files(path) | {package} if package.is_file() else set()) - seen)
     return {
         p.relative_to(PACKAGE_PARENT).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()[:12]
         for p in sorted(seen)
@@ -191,8 +202,8 @@ def code_hashes(module: str) -> dict[str, str]:
 
 @cache
 def dependency_versions() -> dict[str, str]:
-    """Installed versions of the numerical stack."""
-    versions = {}
+    """Installed versions of the numerical stack (pinned in pyproject.toml), and Python's."""
+    versions = {"python": platform.python_version()}
     for name in DEPENDENCIES:
         try:
             versions[name] = metadata.version(name)
@@ -232,7 +243,7 @@ def stage_key(
         {
             "data": data,
             "config": config_values(cfg, stage),
-            "code": code_hashes(TASK_MODULES[stage]),
+            "code": code_hashes(*CODE[stage]),
             "deps": dependency_versions(),
             "upstream": {str(u): upstream[u].digest for u in UPSTREAM[stage]},
             "state": dict(state or {}),
@@ -274,28 +285,34 @@ def explain(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
 
 
 def artifacts(stage: Stage, result: Any) -> list[Path]:
-    """The files and folders a stage's result refers to: they must be unchanged for reuse."""
+    """The files a later stage reads from a stage's result: they must be unchanged for reuse.
+
+    The "latest report" folders (reports/evaluation/<model>/) are not among them: every run
+    that evaluates rewrites them (the reports of each run are MLflow artifacts), so they cannot
+    say whether a result is still valid."""
     match stage:
         case Stage.VALIDATE:
-            return [result.report_dir]
+            return [result.report_dir]  # checks.json: what prepare verifies
         case Stage.PREPARE:
             return [result.prepared_dir]
         case Stage.BASELINE:
-            return [result.fit.model_path, result.report_dir]
+            return [result.fit.model_path]
         case Stage.TRAIN:
             return [result.model_dir]
-        case Stage.EVALUATE | Stage.REGISTER:
-            return [result.report_dir]
         case Stage.EXPORT:
             return [result.directory]
-        case Stage.PROMOTE:
+        case Stage.EVALUATE | Stage.REGISTER | Stage.PROMOTE:
             return []
 
 
 def facts(stage: Stage, result: Any) -> dict[str, str]:
-    """Things outside the file system a result relies on (checked by `Plan` before reuse)."""
+    """Registry state a result relies on (checked by `Plan` before reuse): the version a
+    registration made; for a decision, the champion it left (a rollback since re-opens it)."""
     if stage is Stage.REGISTER:
         return {"model": result.name, "version": result.version, "run_id": result.run_id}
+    if stage is Stage.PROMOTE:
+        champion = result.version if result.promoted else result.champion_before
+        return {"champion": champion or "none"}
     return {}
 
 
@@ -364,33 +381,46 @@ class Ledger:
         self, key: StageKey, files: dict[str, str], found: dict[str, str], flow_run: str | None
     ) -> list[str]:
         """Add (or refresh) a key; returns the records of keys dropped beyond KEEP_ENTRIES."""
-        entries = self.entries(key.stage)
-        now = time.time()
-        entries[key.digest] = {
-            "record": key.record,
-            "components": key.components,
-            "files": files,
-            "facts": found,
-            "flow_run": flow_run,
-            "created": now,
-            "used": now,
-        }
-        return self._write(key.stage, entries)
+        with self._locked(key.stage):
+            entries = self.entries(key.stage)
+            now = time.time()
+            entries[key.digest] = {
+                "record": key.record,
+                "components": key.components,
+                "files": files,
+                "facts": found,
+                "flow_run": flow_run,
+                "created": now,
+                "used": now,
+            }
+            return self._write(key.stage, entries)
 
     def touch(self, key: StageKey) -> None:
         """Mark a reused key as the stage's latest."""
-        entries = self.entries(key.stage)
-        if key.digest in entries:
-            entries[key.digest]["used"] = time.time()
-            self._write(key.stage, entries)
+        with self._locked(key.stage):
+            entries = self.entries(key.stage)
+            if key.digest in entries:
+                entries[key.digest]["used"] = time.time()
+                self._write(key.stage, entries)
+
+    @contextmanager
+    def _locked(self, stage: Stage) -> Iterator[None]:
+        """One writer per stage file at a time (runs may overlap); readers see whole files."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        with (self.directory / f".{stage}.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
     def _write(self, stage: Stage, entries: dict[str, dict[str, Any]]) -> list[str]:
         ordered = sorted(entries.items(), key=lambda kv: kv[1]["used"], reverse=True)
         kept, dropped = dict(ordered[:KEEP_ENTRIES]), ordered[KEEP_ENTRIES:]
-        path = self._path(stage)
-        staging = path.with_suffix(".json.tmp")
-        write_json(staging, {"stage": str(stage), "entries": kept})
-        staging.replace(path)
+        handle, staging = tempfile.mkstemp(dir=self.directory, prefix=f".{stage}.", suffix=".tmp")
+        os.close(handle)
+        write_json(Path(staging), {"stage": str(stage), "entries": kept})
+        os.replace(staging, self._path(stage))
         return [entry["record"] for _, entry in dropped]
 
 
@@ -449,14 +479,16 @@ class Plan:
     def run(self, task: Any, *args: Any, **kwargs: Any) -> Any:
         """Call a stage's Prefect task with its key: Prefect returns the persisted result when
         the plan reuses it, and runs it (overwriting the record) when the plan says run."""
-        step = self.steps[Stage(task.name)]
         from prefect.cache_policies import CachePolicy
 
+        step = self.steps[Stage(task.name)]
+        # A stage planned for reuse whose upstream ran anyway (its record had vanished) runs too.
+        runs = step.runs or any(self.ran.get(u) for u in UPSTREAM[step.stage])
         cached = task.with_options(
             cache_policy=CachePolicy.from_cache_key_fn(lambda *_: step.key.record),
             persist_result=True,
             result_storage=self.results_dir,
-            refresh_cache=step.runs,
+            refresh_cache=runs,
         )
         state = cached(*args, return_state=True, **kwargs)
         result = state.result()
@@ -495,7 +527,7 @@ def make_plan(
     *,
     force_from: Stage | None = None,
     state: Mapping[Stage, Mapping[str, str]] | None = None,
-    check_facts: Callable[[Mapping[str, str]], str | None] | None = None,
+    check_facts: Callable[[Stage, Mapping[str, str]], str | None] | None = None,
     flow_run: str | None = None,
 ) -> Plan:
     """Decide, stage by stage, whether to run or reuse and why. `data` is the hash of the
@@ -529,7 +561,7 @@ def make_plan(
             step = Step(stage, key, True, f"cached result {key.record} was deleted")
         elif stale := stale_artifact(entry["files"], root):
             step = Step(stage, key, True, stale)
-        elif entry["facts"] and check_facts and (gone := check_facts(entry["facts"])):
+        elif entry["facts"] and check_facts and (gone := check_facts(stage, entry["facts"])):
             step = Step(stage, key, True, gone)
         else:
             step = Step(stage, key, False, "same data, config, code and dependencies")

@@ -1,5 +1,5 @@
 """The `flywheel` command line: run the pipeline, validate a file, run one stage for DVC, manage
-the registered models."""
+the registered models, look at runs (`ui`), schedule retraining (`schedule`)."""
 
 from __future__ import annotations
 
@@ -190,15 +190,19 @@ def run(
             return
         if not data_only:
             runtime.select_device(cfg.train.device, cfg.train.precision)
+        from flywheel import servers
         from flywheel.flows.pipeline import pipeline
 
-        result = pipeline(
-            params_path=params.resolve(),
-            overrides=overrides or None,
-            profile=profile,
-            force_from=stage,
-            data_only=data_only,
-        )
+        with servers.ui_server(cfg.root) as url:
+            if url is not None:
+                typer.echo(f"flywheel ui is running: this run goes to its Prefect server ({url})")
+            result = pipeline(
+                params_path=params.resolve(),
+                overrides=overrides or None,
+                profile=profile,
+                force_from=stage,
+                data_only=data_only,
+            )
     for name, text in summary_lines(result).items():
         typer.echo(f"{name:>12}  {text}")
 
@@ -520,3 +524,187 @@ def models_history(params: ParamsOption = DEFAULT_PARAMS) -> None:
         typer.echo(f"no alias moves recorded for {registry.name}")
     for entry in entries:
         typer.echo(entry.line())
+
+
+@app.command()
+def ui(
+    params: ParamsOption = DEFAULT_PARAMS,
+    prefect_port: Annotated[
+        int, typer.Option("--prefect-port", help="Port of the Prefect server (API and UI).")
+    ] = 4200,
+    mlflow_port: Annotated[
+        int, typer.Option("--mlflow-port", help="Port of the MLflow UI.")
+    ] = 5000,
+    workers: Annotated[
+        int, typer.Option("--workers", min=1, help="MLflow server worker processes.")
+    ] = 1,
+) -> None:
+    """Start the Prefect server and the MLflow UI on 127.0.0.1 and keep them up until Ctrl-C.
+
+    The Prefect server uses the project's Prefect database (.prefect/) and MLflow the project's
+    tracking store (mlflow/), so every earlier `flywheel run` shows in both: flow runs with
+    their task runs, logs and report artifacts; MLflow runs with params, metrics, artifacts and
+    the registered models. Logs: .prefect/flywheel-ui/. While it runs, `flywheel schedule`
+    uses this Prefect server. If one server stops by itself, the other is stopped too and the
+    command exits with an error and that server's last log lines.
+    """
+    import os
+    import signal
+
+    from flywheel import servers
+    from flywheel.tracking import display_uri, tracking_uri
+
+    with user_errors(params):
+        root = params.resolve().parent
+        home = servers.prefect_home(root)
+        running = servers.read_state(home)
+        if running is not None:
+            raise servers.ServerError(
+                f"flywheel ui already runs (pid {running.pid}): Prefect {running.prefect_url}, "
+                f"MLflow {running.mlflow_url}"
+            )
+        if prefect_port == mlflow_port:
+            raise servers.ServerError("--prefect-port and --mlflow-port must differ")
+        servers.check_port(prefect_port, "--prefect-port")
+        servers.check_port(mlflow_port, "--mlflow-port")
+        specs = [
+            servers.prefect_spec(home, prefect_port),
+            servers.mlflow_spec(root, mlflow_port, workers),
+        ]
+        typer.echo(
+            f"starting the Prefect server and the MLflow UI (logs in {home / servers.LOG_DIR})"
+        )
+        if os.environ.get("PREFECT_API_URL"):
+            typer.echo(
+                f"note: PREFECT_API_URL is set ({os.environ['PREFECT_API_URL']}): `flywheel run` "
+                "and `flywheel schedule` use that server, not this one"
+            )
+        # `kill` stops it as cleanly as Ctrl-C
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        try:
+            with servers.running(specs) as (prefect, mlflow):
+                state = servers.UiState(
+                    prefect.spec.url, mlflow.spec.url, os.getpid(), prefect.pid, mlflow.pid
+                )
+                servers.write_state(home, state)
+                try:
+                    typer.echo(f"Prefect UI  {prefect.spec.url}  (database {home})")
+                    typer.echo(
+                        f"MLflow UI   {mlflow.spec.url}  (store {display_uri(tracking_uri(root))})"
+                    )
+                    typer.echo("Ctrl-C stops both.")
+                    stopped = servers.watch([prefect, mlflow])
+                finally:
+                    servers.remove_state(home, state.pid)
+                raise stopped.failure(f"stopped by itself (exit code {stopped.exited()})")
+        except KeyboardInterrupt:
+            typer.echo("stopped the Prefect server and the MLflow UI")
+
+
+@app.command()
+def schedule(
+    params: ParamsOption = DEFAULT_PARAMS,
+    cron: Annotated[
+        str | None,
+        typer.Option(
+            "--cron",
+            metavar="EXPR",
+            help='Retrain on this cron schedule, e.g. "0 3 * * 1" (Mondays at 03:00): creates '
+            "or updates the deployment and serves it until Ctrl-C (or deploys it to --work-pool).",
+        ),
+    ] = None,
+    name: Annotated[
+        str, typer.Option("--name", help="Deployment name; the same name updates its schedule.")
+    ] = "retrain",
+    timezone: Annotated[
+        str, typer.Option("--timezone", help="Time zone of --cron (IANA name).")
+    ] = "UTC",
+    work_pool: Annotated[
+        str | None,
+        typer.Option(
+            "--work-pool",
+            metavar="POOL",
+            help="Deploy to this work pool (a process pool is created if missing) instead of "
+            "serving here; runs start when a worker polls it: prefect worker start --pool POOL.",
+        ),
+    ] = None,
+    list_: Annotated[
+        bool, typer.Option("--list", help="List the pipeline's deployments and their schedules.")
+    ] = False,
+    remove: Annotated[
+        str | None,
+        typer.Option("--remove", metavar="NAME", help="Delete the deployment NAME."),
+    ] = None,
+) -> None:
+    """Scheduled retraining: a Prefect deployment of the pipeline with a cron schedule.
+
+    Each scheduled run is `flywheel run` on --params. The Prefect server used: PREFECT_API_URL
+    if set, else the running `flywheel ui`, else one started for this command (on the project's
+    Prefect database, so deployments stay and show in `flywheel ui`). When the serving process
+    stops, Prefect pauses the schedule until it is served again.
+    """
+    from flywheel import servers
+    from flywheel.flows import schedule as deployments
+
+    with user_errors(params):
+        if sum(bool(action) for action in (cron, list_, remove)) != 1:
+            raise ConfigError("give one of --cron EXPR, --list or --remove NAME")
+        if work_pool and not cron:
+            raise ConfigError("--work-pool goes with --cron")
+        spec = deployments.parse_cron(cron, timezone) if cron else None
+        if spec is not None:
+            load_config(params)  # the runs will need it: fail now, not at 03:00
+        root = params.resolve().parent
+        with servers.prefect_api(root, lambda text: typer.echo(text, err=True)) as api:
+            where = f"on {api.url.removesuffix('/api')} ({api.source})"
+            if list_:
+                found = deployments.deployments()
+                if not found:
+                    typer.echo(f"no deployments of {deployments.FLOW_NAME} {where}")
+                    return
+                typer.echo(f"deployments of {deployments.FLOW_NAME} {where}")
+                typer.echo(table([schedule_row(item) for item in found]))
+            elif remove:
+                gone = deployments.remove(remove)
+                typer.echo(f"removed deployment {deployments.FLOW_NAME}/{gone.name} {where}")
+                if gone.polled and gone.runs_on == "served":
+                    typer.echo("its `flywheel schedule` process still runs: stop it with Ctrl-C")
+            elif work_pool:
+                created = deployments.deploy_to_pool(params, name, spec, work_pool)
+                made = f" (created process work pool {work_pool!r})" if created else ""
+                typer.echo(
+                    f"deployed {deployments.FLOW_NAME}/{name} to work pool {work_pool!r}{made} "
+                    f"{where}: {spec}, next run {deployments.stamp(spec.next_run)}"
+                )
+                prefect = Path(sys.executable).parent / "prefect"
+                typer.echo(
+                    f"start a worker to run it: PREFECT_API_URL={api.url} {prefect} worker start "
+                    f"--pool {work_pool}"
+                )
+                if api.source == "started for this command":
+                    typer.echo(
+                        "(this server stops with this command: workers need one that stays up, "
+                        "e.g. `flywheel ui`, on the same database)"
+                    )
+            else:
+                typer.echo(
+                    f"serving {deployments.FLOW_NAME}/{name} {where}: {spec}, next run "
+                    f"{deployments.stamp(spec.next_run)}; Ctrl-C stops serving (the schedule "
+                    "is paused until served again)"
+                )
+                deployments.serve(params, name, spec)
+                typer.echo(f"stopped serving {deployments.FLOW_NAME}/{name}; schedule paused")
+
+
+def schedule_row(item: Any) -> dict[str, str]:
+    """One deployment as a row of `flywheel schedule --list`."""
+    from flywheel.flows.schedule import stamp
+
+    return {
+        "name": item.name,
+        "schedule": ", ".join(item.schedules) or "-",
+        "active": "yes" if item.active else "paused",
+        "runs on": item.runs_on + (" (polled)" if item.polled else ""),
+        "next run": stamp(item.next_run),
+        "last run": item.last_run or "-",
+    }

@@ -120,6 +120,12 @@ def default_uri(root: Path) -> str:
     return f"sqlite:///{(root / 'mlflow' / 'mlflow.db').resolve()}"
 
 
+def store_exists(root: Path) -> bool:
+    """Whether the tracking store holds anything yet: a server is assumed to; the project's
+    own sqlite store exists once a run has written it (asking a missing one creates it)."""
+    return tracking_uri(root) != default_uri(root) or (root / "mlflow" / "mlflow.db").is_file()
+
+
 def tracking_uri(root: Path) -> str:
     """MLFLOW_TRACKING_URI if set, else the project's sqlite store."""
     return os.environ.get("MLFLOW_TRACKING_URI") or default_uri(root)

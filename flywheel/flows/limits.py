@@ -1,39 +1,91 @@
-"""Prefect global concurrency limits of the pipeline: training runs one at a time.
+"""Training runs one at a time: the training slot.
 
 Scheduled runs, a feedback-triggered run and a hand-started one may overlap; their data and
 report stages can, but two trainings on one machine would each take twice as long and fight
-for memory. The limit lives on the Prefect server, so it holds across processes.
+for memory.
+
+- With a Prefect server (PREFECT_API_URL: `flywheel ui`, `flywheel schedule`, a team server)
+  the slot is the global concurrency limit `flywheel-training` (limit 1) on that server: it
+  holds across processes and machines, and a crashed holder's lease expires on the server.
+- In local mode each `flywheel run` starts its own temporary Prefect server, which keeps slot
+  leases in memory and never expires them: a run killed while training would hold the slot in
+  the shared database for good. There the slot is an exclusive `flock` on
+  `.flywheel/training.lock`, which the kernel releases when the process dies.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 TRAINING = "flywheel-training"
+POLL_SECONDS = 1.0
 
 
 def ensure_limit(name: str, limit: int) -> None:
     """Create the global concurrency limit `name` with `limit` slots, or set it to `limit`."""
     from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectAlreadyExists
 
     with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(name, limit)
+        try:
+            client.upsert_global_concurrency_limit_by_name(name, limit)
+        except ObjectAlreadyExists:  # another run created it between our read and create
+            client.upsert_global_concurrency_limit_by_name(name, limit)
+
+
+def has_server() -> bool:
+    """Whether Prefect talks to a server that outlives this process (else: a temporary one)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value())
 
 
 @contextmanager
-def training_slot(needed: bool = True, timeout_seconds: float | None = None) -> Iterator[None]:
-    """Hold the one training slot while the block runs (waiting for another run's training to
-    finish); `needed=False` (training is reused from the cache) takes no slot."""
+def file_slot(path: Path, timeout_seconds: float | None = None) -> Iterator[None]:
+    """An exclusive flock on `path` for the block; TimeoutError after `timeout_seconds`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
+    with path.open("a") as handle:
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError(f"{path} is held by another training") from None
+                time.sleep(POLL_SECONDS)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextmanager
+def training_slot(
+    root: Path,
+    needed: bool = True,
+    timeout_seconds: float | None = None,
+    server: bool | None = None,
+) -> Iterator[None]:
+    """Hold the one training slot while the block runs, waiting for another run's training to
+    finish. `needed=False` (training is reused from the cache) takes no slot; `server` defaults
+    to `has_server()` (tests inject it)."""
     if not needed:
         yield
+        return
+    if not (has_server() if server is None else server):
+        with file_slot(root / ".flywheel" / "training.lock", timeout_seconds):
+            yield
         return
     from prefect.concurrency.sync import concurrency
 
     ensure_limit(TRAINING, 1)
-    log.info("train: waiting for the training slot (%s, limit 1)", TRAINING)
     with concurrency(TRAINING, occupy=1, timeout_seconds=timeout_seconds, strict=True):
         yield

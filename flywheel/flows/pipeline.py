@@ -104,7 +104,7 @@ def pipeline(
         cfg, lineage, flow_run.get_name() or "pipeline", prepared.split_paths
     ) as run:
         baseline = model_plan.run(baseline_task, cfg, prepared, run)
-        with training_slot(needed=model_plan.steps[Stage.TRAIN].runs):
+        with training_slot(cfg.root, needed=model_plan.steps[Stage.TRAIN].runs):
             trained = model_plan.run(
                 train_task, cfg, prepared, run, resume=not model_plan.forced(Stage.TRAIN)
             )

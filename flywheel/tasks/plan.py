@@ -26,8 +26,17 @@ from flywheel.tasks.version import dir_md5
 log = logging.getLogger(__name__)
 
 
-def registration_gone(uri: str, facts: Mapping[str, str]) -> str | None:
-    """Why a cached registration can no longer be reused (version deleted or replaced), or None."""
+def registry_changed(cfg: Config, stage: cache.Stage, facts: Mapping[str, str]) -> str | None:
+    """Why a cached registration or decision no longer holds, or None: the version was deleted
+    or replaced; the champion is not the one the decision left (a rollback, a manual promotion)."""
+    uri = tracking.tracking_uri(cfg.root)
+    if not tracking.store_exists(cfg.root):
+        return f"the MLflow store {tracking.display_uri(uri)} is gone"
+    if stage is cache.Stage.PROMOTE:
+        now = ModelRegistry(uri, cfg.registry.model_name).alias(CHAMPION) or "none"
+        if now != facts["champion"]:
+            return f"champion is {now}, not {facts['champion']} as this decision left it"
+        return None
     registry = ModelRegistry(uri, facts["model"])
     try:
         info = registry.version(facts["version"])
@@ -47,10 +56,12 @@ def plan(
     flow_run: str | None = None,
 ) -> cache.Plan:
     """The plan of `stages` on input data hashed `data` (raw md5 or data version)."""
-    uri = tracking.tracking_uri(cfg.root)
     state = {}
     if cache.Stage.PROMOTE in stages:
-        champion = ModelRegistry(uri, cfg.registry.model_name).alias(CHAMPION)
+        champion = None
+        if tracking.store_exists(cfg.root):  # a dry run must not create the store
+            uri = tracking.tracking_uri(cfg.root)
+            champion = ModelRegistry(uri, cfg.registry.model_name).alias(CHAMPION)
         state[cache.Stage.PROMOTE] = {"champion": champion or "none"}
     return cache.make_plan(
         cfg,
@@ -58,7 +69,7 @@ def plan(
         stages,
         force_from=force_from,
         state=state,
-        check_facts=lambda facts: registration_gone(uri, facts),
+        check_facts=lambda stage, facts: registry_changed(cfg, stage, facts),
         flow_run=flow_run,
     )
 

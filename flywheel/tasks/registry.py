@@ -59,7 +59,8 @@ log = logging.getLogger(__name__)
 
 CHAMPION, PREVIOUS, CHALLENGER = "champion", "previous", "challenger"
 AUDIT_PREFIX = "flywheel.audit."
-PROMOTION_TAG = "flywheel.promotion"  # the gates' decision when it was made: promoted, rejected
+PROMOTION_TAG = "flywheel.promotion"  # promoted, rejected (by the gates) or rolled-back
+ROLLED_BACK = "rolled-back"
 REASONS_TAG = "flywheel.promotion.reasons"
 # The registered artifact: what the predictor reads, without the fp32 reference copy.
 EXPORT_FILES_SKIPPED = ("fp32.onnx", ".flywheel-output")
@@ -648,6 +649,9 @@ def rollback(registry: ModelRegistry, reason: str, actor: str) -> list[AuditEntr
     info = registry.version(previous)  # its scores as registered (rollback re-scores nothing)
     scores = {f"test_{m}": info.tag_float(f"flywheel.test.{m}") for m in ("macro_f1", "accuracy")}
     metrics = {name: value for name, value in scores.items() if value is not None}
+    # The pipeline does not promote a rolled-back version again by itself (promote_task).
+    registry.set_tags(champion, {PROMOTION_TAG: ROLLED_BACK, REASONS_TAG: reason[:5000]})
+    registry.set_tags(previous, {PROMOTION_TAG: "promoted"})
     return registry.move([(CHAMPION, previous), (PREVIOUS, champion)], reason, actor, metrics)
 
 
@@ -808,6 +812,14 @@ def promote_task(
         champion = registry.alias(CHAMPION)
         if champion == registered.version:  # a reused registration, promoted by an earlier run
             decision = Decision(registered.version, True, [], champion, {})
+        elif registry.version(registered.version).tags.get(PROMOTION_TAG) == ROLLED_BACK:
+            why = (
+                f"version {registered.version} was rolled back; the pipeline does not promote "
+                f"it again (by hand: flywheel models promote {registered.version})"
+            )
+            decision = Decision(
+                registered.version, False, [Check("not rolled back", False, why)], champion, {}
+            )
         else:
             champion_scores, error = rescore_champion(
                 champion,

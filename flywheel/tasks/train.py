@@ -9,7 +9,6 @@ checkpoint of the same run (config, seed, data), or one whose best model is gone
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import runtime, tracking
-from flywheel.config import Config, TrainConfig
+from flywheel.config import Config
 from flywheel.io import read_parquet, recover_dir, replace_dir_atomic
 from flywheel.models.bundle import BUNDLE_FILE, ClassifierBundle, Preprocessing
 from flywheel.tasks.clean import PrepareResult
@@ -55,11 +54,13 @@ class TrainResult:
     run_id: str | None = None  # the MLflow run, when trained by the pipeline
 
 
-def run_key(cfg: TrainConfig, seed: int, data_version: str) -> str:
-    """Identifies a training run: a checkpoint only resumes the run with the same key."""
-    settings = cfg.model_dump(mode="json", exclude={"checkpoint_dir", "threads", "device"})
-    payload = json.dumps({"train": settings, "seed": seed, "data": data_version}, sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:12]
+def run_key(cfg: Config, data_version: str) -> str:
+    """Identifies a training run: a checkpoint only resumes the run with the same key. It is the
+    train stage's cache key (flywheel/cache.py): data version, train config, seed, the training
+    code and the ML stack, so a re-run after a code or torch change trains anew."""
+    from flywheel.cache import Stage, stage_key
+
+    return stage_key(cfg, Stage.TRAIN, data_version, {}).digest[:12]
 
 
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> float:
@@ -93,7 +94,7 @@ def fit(
     if tc.max_train_rows:
         train_frame = train_frame.head(tc.max_train_rows)
     labels = sorted(set(train_frame["label"]) | set(val_frame["label"]))
-    run_dir = cfg.resolve(tc.checkpoint_dir) / run_key(tc, cfg.seed, data_version)
+    run_dir = cfg.resolve(tc.checkpoint_dir) / run_key(cfg, data_version)
     last_dir, best_dir = run_dir / "last", run_dir / "best"
 
     # Model and data. Texts are tokenised once; batches are padded to their own longest text.

@@ -41,6 +41,8 @@ def result_of(stage: Stage, root: Path):
         name="flywheel-classifier",
         version="1",
         run_id="r1",
+        promoted=True,  # the decision: version 1 became champion
+        champion_before=None,
     )
 
 
@@ -74,8 +76,20 @@ def test_config_values_are_the_keys_a_stage_reads_minus_speed_only_ones(root):
     }
 
 
+def test_register_hashes_the_model_code_it_ships_and_package_inits():
+    register = cache.code_hashes(*cache.CODE[Stage.REGISTER])
+    assert "flywheel/models/mlflow_model.py" in register  # loaded by path, not imported
+    assert {"flywheel/__init__.py", "flywheel/models/__init__.py"} <= set(register)
+
+
+def test_evaluation_batch_size_is_speed_only(root):
+    base = cache.stage_key(config(root), Stage.BASELINE, DATA, {})
+    batch = cache.stage_key(config(root, **{"evaluate.batch_size": 8}), Stage.BASELINE, DATA, {})
+    assert base.digest == batch.digest
+
+
 def test_code_hash_follows_imports_but_not_type_checking_ones():
-    train = cache.code_hashes("flywheel/tasks/train.py")
+    train = cache.code_hashes(*cache.CODE[Stage.TRAIN])
     assert "flywheel/tasks/train.py" in train
     assert "flywheel/models/bundle.py" in train  # imported by train
     assert "flywheel/config.py" in train  # imported transitively
@@ -200,13 +214,34 @@ def test_a_registration_that_is_gone_is_registered_again(root):
     run_all(cfg, DATA)
     seen = []
 
-    def gone(facts):
-        seen.append(dict(facts))
-        return "flywheel-classifier version 1 is no longer registered"
+    def gone(stage, facts):
+        seen.append((stage, dict(facts)))
+        if stage is Stage.REGISTER:
+            return "flywheel-classifier version 1 is no longer registered"
+        return None
 
     plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, check_facts=gone)
-    assert seen == [{"model": "flywheel-classifier", "version": "1", "run_id": "r1"}]
+    assert seen == [
+        (Stage.REGISTER, {"model": "flywheel-classifier", "version": "1", "run_id": "r1"})
+    ]
     assert [s for s, a in actions(plan).items() if a == "run"] == ["register", "promote"]
+    assert plan.steps[Stage.REGISTER].reason.endswith("is no longer registered")
+
+
+def test_a_decision_undone_since_is_made_again(root):
+    """A rollback after the run moved champion away from what the cached decision left."""
+    cfg = config(root)
+    run_all(cfg, DATA)
+
+    def rolled_back(stage, facts):
+        assert stage is not Stage.PROMOTE or facts == {"champion": "1"}
+        return (
+            "champion is none, not 1 as this decision left it" if stage is Stage.PROMOTE else None
+        )
+
+    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, check_facts=rolled_back)
+    assert [s for s, a in actions(plan).items() if a == "run"] == ["promote"]
+    assert plan.steps[Stage.PROMOTE].reason == "champion is none, not 1 as this decision left it"
 
 
 def test_promote_is_keyed_on_the_champion(root):
@@ -235,6 +270,17 @@ def test_switching_back_to_an_earlier_config_reuses_its_result(root):
     run_all(config(root, **{"train.lr": 2e-4}), DATA)
     back = cache.make_plan(config(root), DATA, cache.MODEL_STAGES)
     assert set(actions(back).values()) == {"reuse"}
+
+
+def test_ledger_writers_do_not_lose_each_others_entries(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    ledger = cache.Ledger(tmp_path)
+    keys = [cache.StageKey(Stage.TRAIN, {"data": str(n)}) for n in range(24)]
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda key: ledger.record(key, {}, {}, None), keys))
+    assert set(ledger.entries(Stage.TRAIN)) == {key.digest for key in keys}
+    assert not list(tmp_path.glob("*.tmp"))
 
 
 def test_ledger_keeps_the_newest_entries_and_returns_the_dropped_records(tmp_path, monkeypatch):

@@ -23,7 +23,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from typer.testing import CliRunner
 
-from flywheel.cache import Stage
+from flywheel.cache import ORDER, Stage
 from flywheel.cli import app, summary_lines
 from flywheel.config import EmbeddedSource, load_config
 from flywheel.flows.pipeline import pipeline
@@ -314,16 +314,28 @@ def test_models_cli_lists_compares_promotes_and_rolls_back(trained):
     assert "champion: 1 -> 2" in history[1] and "via flywheel models promote" in history[1]
     assert "champion: 2 -> 1" in history[3] and "undo" in history[3]
 
-    # the pipeline's promote stage with a champion in place: it is re-scored on the test split
+    # the pipeline does not promote a rolled-back version again by itself
     cfg = load_config(root / "params.yaml")
+    assert registry.version("2").tags["flywheel.promotion"] == "rolled-back"
     again = replace(result.registered, version="2")
+    refused = promote_task.fn(cfg, result.prepare, again, result.mlflow_run, "test")
+    assert not refused.promoted and not refused.moves
+    assert "version 2 was rolled back" in refused.reasons[0]
+    # the pipeline's promote stage with a champion in place: it is re-scored on the test split
+    third = registry.register(
+        result.export.directory,
+        result.mlflow_run,
+        {"flywheel.parity.passed": "true", "flywheel.data_version": result.data_version},
+        "the same export once more",
+    )
+    again = replace(result.registered, version=third.version)
     decision = promote_task.fn(cfg, result.prepare, again, result.mlflow_run, "test")
     assert decision.promoted and decision.champion_before == "1"
     assert decision.champion_scores["test_macro_f1"] == pytest.approx(
         result.registered.report.metrics.macro_f1, abs=1e-6
     )  # version 1 is the same model: re-scored, it scores what it was registered with
     assert (root / "reports" / "evaluation" / "champion" / "report.json").is_file()
-    assert registry.aliases() == {CHAMPION: "2", PREVIOUS: "1"}
+    assert registry.aliases() == {CHAMPION: "3", PREVIOUS: "1"}
 
 
 def wait_for_checkpoint(root: Path, min_step: int, proc: subprocess.Popen, timeout: float) -> int:
@@ -397,6 +409,18 @@ def test_cache_unchanged_reuses_param_change_reruns_downstream_data_change_rerun
     re-run everything."""
     root, first, first_seconds = trained
     params = root / "params.yaml"
+    drop = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    fresh = subprocess.run(  # a new process: the persisted results and the ledger are on disk
+        [str(Path(sys.prefix) / "bin" / "flywheel"), "run", "--params", str(params)],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert fresh.returncode == 0, fresh.stderr[-3000:]
+    assert "reused: validate, prepare, baseline, train, evaluate, export, register" in fresh.stdout
     started = time.perf_counter()
     again = pipeline(params_path=params)
     cached_seconds = time.perf_counter() - started
@@ -443,14 +467,5 @@ def test_cache_unchanged_reuses_param_change_reruns_downstream_data_change_rerun
     pd.concat([pd.read_csv(source), extra[["text", "label"]]]).to_csv(source, index=False)
     grown = pipeline(params_path=params)
     assert grown.data_version != first.data_version
-    assert ran(grown)[:8] == [
-        "validate",
-        "prepare",
-        "baseline",
-        "train",
-        "evaluate",
-        "export",
-        "register",
-        "promote",
-    ]
+    assert ran(grown) == list(ORDER)  # every cached stage, in pipeline order
     assert grown.plan.steps[Stage.VALIDATE].reason.startswith("data ")

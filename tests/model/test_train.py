@@ -100,8 +100,8 @@ def test_resume_without_a_checkpoint_of_the_run_starts_over(tmp_path, slices, ca
     fresh = fit(cfg, *slices, data_version="d.dir", device=CPU, resume=True)
     assert fresh.resumed_from_step is None and fresh.steps > 0
     other = tiny_config(tmp_path, lr=2e-4)
-    assert run_key(cfg.train, 42, "d.dir") != run_key(other.train, 42, "d.dir")
-    assert run_key(cfg.train, 42, "d.dir") != run_key(cfg.train, 42, "e.dir")
+    assert run_key(cfg, "d.dir") != run_key(other, "d.dir")
+    assert run_key(cfg, "d.dir") != run_key(cfg, "e.dir")
     shutil.rmtree(fresh.model_dir)
     with caplog.at_level("WARNING", logger="flywheel.tasks.train"):
         again = fit(cfg, *slices, data_version="d.dir", device=CPU, resume=True)

@@ -1,0 +1,241 @@
+"""`flywheel schedule` against a real Prefect server on a free port: create (serve), list, pause
+on Ctrl-C, remove; deploy to a work pool; bad cron expressions."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from flywheel import servers
+from flywheel.cli import app
+from flywheel.flows.pipeline import pipeline
+from flywheel.flows.schedule import FLOW_NAME, parse_cron
+from tests.code.test_servers import FLYWHEEL, clean_env, read_until
+from tests.conftest import REPO, make_project
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> servers.Server:
+    """A Prefect server of its own (not the test harness): 127.0.0.1, a free port, a tmp home."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    with servers.running([servers.prefect_spec(home, servers.free_port())]) as (started,):
+        yield started
+
+
+@pytest.fixture
+def project(tmp_path) -> Path:
+    shutil.copy2(REPO / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def cli(server: servers.Server, project: Path, *args: str, timeout: float = 120):
+    return subprocess.run(
+        [FLYWHEEL, "schedule", "--params", str(project / "params.yaml"), *args],
+        env=env_for(server),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def env_for(server: servers.Server) -> dict[str, str]:
+    return clean_env(
+        PREFECT_API_URL=f"{server.spec.url}/api", PREFECT_HOME=server.spec.env["PREFECT_HOME"]
+    )
+
+
+FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def api(server: servers.Server, path: str, body: dict | None = None):
+    """GET (or POST `body` to) the server's REST API, not through Flywheel."""
+    request = urllib.request.Request(
+        f"{server.spec.url}/api/{path}",
+        data=None if body is None else json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.loads(response.read())
+
+
+def deployments(server: servers.Server) -> dict[str, dict]:
+    """The server's deployments by name."""
+    return {d["name"]: d for d in api(server, "deployments/filter", {})}
+
+
+def wait_for(condition, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if found := condition():
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"{what} not within {timeout} s")
+
+
+def test_flow_name_matches_the_pipeline():
+    assert pipeline.name == FLOW_NAME
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cron", "0 3 * *"], "invalid cron expression '0 3 * *': expected 5 fields"),
+        (["--cron", "61 3 * * 1"], "invalid cron expression '61 3 * * 1'"),
+        (["--cron", "0 3 * * 1", "--timezone", "Mars/Base"], "unknown time zone 'Mars/Base'"),
+        ([], "give one of --cron EXPR, --list or --remove NAME"),
+        (["--list", "--remove", "x"], "give one of --cron EXPR, --list or --remove NAME"),
+        (["--list", "--work-pool", "p"], "--work-pool goes with --cron"),
+    ],
+)
+def test_bad_requests_fail_before_any_server_is_used(project, monkeypatch, args, message):
+    # no server anywhere: these must fail without looking for one
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("PREFECT_HOME", str(project / ".prefect"))
+    out = CliRunner().invoke(app, ["schedule", "--params", str(project / "params.yaml"), *args])
+    assert out.exit_code == 2, out.output
+    assert message in out.output
+
+
+def test_parse_cron_knows_the_next_run():
+    spec = parse_cron("0 3 * * 1", "Europe/Berlin")
+    assert spec.next_run.weekday() == 0 and spec.next_run.hour == 3
+    assert str(spec) == "'0 3 * * 1' (Europe/Berlin)"
+
+
+def test_schedule_create_run_list_pause_remove(server, tmp_path):
+    """Serve a deployment, run it (data stages only, in a git + DVC project), list it, stop
+    serving (paused), remove it."""
+    project = make_project(tmp_path / "project", tmp_path / "remote")
+    serving = subprocess.Popen(
+        [FLYWHEEL, "schedule", "--params", str(project / "params.yaml")]
+        + ["--cron", "0 3 * * 1", "--name", "nightly-test"],
+        env=env_for(server),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        read_until(serving, r"serving flywheel-pipeline/nightly-test .*next run", timeout=120)
+        made = wait_for(
+            lambda: deployments(server).get("nightly-test"), 60, "the deployment 'nightly-test'"
+        )
+        schedule = made["schedules"][0]
+        assert schedule["schedule"]["cron"] == "0 3 * * 1"
+        assert schedule["schedule"]["timezone"] == "UTC"
+        assert schedule["active"] and not made["paused"]
+        assert made["parameters"] == {"params_path": str((project / "params.yaml").resolve())}
+        assert made["entrypoint"] == "flywheel.flows.pipeline.pipeline"
+        assert made["work_pool_name"] is None  # served by the process, no work pool
+
+        listed = cli(server, project, "--list")
+        assert listed.returncode == 0, listed.stderr
+        row = next(line for line in listed.stdout.splitlines() if line.startswith("nightly-test"))
+        assert "0 3 * * 1 (UTC)" in row and " yes " in row and "served" in row
+        assert "(PREFECT_API_URL)" in listed.stdout
+
+        # what 03:00 on Monday would do, now and data stages only: the serving process runs it
+        run = api(
+            server, f"deployments/{made['id']}/create_flow_run", {"parameters": {"data_only": True}}
+        )
+        done = wait_for(
+            lambda: (
+                (state := api(server, f"flow_runs/{run['id']}")["state_type"]) in FINAL and state
+            ),
+            180,
+            "the end of the deployment's flow run",
+        )
+        assert done == "COMPLETED", serving.stdout.read() if serving.poll() is not None else done
+        assert (project / "data" / "prepared" / "train.parquet").is_file()
+        assert api(server, f"flow_runs/{run['id']}")["parameters"]["params_path"] == str(
+            (project / "params.yaml").resolve()
+        )
+
+        serving.send_signal(signal.SIGINT)  # Ctrl-C
+        assert serving.wait(timeout=60) == 0
+        assert "stopped serving flywheel-pipeline/nightly-test" in serving.stdout.read()
+    finally:
+        if serving.poll() is None:
+            serving.kill()
+            serving.wait()
+    assert deployments(server)["nightly-test"]["paused"]  # nobody serves it: no runs pile up
+    row = next(
+        line
+        for line in cli(server, project, "--list").stdout.splitlines()
+        if "nightly-test" in line
+    )
+    assert " paused " in row
+
+    removed = cli(server, project, "--remove", "nightly-test")
+    assert removed.returncode == 0, removed.stderr
+    assert "removed deployment flywheel-pipeline/nightly-test" in removed.stdout
+    assert "nightly-test" not in deployments(server)
+    again = cli(server, project, "--remove", "nightly-test")
+    assert again.returncode == 2
+    assert "no deployment 'nightly-test' of flywheel-pipeline" in again.stderr
+
+
+def test_schedule_on_a_work_pool(server, project):
+    made = cli(server, project, "--cron", "30 2 * * *", "--name", "pool-test", "--work-pool", "wp")
+    assert made.returncode == 0, made.stderr
+    assert "created process work pool 'wp'" in made.stdout
+    assert "prefect worker start --pool wp" in made.stdout
+    deployment = deployments(server)["pool-test"]
+    assert deployment["work_pool_name"] == "wp"
+    assert deployment["schedules"][0]["schedule"]["cron"] == "30 2 * * *"
+    assert deployment["job_variables"]["working_dir"] == str(project.resolve())
+    assert deployment["job_variables"]["env"]["HF_HUB_OFFLINE"] == "1"
+    assert deployment["entrypoint"] == "flywheel.flows.pipeline.pipeline"
+
+    # the same name again updates the schedule (one deployment, new cron); the pool is reused
+    updated = cli(
+        server, project, "--cron", "0 4 * * *", "--name", "pool-test", "--work-pool", "wp"
+    )
+    assert updated.returncode == 0, updated.stderr
+    assert "created process work pool" not in updated.stdout
+    assert [s["schedule"]["cron"] for s in deployments(server)["pool-test"]["schedules"]] == [
+        "0 4 * * *"
+    ]
+    listed = cli(server, project, "--list")
+    row = next(line for line in listed.stdout.splitlines() if line.startswith("pool-test"))
+    assert "pool wp" in row and "0 4 * * * (UTC)" in row
+    assert cli(server, project, "--remove", "pool-test").returncode == 0
+    assert "pool-test" not in deployments(server)
+
+
+def test_without_a_server_a_temporary_one_keeps_deployments_in_the_project(project):
+    """No PREFECT_API_URL, no `flywheel ui`: each command starts a server on the project's
+    Prefect database and stops it; what one command deployed, the next one lists."""
+    env = clean_env(PREFECT_HOME=str(project / ".prefect"))
+    params = ["--params", str(project / "params.yaml")]
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [FLYWHEEL, "schedule", *params, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert done.returncode == 0, done.stderr
+        started = re.search(
+            r"starting one at http://127\.0\.0\.1:(\d+) for this command", done.stderr
+        )
+        assert started, done.stderr
+        assert servers.port_is_free(int(started.group(1)))  # stopped again
+        return done
+
+    run("--cron", "0 5 * * *", "--name", "kept", "--work-pool", "local")
+    listed = run("--list")
+    assert re.search(r"^kept\s+0 5 \* \* \* \(UTC\)\s+yes\s+pool local", listed.stdout, re.M)
+    assert (project / ".prefect" / "prefect.db").is_file()
+    assert not list((project / ".prefect" / servers.LOG_DIR).glob("*.log"))  # clean stops
