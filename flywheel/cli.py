@@ -579,8 +579,9 @@ def ui(
                 f"note: PREFECT_API_URL is set ({os.environ['PREFECT_API_URL']}): `flywheel run` "
                 "and `flywheel schedule` use that server, not this one"
             )
-        # `kill` stops it as cleanly as Ctrl-C
-        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        # `kill` and a closed terminal stop it as cleanly as Ctrl-C
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.default_int_handler)
         try:
             with servers.running(specs) as (prefect, mlflow):
                 state = servers.UiState(

@@ -98,7 +98,8 @@ class Server:
             time.monotonic() < deadline
         ):
             time.sleep(0.1)
-        signal_group(self.pid, signal.SIGKILL)
+        if group_alive(self.pid):  # not after it is gone: the id may belong to another group
+            signal_group(self.pid, signal.SIGKILL)
         self.process.wait()
 
 
@@ -171,6 +172,11 @@ def prefect_spec(home: Path, port: int, log_name: str = "prefect-server.log") ->
         "PREFECT_SERVER_API_PORT": str(port),
         "PREFECT_API_URL": f"{url}/api",
         "PREFECT_UI_API_URL": f"{url}/api",
+        # Concurrency-slot leases on disk (in the home), not in memory: a server restarted while
+        # a run held the training slot still expires that lease (flows/limits.py).
+        "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+            "prefect.server.concurrency.lease_storage.filesystem"
+        ),
     }
     return ServerSpec(
         name="Prefect",
@@ -215,8 +221,22 @@ def mlflow_spec(root: Path, port: int, workers: int) -> ServerSpec:
     )
 
 
+def _terminate_with_parent() -> Callable[[], None] | None:
+    """What the child runs before exec: ask for SIGTERM when the parent dies, even by SIGKILL
+    (Linux), so a killed `flywheel ui` leaves no server bound to its port. libc is loaded here,
+    in the parent: the child only makes the one system call."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import ctypes
+
+    prctl = ctypes.CDLL("libc.so.6", use_errno=True).prctl
+    pr_set_pdeathsig = 1
+    return lambda: prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
 def start(spec: ServerSpec) -> Server:
-    """Start the server in its own process group, output to its log file (truncated)."""
+    """Start the server in its own process group, output to its log file (truncated); it is
+    stopped if this process dies."""
     spec.log_path.parent.mkdir(parents=True, exist_ok=True)
     with spec.log_path.open("wb") as log:
         process = subprocess.Popen(
@@ -226,6 +246,7 @@ def start(spec: ServerSpec) -> Server:
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_terminate_with_parent(),
         )
     return Server(spec, process)
 
@@ -293,7 +314,8 @@ def interrupts_deferred() -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in stops}
     try:
         yield
     finally:

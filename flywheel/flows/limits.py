@@ -1,16 +1,19 @@
-"""Training runs one at a time: the training slot.
+"""Training runs one at a time: the training slot, taken by the train task's body (so only a
+training that really runs takes it: a cached one never executes the body).
 
 Scheduled runs, a feedback-triggered run and a hand-started one may overlap; their data and
 report stages can, but two trainings on one machine would each take twice as long and fight
-for memory.
+for memory. Two locks, always in this order:
 
-- With a Prefect server (PREFECT_API_URL: `flywheel ui`, `flywheel schedule`, a team server)
-  the slot is the global concurrency limit `flywheel-training` (limit 1) on that server: it
-  holds across processes and machines, and a crashed holder's lease expires on the server.
-- In local mode each `flywheel run` starts its own temporary Prefect server, which keeps slot
-  leases in memory and never expires them: a run killed while training would hold the slot in
-  the shared database for good. There the slot is an exclusive `flock` on
-  `.flywheel/training.lock`, which the kernel releases when the process dies.
+- an exclusive `flock` on `.flywheel/training.lock`: every run on this machine, with or without
+  a Prefect server, and released by the kernel when its process dies (a killed run holds
+  nothing);
+- with a Prefect server (PREFECT_API_URL: `flywheel ui`, `flywheel schedule`, a team server)
+  also the global concurrency limit `flywheel-training` (limit 1) on that server, which holds
+  across machines. The servers Flywheel starts keep their slot leases on disk
+  (flywheel/servers.py), so a lease of a killed run expires even across a server restart.
+  A temporary local server keeps leases in memory and never expires them, so local mode uses
+  the file lock alone.
 """
 
 from __future__ import annotations
@@ -69,23 +72,17 @@ def file_slot(path: Path, timeout_seconds: float | None = None) -> Iterator[None
 
 @contextmanager
 def training_slot(
-    root: Path,
-    needed: bool = True,
-    timeout_seconds: float | None = None,
-    server: bool | None = None,
+    root: Path, timeout_seconds: float | None = None, server: bool | None = None
 ) -> Iterator[None]:
     """Hold the one training slot while the block runs, waiting for another run's training to
-    finish. `needed=False` (training is reused from the cache) takes no slot; `server` defaults
-    to `has_server()` (tests inject it)."""
-    if not needed:
-        yield
-        return
-    if not (has_server() if server is None else server):
-        with file_slot(root / ".flywheel" / "training.lock", timeout_seconds):
+    finish. `server` defaults to `has_server()` (tests inject it)."""
+    log.info("train: taking the training slot (waits while another run trains)")
+    with file_slot(root / ".flywheel" / "training.lock", timeout_seconds):
+        if not (has_server() if server is None else server):
             yield
-        return
-    from prefect.concurrency.sync import concurrency
+            return
+        from prefect.concurrency.sync import concurrency
 
-    ensure_limit(TRAINING, 1)
-    with concurrency(TRAINING, occupy=1, timeout_seconds=timeout_seconds, strict=True):
-        yield
+        ensure_limit(TRAINING, 1)
+        with concurrency(TRAINING, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+            yield

@@ -9,8 +9,8 @@
 Collect always runs (reading the sources is how new data shows). Every later stage but version
 and report is cached (flywheel/cache.py, docs/decisions/0007): once its input is known (the raw
 table's md5, then the data version) a plan says per stage whether to run or reuse and why.
-Training holds the one training slot (flows/limits.py). The model stages run inside one MLflow
-parent run (flywheel/tracking.py).
+A training that runs holds the one training slot (flows/limits.py). The model stages run inside
+one MLflow parent run (flywheel/tracking.py).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from prefect.runtime import flow_run
 from flywheel import tracking
 from flywheel.cache import DATA_STAGES, Plan, Stage
 from flywheel.config import DEFAULT_PARAMS, changes_data, load_config, with_run_outputs
-from flywheel.flows.limits import training_slot
 from flywheel.tasks.baseline import BaselineReport, baseline_task
 from flywheel.tasks.clean import PrepareResult, prepare_task
 from flywheel.tasks.collect import CollectResult, collect_task
@@ -104,10 +103,9 @@ def pipeline(
         cfg, lineage, flow_run.get_name() or "pipeline", prepared.split_paths
     ) as run:
         baseline = model_plan.run(baseline_task, cfg, prepared, run)
-        with training_slot(cfg.root, needed=model_plan.steps[Stage.TRAIN].runs):
-            trained = model_plan.run(
-                train_task, cfg, prepared, run, resume=not model_plan.forced(Stage.TRAIN)
-            )
+        trained = model_plan.run(
+            train_task, cfg, prepared, run, resume=not model_plan.forced(Stage.TRAIN)
+        )
         evaluation = model_plan.run(evaluate_task, cfg, prepared, trained, baseline, run)
         exported = model_plan.run(export_task, cfg, prepared, trained, run)
         registered = model_plan.run(register_task, cfg, prepared, exported, run)

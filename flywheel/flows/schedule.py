@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from flywheel.errors import FlywheelError
 from flywheel.runtime import OFFLINE_DEFAULTS
+from flywheel.servers import prefect_home
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -135,7 +136,7 @@ def deploy_to_pool(params_path: Path, name: str, spec: CronSpec, pool: str) -> b
         tags=TAGS,
         job_variables={
             "working_dir": str(root),
-            "env": {**OFFLINE_DEFAULTS, "PREFECT_HOME": str((root / ".prefect").resolve())},
+            "env": {**OFFLINE_DEFAULTS, "PREFECT_HOME": str(prefect_home(root))},
         },
         entrypoint_type=EntrypointType.MODULE_PATH,
         build=False,

@@ -649,10 +649,24 @@ def rollback(registry: ModelRegistry, reason: str, actor: str) -> list[AuditEntr
     info = registry.version(previous)  # its scores as registered (rollback re-scores nothing)
     scores = {f"test_{m}": info.tag_float(f"flywheel.test.{m}") for m in ("macro_f1", "accuracy")}
     metrics = {name: value for name, value in scores.items() if value is not None}
-    # The pipeline does not promote a rolled-back version again by itself (promote_task).
-    registry.set_tags(champion, {PROMOTION_TAG: ROLLED_BACK, REASONS_TAG: reason[:5000]})
-    registry.set_tags(previous, {PROMOTION_TAG: "promoted"})
-    return registry.move([(CHAMPION, previous), (PREVIOUS, champion)], reason, actor, metrics)
+    # The pipeline does not promote a rolled-back version again by itself (promote_task). The
+    # tags go first, as in promote(), and are put back if the aliases cannot move.
+    tags = {
+        champion: {PROMOTION_TAG: ROLLED_BACK, REASONS_TAG: reason[:5000]},
+        previous: {PROMOTION_TAG: "promoted"},
+    }
+    before = {v: registry.version(v).tags for v in tags}
+    for version, values in tags.items():
+        registry.set_tags(version, values)
+    try:
+        return registry.move([(CHAMPION, previous), (PREVIOUS, champion)], reason, actor, metrics)
+    except BaseException:
+        for version, values in tags.items():
+            registry.delete_tags(version, [k for k in values if k not in before[version]])
+            registry.set_tags(
+                version, {k: before[version][k] for k in values if k in before[version]}
+            )
+        raise
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,6 @@ def test_on_a_server_a_second_training_waits_for_the_first(tmp_path):
         with pytest.raises(TimeoutError), training_slot(tmp_path, timeout_seconds=2, server=True):
             pytest.fail("took a second training slot")
         assert time.monotonic() - started >= 2
-        with training_slot(tmp_path, needed=False, server=True):  # reused: takes no slot
-            pass
     with training_slot(tmp_path, timeout_seconds=30, server=True):  # released: free again
         pass
     with get_client(sync_client=True) as client:
@@ -49,14 +47,19 @@ with training_slot(Path(sys.argv[1]), server=False):
 
 
 def test_locally_a_killed_training_does_not_keep_the_slot(tmp_path):
-    """Local mode: a run killed (SIGKILL) while training must not block the re-run."""
+    """A run killed (SIGKILL) while training must not block the re-run; and while it trains,
+    no other run on the machine trains, with or without a Prefect server."""
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True
     )
     try:
         assert holder.stdout.readline().strip() == "holding"
-        with pytest.raises(TimeoutError), training_slot(tmp_path, timeout_seconds=2, server=False):
-            pytest.fail("took the slot another process holds")
+        for server in (False, True):  # a run using a Prefect server waits for a local one too
+            with (
+                pytest.raises(TimeoutError),
+                training_slot(tmp_path, timeout_seconds=2, server=server),
+            ):
+                pytest.fail("took the slot another process holds")
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait(timeout=30)

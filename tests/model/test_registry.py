@@ -174,6 +174,10 @@ def test_alias_moves_audit_log_and_rollback(registry, export_dir):
 
     rollback(registry, "bad feedback", "ops")
     assert (registry.alias(CHAMPION), registry.alias(PREVIOUS)) == ("1", "2")
+    # the pipeline will not promote the rolled-back version again by itself
+    assert registry.version("2").tags["flywheel.promotion"] == "rolled-back"
+    assert registry.version("2").tags["flywheel.promotion.reasons"] == "bad feedback"
+    assert registry.version("1").tags["flywheel.promotion"] == "promoted"
 
     forced = promote(
         registry, candidate(0.5, version="3"), scores(0.85), RC, "hotfix", "ops", force=True
@@ -336,6 +340,24 @@ def test_a_failed_alias_move_puts_every_alias_back(registry, export_dir, monkeyp
         .line()
         .endswith("by ci: first [test_macro_f1 0.8500, test_accuracy 0.8500]")
     )
+
+
+def test_a_failed_rollback_leaves_aliases_and_tags_as_they_were(registry, export_dir, monkeypatch):
+    for _ in range(2):
+        register(registry, export_dir)
+    promote(registry, candidate(0.85, version="1"), None, RC, "first", "ci")
+    promote(registry, candidate(0.87, version="2"), scores(0.85), RC, "retrain", "ci")
+    tags_before = {v: registry.version(v).tags for v in ("1", "2")}
+
+    def store_went_away(*args, **kwargs):
+        raise ConnectionError("injected: store went away")
+
+    monkeypatch.setattr(registry.client, "set_registered_model_alias", store_went_away)
+    with pytest.raises(ConnectionError):
+        rollback(registry, "bad feedback", "ops")
+    monkeypatch.undo()
+    assert (registry.alias(CHAMPION), registry.alias(PREVIOUS)) == ("2", "1")
+    assert {v: registry.version(v).tags for v in ("1", "2")} == tags_before
 
 
 def test_a_failed_version_tag_write_moves_nothing(registry, export_dir, monkeypatch):
