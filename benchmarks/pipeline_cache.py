@@ -54,15 +54,9 @@ def copy_project(root: Path) -> Path:
 
 def task_seconds(flow_run_id: str) -> dict[str, float]:
     """Task name -> seconds in Running, for one flow run, in the order they started."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from flywheel.tasks.report import stage_of, task_runs
 
-    with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
-        )
-    runs = sorted(runs, key=lambda r: r.start_time or r.expected_start_time)
-    return {r.name.rsplit("-", 1)[0]: r.total_run_time.total_seconds() for r in runs}
+    return {stage_of(r): r.total_run_time.total_seconds() for r in task_runs(flow_run_id)}
 
 
 def flywheel_run(root: Path, *args: str) -> tuple[float, str]:

@@ -403,8 +403,6 @@ def prefect_api(root: Path, announce: Callable[[str], None]) -> Iterator[Prefect
     """Point Prefect at a server for the duration of the block: PREFECT_API_URL if set, else the
     running `flywheel ui`, else a server started now on a free port and stopped afterwards (it
     uses the project's Prefect database, so what it records stays for `flywheel ui`)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     home = prefect_home(root)
     if os.environ.get("PREFECT_API_URL"):
         yield PrefectApi(os.environ["PREFECT_API_URL"], "PREFECT_API_URL")
@@ -420,7 +418,7 @@ def prefect_api(root: Path, announce: Callable[[str], None]) -> Iterator[Prefect
     )
     with running([spec]):
         api = PrefectApi(f"{spec.url}/api", "started for this command")
-        with use_api(api.url), temporary_settings({PREFECT_API_URL: api.url}):
+        with use_api(api.url):
             yield api
     spec.log_path.unlink(missing_ok=True)  # kept only when the server failed
 
@@ -430,26 +428,24 @@ def ui_server(root: Path) -> Iterator[str | None]:
     """Point Prefect at the running `flywheel ui` of this project for the block and yield its API
     URL (a `flywheel run` then shows live there, on one server); None, changing nothing, when
     PREFECT_API_URL is set or no `flywheel ui` runs."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     state = None if os.environ.get("PREFECT_API_URL") else read_state(prefect_home(root))
     if state is None:
         yield None
         return
-    with (
-        use_api(state.prefect_api_url),
-        temporary_settings({PREFECT_API_URL: state.prefect_api_url}),
-    ):
+    with use_api(state.prefect_api_url):
         yield state.prefect_api_url
 
 
 @contextlib.contextmanager
 def use_api(url: str) -> Iterator[None]:
-    """PREFECT_API_URL=`url` in os.environ for the block: subprocesses (served flow runs)
-    inherit it."""
+    """Prefect talks to `url` for the block: in this process's settings, and as PREFECT_API_URL
+    in os.environ, which subprocesses (served flow runs) inherit."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
     os.environ["PREFECT_API_URL"] = url
     try:
-        yield
+        with temporary_settings({PREFECT_API_URL: url}):
+            yield
     finally:
         os.environ.pop("PREFECT_API_URL", None)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from typing import TYPE_CHECKING, Any
+from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
@@ -182,21 +183,32 @@ def failure_markdown(stages: list[tuple[str, str]], cause: str) -> str:
     )
 
 
-def report_failure(flow: Any, flow_run: Any, state: Any) -> None:
-    """Prefect on-failure hook: the failure summary as an artifact on the flow run and a log."""
+def task_runs(flow_run_id: Any) -> list[Any]:
+    """The task runs of one flow run, in the order they started; `stage_of` names their task."""
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import ArtifactCreate
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
     from prefect.client.schemas.sorting import TaskRunSort
 
     with get_client(sync_client=True) as client:
-        runs = client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])),
+        return client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(str(flow_run_id))])),
             sort=TaskRunSort.EXPECTED_START_TIME_ASC,
         )
-        # task run names are "<task>-<n>"; Prefect orders them by their start
-        stages = [(r.name.rsplit("-", 1)[0], r.state.name if r.state else "?") for r in runs]
-        markdown = failure_markdown(stages, state.message or "unknown")
+
+
+def stage_of(task_run: Any) -> str:
+    """The task a task run ran: its name is "<task>-<suffix>"."""
+    return task_run.name.rsplit("-", 1)[0]
+
+
+def report_failure(flow: Any, flow_run: Any, state: Any) -> None:
+    """Prefect on-failure hook: the failure summary as an artifact on the flow run and a log."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
+
+    stages = [(stage_of(r), r.state.name if r.state else "?") for r in task_runs(flow_run.id)]
+    markdown = failure_markdown(stages, state.message or "unknown")
+    with get_client(sync_client=True) as client:
         client.create_artifact(
             ArtifactCreate(
                 key=FAILURE_KEY,

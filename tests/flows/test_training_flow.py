@@ -12,7 +12,6 @@ import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from uuid import UUID
 
 import mlflow.pyfunc
 import pandas as pd
@@ -20,7 +19,6 @@ import pytest
 import yaml
 from mlflow.entities import Run
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 from typer.testing import CliRunner
 
 from flywheel.cache import ORDER, Stage
@@ -31,6 +29,7 @@ from flywheel.io import file_md5
 from flywheel.models.predictor import OnnxPredictor
 from flywheel.tasks.collect import read_embedded
 from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry, promote_task
+from flywheel.tasks.report import stage_of, task_runs
 from flywheel.tasks.train import META_FILE
 from mlflow import MlflowClient
 from tests.conftest import make_project, run
@@ -395,11 +394,7 @@ def ran(result) -> list[str]:
 
 def task_states(flow_run_id: str) -> dict[str, str]:
     """Task name -> state name of one flow run ("Cached" for a reused stage)."""
-    with get_client(sync_client=True) as prefect:
-        runs = prefect.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[UUID(flow_run_id)]))
-        )
-    return {r.name.rsplit("-", 1)[0]: r.state.name for r in runs}
+    return {stage_of(r): r.state.name for r in task_runs(flow_run_id)}
 
 
 def test_cache_unchanged_reuses_param_change_reruns_downstream_data_change_reruns_all(trained):
