@@ -86,7 +86,7 @@ CONFIG_READ: dict[Stage, tuple[str, ...]] = {
     ),
     Stage.TRAIN: ("seed", "clean.mask_pii", "train"),
     Stage.EVALUATE: ("evaluate", "train.device", "train.precision"),
-    Stage.EXPORT: ("export",),
+    Stage.EXPORT: ("export", "monitor.reference"),
     Stage.REGISTER: ("evaluate", "registry.model_name"),
     Stage.PROMOTE: ("evaluate", "registry"),
 }

@@ -280,6 +280,108 @@ class RegistryConfig(_Section):
     )
 
 
+class ServeConfig(_Section):
+    host: str = Field(
+        "127.0.0.1", min_length=1, description="Address to bind; 0.0.0.0 exposes the server."
+    )
+    port: int = Field(8000, ge=0, le=65535, description="Port (0: any free port).")
+    max_batch: int = Field(64, ge=1, description="Most texts in one /predict request.")
+    max_text_chars: int = Field(
+        5000, ge=1, description="Longest text accepted (characters, after stripping blanks)."
+    )
+    long_text: Literal["reject", "truncate"] = Field(
+        "reject",
+        description="A text over max_text_chars: reject (413) or cut to the limit and flag "
+        "`truncated` in the response.",
+    )
+    reload_seconds: float = Field(
+        30.0, ge=0, description="How often to check whether `champion` moved; 0: only on /reload."
+    )
+    token_env: str = Field(
+        "FLYWHEEL_API_TOKEN",
+        min_length=1,
+        description="Environment variable holding the bearer token for /feedback and /reload; "
+        "unset or empty: no token needed.",
+    )
+
+
+class ReferenceConfig(_Section):
+    bins: int = Field(10, ge=2, le=100, description="Histogram bins (reference quantiles) for PSI.")
+    vocabulary_size: int = Field(
+        20000, ge=100, description="Most frequent training words kept as the vocabulary profile."
+    )
+
+
+class MonitorConfig(_Section):
+    predictions_path: ConfigPath = Field(
+        Path("data/monitoring/predictions.db"),
+        description="SQLite log of served predictions (hash, length, label, confidence).",
+    )
+    log_text: bool = Field(
+        False, description="Also store the raw text of each prediction (off: hash and length)."
+    )
+    keep_predictions: int = Field(
+        100000, ge=100, description="The prediction log keeps this many newest rows."
+    )
+    window: int = Field(
+        1000, ge=10, description="Drift is computed over the newest N predictions of a model."
+    )
+    min_window: int = Field(
+        100, ge=10, description="With fewer predictions in the window, drift is not judged."
+    )
+    reference: ReferenceConfig = ReferenceConfig()
+    report_dir: ConfigPath = Field(
+        Path("reports/monitoring"), description="Where flywheel monitor writes its report."
+    )
+
+    @model_validator(mode="after")
+    def _window_holds_minimum(self) -> MonitorConfig:
+        if self.min_window > self.window:
+            raise ValueError("min_window must not exceed window")
+        return self
+
+
+class RetrainConfig(_Section):
+    min_feedback: int = Field(
+        200,
+        ge=1,
+        description="Fire when at least this many feedback rows are newer than the "
+        "champion's training data.",
+    )
+    min_feedback_accuracy: float = Field(
+        0.75,
+        ge=0,
+        le=1,
+        description="Fire when the champion's accuracy on that feedback is below this ...",
+    )
+    min_feedback_for_accuracy: int = Field(
+        50, ge=1, description="... judged only with at least this many feedback rows."
+    )
+    max_psi: float = Field(
+        0.25, gt=0, description="Fire when the PSI of text lengths or of confidences is above."
+    )
+    max_label_shift: float = Field(
+        0.20,
+        gt=0,
+        le=1,
+        description="Fire when predicted labels shift more than this "
+        "(total variation distance to the reference).",
+    )
+    max_oov_drift: float = Field(
+        0.10,
+        gt=0,
+        le=1,
+        description="Fire when the share of words outside the training "
+        "vocabulary rises by more than this.",
+    )
+    cooldown_minutes: float = Field(
+        60.0, ge=0, description="After firing, wait at least this long before firing again."
+    )
+    cron: str = Field(
+        "0 * * * *", min_length=1, description="Schedule of the retrain check deployment."
+    )
+
+
 class Config(_Section):
     seed: int = Field(42, description="The one seed: split hashing and training.")
     data: DataConfig
@@ -290,6 +392,9 @@ class Config(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     export: ExportConfig = ExportConfig()
     registry: RegistryConfig = RegistryConfig()
+    serve: ServeConfig = ServeConfig()
+    monitor: MonitorConfig = MonitorConfig()
+    retrain: RetrainConfig = RetrainConfig()
     root: ConfigPath = Field(
         Path("."), exclude=True, description="Project root (params.yaml's folder)."
     )
@@ -318,11 +423,17 @@ RUN_OUTPUTS = {
 }
 # Sections only the model stages read: overriding them leaves the data as params.yaml makes it.
 MODEL_SECTIONS = ("train", "evaluate", "export", "registry")
+# Sections of serving and the feedback loop: they never change what the data stages write.
+OPERATIONS_SECTIONS = ("serve", "monitor", "retrain")
 
 
 def data_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """The overrides of anything the data stages read (all but the model sections)."""
-    return {k: v for k, v in overrides.items() if k.split(".")[0] not in MODEL_SECTIONS}
+    return {
+        k: v
+        for k, v in overrides.items()
+        if k.split(".")[0] not in MODEL_SECTIONS + OPERATIONS_SECTIONS
+    }
 
 
 def changes_data(overrides: dict[str, Any]) -> bool:

@@ -1,6 +1,6 @@
 """The feedback store: a SQLite table that serving writes and the collect stage reads.
 
-Schema (version 1):
+Schema (version 2):
 
     feedback(
       id              TEXT PRIMARY KEY,  -- idempotency key: a repeated id is ignored
@@ -9,9 +9,12 @@ Schema (version 1):
       predicted_label TEXT,              -- what the model answered, if known
       model_version   TEXT,              -- registry version that answered, if known
       created_at      TEXT NOT NULL,     -- ISO 8601 UTC
-      source          TEXT NOT NULL      -- who wrote it: 'api', 'demo', 'import', ...
+      source          TEXT NOT NULL,     -- who wrote it: 'api', 'demo', 'import', ...
+      prediction_id   TEXT               -- the /predict answer this is about, if known (v2)
     )
 
+SQLite's rowid orders rows by arrival (`seq` when read): a data version records the newest seq
+it holds, so "feedback newer than the champion's data" is `seq > that watermark`.
 Texts are stored as received; PII is masked when feedback enters a data version (clean stage),
 so nothing unmasked is versioned or trained on.
 """
@@ -27,8 +30,19 @@ from pathlib import Path
 
 import pandas as pd
 
-SCHEMA_VERSION = 1
-COLUMNS = ("id", "text", "label", "predicted_label", "model_version", "created_at", "source")
+from flywheel import stores
+
+SCHEMA_VERSION = 2
+COLUMNS = (
+    "id",
+    "text",
+    "label",
+    "predicted_label",
+    "model_version",
+    "created_at",
+    "source",
+    "prediction_id",
+)
 
 _DDL = """
 CREATE TABLE IF NOT EXISTS feedback (
@@ -38,10 +52,12 @@ CREATE TABLE IF NOT EXISTS feedback (
     predicted_label TEXT,
     model_version   TEXT,
     created_at      TEXT NOT NULL,
-    source          TEXT NOT NULL DEFAULT 'api'
+    source          TEXT NOT NULL DEFAULT 'api',
+    prediction_id   TEXT
 );
-CREATE INDEX IF NOT EXISTS feedback_created_at ON feedback (created_at);
+CREATE INDEX IF NOT EXISTS feedback_created_at ON feedback (created_at)
 """
+_MIGRATIONS = {1: "ALTER TABLE feedback ADD COLUMN prediction_id TEXT"}
 _INSERT = (
     f"INSERT INTO feedback ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))}) "
     "ON CONFLICT(id) DO NOTHING"
@@ -59,27 +75,12 @@ class FeedbackRecord:
     source: str = "api"
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created_at: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-
-
-def _check_version(conn: sqlite3.Connection, path: Path) -> int:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
-    if version not in (0, SCHEMA_VERSION):
-        conn.close()
-        raise RuntimeError(
-            f"{path}: feedback store schema version {version}, this flywheel reads {SCHEMA_VERSION}"
-        )
-    return version
+    prediction_id: str | None = None
 
 
 def connect(path: Path) -> sqlite3.Connection:
-    """Open (creating if needed) a feedback store for writing and check its schema version."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(path, timeout=30)
-    _check_version(conn, path)
-    with conn:
-        conn.executescript(_DDL)
-        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-    return conn
+    """Open (creating or migrating if needed) a feedback store for writing."""
+    return stores.open_store(path, _DDL, SCHEMA_VERSION, _MIGRATIONS)
 
 
 def add(path: Path, records: Iterable[FeedbackRecord]) -> int:
@@ -89,31 +90,30 @@ def add(path: Path, records: Iterable[FeedbackRecord]) -> int:
     try:
         with conn:
             before = conn.total_changes
-            conn.executemany(
-                _INSERT,
-                rows,
-            )
+            conn.executemany(_INSERT, rows)
             return conn.total_changes - before
     finally:
         conn.close()
 
 
-def read(path: Path) -> pd.DataFrame:
-    """All feedback rows, oldest first; an absent or empty store reads as an empty table.
+def read(path: Path, after_seq: int = 0) -> pd.DataFrame:
+    """Feedback rows (all, or those with seq > after_seq) in arrival order, with their `seq`;
+    an absent or empty store reads as an empty table.
 
     Opens the file read-only: reading must not change its bytes (it is a DVC dependency) nor
-    take the write lock that serving needs.
+    take the write lock that serving needs. A version-1 store reads with no prediction ids.
     """
-    empty = pd.DataFrame({c: pd.Series(dtype="string") for c in COLUMNS})
-    if not path.exists():
-        return empty
-    conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
-    try:
-        if _check_version(conn, path) == 0:
-            return empty  # created but never initialised
-        frame = pd.read_sql_query(
-            f"SELECT {', '.join(COLUMNS)} FROM feedback ORDER BY created_at, id", conn
-        )
-    finally:
-        conn.close()
-    return frame.astype("string")
+    frame = stores.read_frame(
+        path,
+        SCHEMA_VERSION,
+        "SELECT rowid AS seq, * FROM feedback WHERE rowid > ? ORDER BY rowid",
+        (after_seq,),
+    )
+    if frame is None:
+        frame = pd.DataFrame({c: [] for c in ("seq", *COLUMNS)})
+    for column in COLUMNS:
+        if column not in frame:
+            frame[column] = None
+    out = frame[list(COLUMNS)].astype("string")
+    out.insert(0, "seq", frame["seq"].astype("int64"))
+    return out

@@ -20,6 +20,8 @@ OFFLINE_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "PREFECT_LOGGING_EXTRA_LOGGERS": "flywheel",
+    # flywheel's loggers also log outside flows (serve, monitor): no warning for each line
+    "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "PREFECT_UI_ENABLED": "false",
     # transformers' load reports and per-file progress bars; training has its own progress bar.
     "TRANSFORMERS_VERBOSITY": "error",

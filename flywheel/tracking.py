@@ -80,6 +80,9 @@ EXPERIMENT = "flywheel"
 BATCH = 100  # MLflow accepts at most 100 params/tags and 1000 metrics per log_batch
 
 
+FEEDBACK_SEQ_TAG = "flywheel.feedback_seq"
+
+
 @dataclass(frozen=True)
 class Lineage:
     """What a run was made from: data, code and orchestration."""
@@ -88,12 +91,15 @@ class Lineage:
     git_commit: str
     git_dirty: bool
     flow_run_id: str | None
+    feedback_seq: int = 0  # the newest feedback row in the data (flywheel/feedback.py)
 
     @classmethod
-    def of(cls, root: Path, data_version: str, flow_run_id: str | None) -> Lineage:
+    def of(
+        cls, root: Path, data_version: str, flow_run_id: str | None, feedback_seq: int = 0
+    ) -> Lineage:
         """The lineage of a run starting now in the project at `root`."""
         commit, dirty = git_state(root)
-        return cls(data_version, commit, dirty, flow_run_id)
+        return cls(data_version, commit, dirty, flow_run_id, feedback_seq)
 
     def tags(self) -> dict[str, str]:
         return {
@@ -101,6 +107,7 @@ class Lineage:
             "mlflow.source.git.commit": self.git_commit,
             "flywheel.git_dirty": str(self.git_dirty).lower(),
             "flywheel.flow_run_id": self.flow_run_id or "none",
+            FEEDBACK_SEQ_TAG: str(self.feedback_seq),
         }
 
 

@@ -98,7 +98,7 @@ def pipeline(
         return result
 
     model_plan = plan_task(cfg, version.data_version, model_stages(not one_off), force_from, run_id)
-    lineage = tracking.Lineage.of(cfg.root, version.data_version, run_id)
+    lineage = tracking.Lineage.of(cfg.root, version.data_version, run_id, collected.feedback_seq)
     with tracking.pipeline_run(
         cfg, lineage, flow_run.get_name() or "pipeline", prepared.split_paths
     ) as run:

@@ -53,6 +53,7 @@ class CollectResult:
     rows: int
     rows_per_source: dict[str, int]
     raw_md5: str
+    feedback_seq: int = 0  # the newest feedback row read (its store seq); 0: none
 
 
 def embedded_path(name: str = "rotten_tomatoes") -> Path:
@@ -190,35 +191,38 @@ def read_path_source(source: PathSource, root: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def read_feedback(path: Path) -> pd.DataFrame:
-    """Feedback rows as raw rows (source 'feedback'); an absent store gives no rows."""
+def read_feedback(path: Path) -> tuple[pd.DataFrame, int]:
+    """Feedback rows as raw rows (source 'feedback') and the newest row's seq (0: none); an
+    absent store gives no rows."""
     frame = feedback.read(path)
     frame["origin"] = "feedback:" + frame["id"]
-    return _to_raw(frame, "feedback")
+    return _to_raw(frame, "feedback"), int(frame["seq"].max()) if len(frame) else 0
 
 
-def collect_frame(data: DataConfig, root: Path) -> pd.DataFrame:
-    """Read all sources of the data config into one raw table."""
-    frames = []
+def collect_frame(data: DataConfig, root: Path) -> tuple[pd.DataFrame, int]:
+    """Read all sources of the data config into one raw table; with the feedback watermark
+    (the seq of the newest feedback row in it, 0 for none)."""
+    frames, feedback_seq = [], 0
     for source in data.sources:
         if isinstance(source, EmbeddedSource):
             frames.append(read_embedded(source))
         else:
             frames.append(read_path_source(source, root))
     if data.feedback.enabled:
-        frames.append(read_feedback(resolve_path(root, data.feedback.path)))
-    return pd.concat(frames, ignore_index=True)
+        rows, feedback_seq = read_feedback(resolve_path(root, data.feedback.path))
+        frames.append(rows)
+    return pd.concat(frames, ignore_index=True), feedback_seq
 
 
 def collect(cfg: Config) -> CollectResult:
     """Collect stage: read the sources, write the raw table atomically, count rows per source."""
-    raw = collect_frame(cfg.data, cfg.root)
+    raw, feedback_seq = collect_frame(cfg.data, cfg.root)
     counts = {str(k): int(v) for k, v in raw["source"].value_counts(sort=False).items()}
     for name, count in counts.items():
         log.info("collect: %s rows from %s", f"{count:,}", name)
     raw_path = cfg.resolve(cfg.data.raw_path)
     write_parquet_atomic(raw, raw_path)
-    return CollectResult(raw_path, len(raw), counts, file_md5(raw_path))
+    return CollectResult(raw_path, len(raw), counts, file_md5(raw_path), feedback_seq)
 
 
 @task(

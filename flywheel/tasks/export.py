@@ -37,6 +37,7 @@ from flywheel import tracking
 from flywheel.config import Config
 from flywheel.errors import FlywheelError
 from flywheel.io import read_parquet, replace_dir_atomic, write_json
+from flywheel.models import profile
 from flywheel.models.bundle import ClassifierBundle
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
 from flywheel.tasks.clean import PrepareResult
@@ -449,11 +450,38 @@ def measure_latency(predictor: OnnxPredictor, texts: Sequence[str], warmup: int 
     return Latency(float(np.percentile(times, 50)), float(np.percentile(times, 95)))
 
 
+def write_reference(
+    cfg: Config,
+    directory: Path,
+    predictor: OnnxPredictor,
+    train_frame: pd.DataFrame,
+    texts: Sequence[str],
+) -> None:
+    """The reference profile of the chosen model: its answers on the (test) texts, the
+    training split's labels and vocabulary."""
+    rc = cfg.monitor.reference
+    built, vocabulary = profile.build(
+        train_frame["text"].tolist(),
+        train_frame["label"].tolist(),
+        [predictor.preprocessing.normalise(t) for t in texts],
+        predictor.predict_proba(texts),
+        predictor.labels,
+        rc.bins,
+        rc.vocabulary_size,
+    )
+    profile.save(directory, built, vocabulary)
+
+
 def export(
-    cfg: Config, bundle_dir: Path, val_frame: pd.DataFrame, test_frame: pd.DataFrame
+    cfg: Config,
+    bundle_dir: Path,
+    val_frame: pd.DataFrame,
+    test_frame: pd.DataFrame,
+    train: pd.DataFrame,
 ) -> ExportResult:
     """Export the fine-tuned bundle to `<bundle run>/onnx/` (replaced whole): fp32 with its
-    parity check, the int8 search on val, the gate on test; model.onnx is the chosen model."""
+    parity check, the int8 search on val, the gate on test; model.onnx is the chosen model,
+    saved with its reference profile (models/profile.py) for drift monitoring."""
     ec = cfg.export
     bounds = GateBounds(ec.min_agreement, ec.max_metric_loss, ec.min_slice_rows)
 
@@ -519,6 +547,8 @@ def export(
         else:
             shutil.copy2(chosen.path, staging / MODEL_FILE)
         shutil.rmtree(work)
+        chosen_predictor = OnnxPredictor(staging)
+        write_reference(cfg, staging, chosen_predictor, train, texts)
         sample = texts[: ec.latency_texts]
         result = ExportResult(
             directory=staging,
@@ -528,7 +558,7 @@ def export(
             test=test_parity,
             candidates=[replace(c, path=Path(c.path.name)) for c in candidates],
             speedup=fp32_seconds / chosen.seconds if chosen else 1.0,
-            latency=measure_latency(OnnxPredictor(staging), sample),
+            latency=measure_latency(chosen_predictor, sample),
             fp32_latency=measure_latency(fp32_predictor, sample),
             reasons=reasons,
             sensitivity=scores,
@@ -548,8 +578,9 @@ def export_task(
     """Export, search and gate; tracked as the `export` run (figures, parity.json)."""
     paths = prepared.split_paths
     val, test = read_parquet(paths["val"]), read_parquet(paths["test"])
+    train = read_parquet(paths["train"])
     with tracking.stage_run(cfg, "export", parent) as run:
-        result = export(cfg, trained.model_dir, val, test)
+        result = export(cfg, trained.model_dir, val, test, train)
         figures = {
             "fp32_max_logit_diff": result.fp32_max_logit_diff,
             "graph_optimizer_speedup": result.graph.speedup,

@@ -40,6 +40,7 @@ from flywheel.config import Config, RegistryConfig
 from flywheel.errors import FlywheelError
 from flywheel.io import read_parquet, write_json
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
+from flywheel.models.profile import PROFILE_FILE, ReferenceProfile, load_profile
 from flywheel.tasks.evaluate import (
     EvaluationReport,
     Metrics,
@@ -362,16 +363,40 @@ class ModelRegistry:
                 f"files missing or truncated, e.g. {missing[0]}): nothing was registered"
             )
 
-    def load(self, version: str) -> OnnxPredictor:
-        """The version's ONNX model with its tokenizer, through the shared predictor."""
+    def download(self, version: str, dst: Path, path: str = "") -> Path:
+        """The version's export folder (model, tokenizer, reference profile), or one file of it,
+        downloaded under `dst`."""
         import mlflow.artifacts
 
         source = self.version(version).source
-        with tempfile.TemporaryDirectory(prefix="flywheel-model-") as tmp:
-            local = mlflow.artifacts.download_artifacts(
-                artifact_uri=f"{source}/artifacts/onnx", dst_path=tmp, tracking_uri=self.uri
+        uri = f"{source}/artifacts/onnx" + (f"/{path}" if path else "")
+        return Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=uri, dst_path=str(dst), tracking_uri=self.uri
             )
-            return OnnxPredictor(Path(local))  # the session and tokenizer are in memory now
+        )
+
+    def load(self, version: str) -> OnnxPredictor:
+        """The version's ONNX model with its tokenizer, through the shared predictor."""
+        with tempfile.TemporaryDirectory(prefix="flywheel-model-") as tmp:
+            # the session and tokenizer are in memory once constructed
+            return OnnxPredictor(self.download(version, Path(tmp)))
+
+    def reference(self, version: str) -> ReferenceProfile | None:
+        """The version's reference profile (None for a model exported before profiles)."""
+        import mlflow.artifacts
+
+        folder = f"{self.version(version).source}/artifacts/onnx"
+        listed = mlflow.artifacts.list_artifacts(artifact_uri=folder, tracking_uri=self.uri)
+        if PROFILE_FILE not in {Path(item.path).name for item in listed}:
+            return None
+        with tempfile.TemporaryDirectory(prefix="flywheel-profile-") as tmp:
+            return load_profile(self.download(version, Path(tmp), PROFILE_FILE).parent)
+
+    def promoted_at(self, version: str) -> str | None:
+        """When the version last became champion (from the audit log), or None."""
+        moves = [e for e in self.history() if e.alias == CHAMPION and e.to_version == version]
+        return moves[-1].time if moves else None
 
     def set_tags(self, version: str, tags: dict[str, str]) -> None:
         for key, value in tags.items():
@@ -756,6 +781,7 @@ def version_tags(
         "flywheel.git_commit": lineage.git_commit,
         "flywheel.git_dirty": str(lineage.git_dirty).lower(),
         "flywheel.flow_run_id": lineage.flow_run_id or "none",
+        tracking.FEEDBACK_SEQ_TAG: str(lineage.feedback_seq),
         "flywheel.mlflow_run_id": pipeline_run,
         "flywheel.variant": exported.chosen,
         "flywheel.size_mb": f"{(exported.directory / MODEL_FILE).stat().st_size / 1e6:.1f}",

@@ -71,9 +71,10 @@ def test_config_values_are_the_keys_a_stage_reads_minus_speed_only_ones(root):
     assert train["train.lr"] == 1e-4 and train["seed"] == 42
     assert "train.threads" not in train  # speed, not output
     assert "evaluate.batch_size" not in train and "export.opset" not in train
-    assert set(cache.config_values(cfg, Stage.EXPORT)) == {
-        k for k in cache.config_values(cfg, Stage.EXPORT) if k.startswith("export.")
-    }
+    export = set(cache.config_values(cfg, Stage.EXPORT))  # and the reference profile's bins
+    assert export == {k for k in export if k.startswith(("export.", "monitor.reference."))}
+    assert {"monitor.reference.bins", "export.opset"} <= export
+    assert "monitor.window" not in export  # read when monitoring, not when exporting
 
 
 def test_register_hashes_the_model_code_it_ships_and_package_inits():

@@ -70,7 +70,8 @@ def test_feedback_rows_join_with_source_feedback(tmp_path):
         sources=[source(write(tmp_path / "r.csv", "csv"))],
         feedback=FeedbackConfig(enabled=True, path=store),
     )
-    frame = collect_frame(cfg, tmp_path)
+    frame, seq = collect_frame(cfg, tmp_path)
+    assert seq == 1  # the watermark: this data holds feedback up to the store's first row
     assert frame["source"].value_counts().to_dict() == {"r.csv": 3, "feedback": 1}
     assert frame.iloc[-1][["text", "label", "origin"]].tolist() == ["meh", "neg", "feedback:f1"]
 
@@ -80,7 +81,8 @@ def test_absent_feedback_store_gives_no_rows(tmp_path):
         sources=[source(write(tmp_path / "r.csv", "csv"))],
         feedback=FeedbackConfig(enabled=True, path=tmp_path / "missing.db"),
     )
-    assert len(collect_frame(cfg, tmp_path)) == 3
+    frame, seq = collect_frame(cfg, tmp_path)
+    assert (len(frame), seq) == (3, 0)
     assert not (tmp_path / "missing.db").exists()
 
 

@@ -65,3 +65,39 @@ def test_newer_schema_is_refused(tmp_path):
     conn.close()
     with pytest.raises(RuntimeError, match="schema version 99"):
         feedback.read(path)
+
+
+V1_DDL = """
+CREATE TABLE feedback (
+    id TEXT PRIMARY KEY, text TEXT NOT NULL, label TEXT NOT NULL, predicted_label TEXT,
+    model_version TEXT, created_at TEXT NOT NULL, source TEXT NOT NULL DEFAULT 'api');
+PRAGMA user_version = 1;
+INSERT INTO feedback VALUES ('old', 'kept text', 'pos', NULL, NULL, '2026-01-01T00:00:00', 'api');
+"""
+
+
+def test_a_version_1_store_reads_and_is_migrated_on_the_first_write(tmp_path):
+    path = tmp_path / "fb.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_DDL)
+    conn.close()
+    rows = feedback.read(path)  # read-only: no migration, no prediction ids
+    assert rows["id"].tolist() == ["old"] and rows["prediction_id"].isna().all()
+    feedback.add(path, [FeedbackRecord(text="new", label="neg", id="n", prediction_id="p1")])
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == feedback.SCHEMA_VERSION
+    conn.close()
+    rows = feedback.read(path)
+    assert rows["id"].tolist() == ["old", "n"]
+    assert rows["prediction_id"].isna().tolist() == [True, False]
+    assert rows["prediction_id"].iloc[1] == "p1"
+
+
+def test_seq_orders_by_arrival_and_reads_after_a_watermark(tmp_path):
+    path = tmp_path / "fb.db"
+    late_clock = FeedbackRecord(text="first", label="pos", created_at="2030-01-01T00:00:00")
+    feedback.add(path, [late_clock, FeedbackRecord(text="second", label="neg")])
+    rows = feedback.read(path)
+    assert rows["text"].tolist() == ["first", "second"] and rows["seq"].tolist() == [1, 2]
+    assert feedback.read(path, after_seq=1)["text"].tolist() == ["second"]
+    assert feedback.read(path, after_seq=2).empty

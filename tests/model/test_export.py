@@ -11,6 +11,7 @@ import pytest
 
 from flywheel.models.bundle import ClassifierBundle, Preprocessing
 from flywheel.models.predictor import OnnxPredictor
+from flywheel.models.profile import load_profile, load_vocabulary
 from flywheel.tasks.export import (
     GateBounds,
     _failures,
@@ -185,7 +186,7 @@ def test_export_picks_an_int8_model_that_passes_and_writes_its_parity(tmp_path, 
 
     val, test = splits()
     cfg = export_config(tmp_path, min_agreement=0.01, max_metric_loss=0.99)  # all pass
-    result = export(cfg, bundle_dir, val, test)
+    result = export(cfg, bundle_dir, val, test, train=val)
     assert result.directory == bundle_dir.parent / "onnx"
     assert result.chosen in {"int8", "int8-per-channel"}
     assert [c.name for c in result.candidates] == ["int8", "int8-per-channel"]
@@ -198,6 +199,11 @@ def test_export_picks_an_int8_model_that_passes_and_writes_its_parity(tmp_path, 
     saved = json.loads((result.directory / "parity.json").read_text())
     assert saved["chosen"] == result.chosen
     assert OnnxPredictor(result.directory).labels == LABELS
+    reference = load_profile(result.directory)  # drift monitoring's reference, from test
+    assert reference.rows == len(test) and sum(reference.confidence.shares) == pytest.approx(1)
+    assert sum(reference.predicted_labels.values()) == pytest.approx(1)
+    assert reference.training_labels == {"neg": 0.5, "pos": 0.5}
+    assert {"wonderful", "dull", "film"} <= load_vocabulary(result.directory)
 
 
 def test_export_falls_back_to_fp32_with_reasons(tmp_path, bundle_dir, monkeypatch):
@@ -210,7 +216,7 @@ def test_export_falls_back_to_fp32_with_reasons(tmp_path, bundle_dir, monkeypatc
         return stage.Parity(variant, 20, 0.5, 0.2, 0.2, {}, ["overall: label agreement 50%"])
 
     monkeypatch.setattr(stage, "compare", always_fails)
-    result = stage.export(cfg, bundle_dir, val, test)
+    result = stage.export(cfg, bundle_dir, val, test, train=val)
     assert result.chosen == "fp32" and result.test is None
     assert result.reasons == [
         "int8 on val: overall: label agreement 50%",
@@ -226,7 +232,7 @@ def test_a_wrong_export_stops_and_leaves_nothing(tmp_path, bundle_dir):
     val, test = splits()
     cfg = export_config(tmp_path, max_logit_diff=1e-12)  # no float export is this exact
     with pytest.raises(ExportParityError, match="ONNX fp32 logits differ from PyTorch"):
-        export(cfg, bundle_dir, val, test)
+        export(cfg, bundle_dir, val, test, train=val)
     assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["best"]
 
 

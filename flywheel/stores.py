@@ -1,0 +1,83 @@
+"""SQLite stores (the feedback store, the prediction log): opened with a schema version that is
+checked and migrated forward, and read through read-only connections that never write the file
+nor take the writers' lock."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping
+from pathlib import Path
+
+import pandas as pd
+
+BUSY_TIMEOUT_SECONDS = 30  # concurrent writers wait for each other instead of failing
+
+
+class StoreVersionError(RuntimeError):
+    """A store written by a newer Flywheel."""
+
+
+def _version(conn: sqlite3.Connection, path: Path, latest: int) -> int:
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    if version > latest:
+        raise StoreVersionError(
+            f"{path}: store schema version {version}, this flywheel reads up to {latest}"
+        )
+    return version
+
+
+def open_store(
+    path: Path,
+    ddl: str,
+    version: int,
+    migrations: Mapping[int, str] | None = None,
+    wal: bool = False,
+) -> sqlite3.Connection:
+    """Open a store for writing, creating it with `ddl` or migrating it to `version`.
+
+    `migrations[v]` is the SQL that takes schema v to v + 1. WAL lets readers run beside a
+    writer; it is off for stores whose file itself is a DVC dependency (WAL keeps recent rows
+    in a side file).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS, check_same_thread=False)
+    try:
+        if wal:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+        if _version(conn, path, version) == version:
+            return conn
+        # One transaction, statement by statement (executescript would commit first): a store
+        # is never left half-created or half-migrated, and two writers do not both migrate it.
+        conn.isolation_level = None
+        conn.execute("BEGIN IMMEDIATE")
+        found = _version(conn, path, version)
+        scripts = [ddl] if found == 0 else [(migrations or {})[v] for v in range(found, version)]
+        for script in scripts:
+            for statement in filter(None, (s.strip() for s in script.split(";"))):
+                conn.execute(statement)
+        conn.execute(f"PRAGMA user_version = {version}")
+        conn.execute("COMMIT")
+        conn.isolation_level = ""
+        return conn
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        conn.close()
+        raise
+
+
+def read_frame(path: Path, version: int, query: str, params: tuple = ()) -> pd.DataFrame | None:
+    """Rows of a query over a store opened read-only; None when the store does not exist or
+    was never initialised."""
+    if not path.exists():
+        return None
+    conn = sqlite3.connect(
+        f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS
+    )
+    try:
+        if _version(conn, path, version) == 0:
+            return None
+        return pd.read_sql_query(query, conn, params=params)
+    finally:
+        conn.close()
