@@ -603,6 +603,46 @@ def ui(
 
 
 @app.command()
+def serve(
+    params: ParamsOption = DEFAULT_PARAMS,
+    host: Annotated[
+        str | None,
+        typer.Option("--host", help="Address to bind (default serve.host: 127.0.0.1)."),
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option("--port", min=0, max=65535, help="Port (default serve.port).")
+    ] = None,
+    reload_seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--reload-seconds",
+            min=0,
+            help="Check the champion alias this often; 0: only on POST /reload "
+            "(default serve.reload_seconds).",
+        ),
+    ] = None,
+    log_level: Annotated[
+        str, typer.Option("--log-level", help="uvicorn log level (debug, info, warning).")
+    ] = "info",
+) -> None:
+    """Serve the champion model over HTTP (FastAPI + uvicorn) until Ctrl-C.
+
+    POST /predict classifies one text or a batch; POST /feedback stores the right label for a
+    text in the feedback store, which the next `flywheel run` merges into the data; GET
+    /health, /model, /metrics (Prometheus); POST /reload. OpenAPI docs at /docs. When the
+    champion alias moves (a promotion or `flywheel models rollback`) the server swaps to the
+    new version without failing a request. Set the environment variable named by
+    serve.token_env (FLYWHEEL_API_TOKEN) to require a bearer token on /feedback and /reload.
+    Limits (batch size, text length, long texts cut or refused) are in params.yaml `serve:`.
+    """
+    from flywheel.serving.app import serve as run_server
+
+    with user_errors(params):
+        cfg = load_config(params)
+        run_server(cfg, host, port, reload_seconds, log_level)
+
+
+@app.command()
 def schedule(
     params: ParamsOption = DEFAULT_PARAMS,
     cron: Annotated[

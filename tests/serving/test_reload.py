@@ -1,0 +1,169 @@
+"""`flywheel serve` as a real process on a free loopback port, reading a real MLflow registry:
+the champion moves (a promotion, then a rollback) under a bounded concurrent load and no
+request fails; concurrent feedback writes lose no row. The server is stopped by its own id."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from flywheel import feedback, tracking
+from flywheel.servers import free_port
+from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry, rollback
+from tests.conftest import REPO
+
+TOKEN = "test-token"
+WORKERS = 4
+MAX_REQUESTS = 400  # per worker: the load is bounded in count ...
+DEADLINE_SECONDS = 120  # ... and in time
+
+
+@pytest.fixture
+def project(tmp_path, exports) -> tuple[Path, ModelRegistry]:
+    """A project whose registry holds both exports; version 1 is champion."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    uri = tracking.default_uri(root)
+    client = tracking.client(uri)
+    experiment = client.create_experiment("flywheel", (root / "mlflow" / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    ref = tracking.RunRef(
+        run.info.run_id, experiment, uri, tracking.Lineage("data", "commit", False, None)
+    )
+    registry = ModelRegistry(uri, "flywheel-classifier")
+    for version in ("1", "2"):
+        registry.register(exports[version], ref, {"flywheel.data_version": f"d{version}"}, "test")
+    registry.move([(CHAMPION, "1")], "first", "test")
+    return root, registry
+
+
+@pytest.fixture
+def server(project):
+    """`flywheel serve` on a free port with a token; stopped (by its pid) whatever happens."""
+    root, registry = project
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["FLYWHEEL_API_TOKEN"] = TOKEN
+    command = [str(Path(sys.prefix) / "bin" / "flywheel"), "serve", "--params"]
+    command += [str(root / "params.yaml"), "--port", str(port), "--reload-seconds", "0.3"]
+    log = (root / "serve.log").open("w")
+    proc = subprocess.Popen(
+        command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "server did not come up in 90 s"
+            time.sleep(0.3)
+        yield url, registry, root
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def changes(versions: list[str | None]) -> list[str | None]:
+    """The versions in the order they were served, repeats collapsed."""
+    return [v for i, v in enumerate(versions) if i == 0 or v != versions[i - 1]]
+
+
+def test_the_champion_moves_under_load_and_no_request_fails(server):
+    url, registry, _ = server
+    stop = threading.Event()
+    results: list[list[tuple[int, str | None]]] = [[] for _ in range(WORKERS)]
+    errors: list[str] = []
+
+    def load(worker: int) -> None:
+        with httpx.Client(base_url=url, timeout=30) as client:
+            for i in range(MAX_REQUESTS):
+                if stop.is_set():
+                    return
+                try:
+                    r = client.post("/predict", json={"texts": [f"worker {worker} text {i}"] * 2})
+                    version = r.json().get("model_version") if r.status_code == 200 else None
+                    results[worker].append((r.status_code, version))
+                except Exception as exc:  # a dropped connection is a failed request too
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+    def wait_for(version: str) -> None:
+        """Until a worker is answered by `version` in a request it sends from now on."""
+        marks = [len(rs) for rs in results]
+        deadline = time.monotonic() + 60
+        while not any(
+            v == version for rs, m in zip(results, marks, strict=True) for _, v in rs[m:]
+        ):
+            assert time.monotonic() < deadline, f"version {version} never served"
+            time.sleep(0.1)
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(WORKERS)]
+    started = time.monotonic()
+    for t in threads:
+        t.start()
+    try:
+        while sum(map(len, results)) < 40:  # traffic on version 1 first
+            time.sleep(0.05)
+        registry.move([(CHAMPION, "2"), (PREVIOUS, "1")], "promote under load", "test")
+        wait_for("2")
+        rollback(registry, "roll back under load", "test")  # what `flywheel models rollback` does
+        wait_for("1")
+        time.sleep(0.5)  # some traffic after the rollback
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=DEADLINE_SECONDS)
+    assert time.monotonic() - started < DEADLINE_SECONDS
+    assert errors == []
+    statuses = [s for rs in results for s, _ in rs]
+    assert statuses and set(statuses) == {200}, f"{len(statuses)} requests"
+    phases = [changes([v for _, v in rs]) for rs in results]
+    # each client saw 1, then 2, then 1 again (or part of it): one swap each way, no flapping
+    assert all(p in (["1", "2", "1"], ["1", "2"], ["2", "1"], ["1"], ["2"]) for p in phases), phases
+    assert ["1", "2", "1"] in phases, phases
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'flywheel_model_reloads_total{result="swapped"} 2.0' in metrics
+    assert httpx.get(f"{url}/model").json()["version"] == "1"
+
+
+def test_concurrent_feedback_writes_lose_no_row(server):
+    url, _, root = server
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    statuses: list[int] = []
+
+    def send(worker: int) -> None:
+        with httpx.Client(base_url=url, headers=auth, timeout=30) as client:
+            for i in range(25):
+                payload = {"id": f"w{worker}-{i}", "text": f"text {worker} {i}", "label": "fresh"}
+                statuses.append(client.post("/feedback", json=payload).status_code)
+                if i % 5 == 0:  # a client retry: the same id again
+                    statuses.append(client.post("/feedback", json=payload).status_code)
+
+    threads = [threading.Thread(target=send, args=(w,)) for w in range(WORKERS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=DEADLINE_SECONDS)
+    assert statuses.count(201) == WORKERS * 25 and statuses.count(200) == WORKERS * 5
+    stored = feedback.read(root / "data" / "feedback" / "feedback.db")
+    assert len(stored) == WORKERS * 25 and stored["id"].is_unique
+    assert httpx.post(f"{url}/feedback", json={"text": "x", "label": "fresh"}).status_code == 401
