@@ -31,9 +31,9 @@ from flywheel.io import file_md5
 
 if TYPE_CHECKING:
     import pandas as pd
+    from mlflow import MlflowClient
 
     from flywheel.config import Config
-    from mlflow import MlflowClient
 
 P = ParamSpec("P")
 R = TypeVar("R")

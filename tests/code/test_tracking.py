@@ -4,9 +4,9 @@ import os
 import subprocess
 
 import pytest
+from mlflow import MlflowClient
 
 from flywheel import tracking
-from mlflow import MlflowClient
 
 
 def git(root, *args):
