@@ -1,4 +1,5 @@
-"""Local servers to look at runs: the Prefect server (API + UI) and the MLflow UI.
+"""Local servers as child processes: the Prefect server (API + UI) and the MLflow UI of
+`flywheel ui`, and `flywheel serve` for the demo and the serving tests.
 
 Each is a child process bound to 127.0.0.1 in its own process group (Ctrl-C in the terminal
 reaches only `flywheel`, which then stops them), with its output in a log file under
@@ -34,6 +35,7 @@ STATE_FILE = "flywheel-ui.json"
 LOG_DIR = "flywheel-ui"  # under the Prefect home: one log file per server
 PREFECT_START_TIMEOUT = 120.0  # seconds; ~6 s on an idle 2-core machine, far more when busy
 MLFLOW_START_TIMEOUT = 180.0  # ~18 s idle
+SERVE_START_TIMEOUT = 180.0  # loading the champion from the registry: ~10 s idle
 STOP_TIMEOUT = 15.0  # SIGTERM, then this long before SIGKILL
 
 
@@ -218,6 +220,26 @@ def mlflow_spec(root: Path, port: int, workers: int) -> ServerSpec:
         health_url=f"{url}/health",
         log_path=prefect_home(root) / LOG_DIR / "mlflow-server.log",
         start_timeout=MLFLOW_START_TIMEOUT,
+    )
+
+
+def serve_spec(
+    params: Path, port: int, reload_seconds: float, log_path: Path, env: dict[str, str]
+) -> ServerSpec:
+    """`flywheel serve` (this environment's) on 127.0.0.1:`port` for the project at `params`,
+    checking the champion alias every `reload_seconds`; `env` on top of this process's."""
+    url = f"http://{HOST}:{port}"
+    command = [str(Path(sys.executable).parent / "flywheel"), "serve", "--params", str(params)]
+    command += ["--port", str(port), "--reload-seconds", str(reload_seconds)]
+    command += ["--log-level", "warning"]
+    return ServerSpec(
+        name="flywheel serve",
+        command=command,
+        env=base_env() | env,
+        url=url,
+        health_url=f"{url}/health",
+        log_path=log_path,
+        start_timeout=SERVE_START_TIMEOUT,
     )
 
 

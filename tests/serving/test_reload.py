@@ -4,11 +4,7 @@ request fails; concurrent feedback writes lose no row. The server is stopped by 
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flywheel import feedback, tracking
+from flywheel import feedback, servers, tracking
 from flywheel.servers import free_port
 from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry, rollback
 from tests.conftest import REPO
@@ -51,36 +47,10 @@ def project(tmp_path, exports) -> tuple[Path, ModelRegistry]:
 def server(project):
     """`flywheel serve` on a free port with a token; stopped (by its pid) whatever happens."""
     root, registry = project
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    env["FLYWHEEL_API_TOKEN"] = TOKEN
-    command = [str(Path(sys.prefix) / "bin" / "flywheel"), "serve", "--params"]
-    command += [str(root / "params.yaml"), "--port", str(port), "--reload-seconds", "0.3"]
-    log = (root / "serve.log").open("w")
-    proc = subprocess.Popen(
-        command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, (root / "serve.log").read_text()[-3000:]
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "server did not come up in 90 s"
-            time.sleep(0.3)
-        yield url, registry, root
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
+    env = {"FLYWHEEL_API_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": registry.uri}
+    spec = servers.serve_spec(root / "params.yaml", free_port(), 0.3, root / "serve.log", env)
+    with servers.running([spec]):
+        yield spec.url, registry, root
 
 
 def changes(versions: list[str | None]) -> list[str | None]:
