@@ -35,4 +35,4 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 clean-state:  ## delete generated state (data contents, stores, DVC remote); keeps .venv
-	rm -rf data/raw data/validation data/prepared mlflow .prefect .flywheel dvc-remote reports checkpoints .dvc/cache .dvc/tmp
+	rm -rf data/raw data/validation data/prepared data/monitoring mlflow .prefect .flywheel dvc-remote reports checkpoints .dvc/cache .dvc/tmp

@@ -643,6 +643,145 @@ def serve(
 
 
 @app.command()
+def monitor(
+    params: ParamsOption = DEFAULT_PARAMS,
+    version: Annotated[
+        str, typer.Option("--version", help="Registered version or alias to judge.")
+    ] = "champion",
+    window: Annotated[
+        int | None,
+        typer.Option(
+            "--window", min=1, help="Newest N predictions of it (default monitor.window)."
+        ),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option("--out", help="Report folder (default monitor.report_dir)."),
+    ] = None,
+) -> None:
+    """Drift of the served traffic against the model's reference profile.
+
+    Reads the server's prediction log (monitor.predictions_path) for the version's newest
+    predictions and compares them with the profile saved with the model at export: PSI of text
+    lengths and of confidences, predicted-label shift, and the rise in words outside the
+    training vocabulary. Prints each figure with the retrain bound it is judged against and
+    writes drift.json, drift.md, drift.png and drift.html (self-contained) to the report folder.
+    """
+    from flywheel.tasks import monitor as drift_monitor
+
+    with user_errors(params):
+        cfg = load_config(params)
+        result, reference = drift_monitor.monitor(cfg, version, window)
+        folder = drift_monitor.write_report(
+            result, reference, cfg, out.resolve() if out else cfg.resolve(cfg.monitor.report_dir)
+        )
+    span = f"from {result.first} to {result.last}" if result.rows else "none logged yet"
+    typer.echo(f"version {result.model_version}: {result.rows} predictions ({span})")
+    typer.echo(table(drift_monitor.table(result, cfg.retrain, cfg.monitor.min_window)))
+    typer.echo(f"report: {folder / 'drift.html'}")
+
+
+@app.command()
+def retrain(
+    params: ParamsOption = DEFAULT_PARAMS,
+    if_needed: Annotated[
+        bool,
+        typer.Option(
+            "--if-needed",
+            help="Retrain only if feedback or drift crosses a bound of params.yaml `retrain:` "
+            "(and not within the cool-down); without it the pipeline runs in any case.",
+        ),
+    ] = False,
+) -> None:
+    """Check the evidence against the champion and retrain on the data plus the feedback.
+
+    The check, since the champion's training data: new feedback rows (retrain.min_feedback),
+    the champion's accuracy on them (retrain.min_feedback_accuracy), and drift of the served
+    traffic in the prediction log against the champion's reference profile (retrain.max_psi,
+    max_label_shift, max_oov_drift). A retrain is `flywheel run` (the feedback store is one of
+    its sources: a new data version with source=feedback rows, PII-masked), and the usual gates
+    decide whether the new model becomes champion. The decision, fired or not and why, is a
+    Prefect artifact (flywheel-retrain-decision). For an hourly check:
+    `flywheel schedule --flow retrain`.
+    """
+    from flywheel import runtime, servers
+    from flywheel.flows.retrain import retrain as retrain_flow
+
+    with user_errors(params):
+        cfg = load_config(params)
+        runtime.select_device(cfg.train.device, cfg.train.precision)
+        with servers.ui_server(cfg.root) as url:
+            if url is not None:
+                typer.echo(f"flywheel ui is running: this run goes to its Prefect server ({url})")
+            result = retrain_flow(params_path=params.resolve(), if_needed=if_needed)
+    typer.echo(table([check_row(c) for c in result.decision.checks]))
+    typer.echo(result.decision.headline())
+    if result.pipeline is not None:
+        for name, text in summary_lines(result.pipeline).items():
+            typer.echo(f"{name:>12}  {text}")
+
+
+def check_row(check: Any) -> dict[str, str]:
+    """One retrain-check criterion as a table row."""
+    return {
+        "check": check.name,
+        "value": check.value,
+        "fires when": check.bound,
+        "state": "CROSSED" if check.crossed else "holds",
+        "note": check.note or "-",
+    }
+
+
+demo_app = typer.Typer(
+    help="Scripted demonstrations on real data.", no_args_is_help=True, add_completion=False
+)
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.command("feedback")
+def demo_feedback(
+    params: ParamsOption = DEFAULT_PARAMS,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Server port (0: a free one).")
+    ] = 0,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--snippets", min=10, help="Use this many snippets (seeded sample), not all of them."
+        ),
+    ] = None,
+) -> None:
+    """The feedback loop end to end: serve the champion, send it VADER's human-rated Amazon
+    product review snippets, give half of them as feedback, let `flywheel retrain --if-needed`
+    decide, and compare the old and the new champion on the held-back half.
+
+    Needs a champion with a reference profile (runs `flywheel run` first if there is no
+    champion). Takes about as long as one pipeline run. Writes reports/demo/feedback.json and
+    feedback.md. The feedback rows stay in the project's feedback store (data/feedback/); the
+    demo's ids make a second run add none.
+    """
+    from flywheel.demo import feedback_demo
+
+    with user_errors(params):
+        report = feedback_demo(params.resolve(), port, limit)
+    typer.echo(
+        f"old champion {report['old_champion']}: accuracy {report['old_accuracy']:.4f} on the "
+        f"{report['held_back_rows']:,} held-back snippets"
+    )
+    if report["new_accuracy"] is not None:
+        who = "new champion" if report["promoted"] else "candidate (not promoted)"
+        typer.echo(
+            f"{who} {report['candidate']}: accuracy {report['new_accuracy']:.4f} on the same"
+        )
+    typer.echo("report: reports/demo/feedback.md")
+
+
+class ScheduledFlow(StrEnum):
+    pipeline = "pipeline"
+    retrain = "retrain"
+
+
+@app.command()
 def schedule(
     params: ParamsOption = DEFAULT_PARAMS,
     cron: Annotated[
@@ -654,9 +793,22 @@ def schedule(
             "or updates the deployment and serves it until Ctrl-C (or deploys it to --work-pool).",
         ),
     ] = None,
+    flow: Annotated[
+        ScheduledFlow,
+        typer.Option(
+            "--flow",
+            help="pipeline: retrain on every run; retrain: check feedback and drift each run and "
+            "retrain only when a bound is crossed (`flywheel retrain --if-needed`).",
+        ),
+    ] = ScheduledFlow.pipeline,
     name: Annotated[
-        str, typer.Option("--name", help="Deployment name; the same name updates its schedule.")
-    ] = "retrain",
+        str | None,
+        typer.Option(
+            "--name",
+            help="Deployment name; the same name updates its schedule (default: retrain for "
+            "the pipeline, if-needed for the retrain check).",
+        ),
+    ] = None,
     timezone: Annotated[
         str, typer.Option("--timezone", help="Time zone of --cron (IANA name).")
     ] = "UTC",
@@ -677,9 +829,11 @@ def schedule(
         typer.Option("--remove", metavar="NAME", help="Delete the deployment NAME."),
     ] = None,
 ) -> None:
-    """Scheduled retraining: a Prefect deployment of the pipeline with a cron schedule.
+    """Scheduled retraining: a Prefect deployment with a cron schedule.
 
-    Each scheduled run is `flywheel run` on --params. The Prefect server used: PREFECT_API_URL
+    With --flow pipeline each scheduled run is `flywheel run` on --params; with --flow retrain
+    it is `flywheel retrain --if-needed` (--cron defaults to retrain.cron, hourly). The Prefect
+    server used: PREFECT_API_URL
     if set, else the running `flywheel ui`, else one started for this command (on the project's
     Prefect database, so deployments stay and show in `flywheel ui`). When the serving process
     stops, Prefect pauses the schedule until it is served again.
@@ -688,6 +842,10 @@ def schedule(
     from flywheel.flows import schedule as deployments
 
     with user_errors(params):
+        target = deployments.FLOWS[flow.value]
+        name = name or target.default_deployment
+        if flow is ScheduledFlow.retrain and not (cron or list_ or remove):
+            cron = load_config(params).retrain.cron
         if sum(bool(action) for action in (cron, list_, remove)) != 1:
             raise ConfigError("give one of --cron EXPR, --list or --remove NAME")
         if work_pool and not cron:
@@ -701,20 +859,20 @@ def schedule(
             if list_:
                 found = deployments.deployments()
                 if not found:
-                    typer.echo(f"no deployments of {deployments.FLOW_NAME} {where}")
+                    typer.echo(f"no Flywheel deployments {where}")
                     return
-                typer.echo(f"deployments of {deployments.FLOW_NAME} {where}")
+                typer.echo(f"Flywheel deployments {where}")
                 typer.echo(table([schedule_row(item) for item in found]))
             elif remove:
                 gone = deployments.remove(remove)
-                typer.echo(f"removed deployment {deployments.FLOW_NAME}/{gone.name} {where}")
+                typer.echo(f"removed deployment {gone.flow}/{gone.name} {where}")
                 if gone.polled and gone.runs_on == "served":
                     typer.echo("its `flywheel schedule` process still runs: stop it with Ctrl-C")
             elif work_pool:
-                created = deployments.deploy_to_pool(params, name, spec, work_pool)
+                created = deployments.deploy_to_pool(params, name, spec, work_pool, target)
                 made = f" (created process work pool {work_pool!r})" if created else ""
                 typer.echo(
-                    f"deployed {deployments.FLOW_NAME}/{name} to work pool {work_pool!r}{made} "
+                    f"deployed {target.flow_name}/{name} to work pool {work_pool!r}{made} "
                     f"{where}: {spec}, next run {deployments.stamp(spec.next_run)}"
                 )
                 prefect = Path(sys.executable).parent / "prefect"
@@ -729,12 +887,12 @@ def schedule(
                     )
             else:
                 typer.echo(
-                    f"serving {deployments.FLOW_NAME}/{name} {where}: {spec}, next run "
+                    f"serving {target.flow_name}/{name} {where}: {spec}, next run "
                     f"{deployments.stamp(spec.next_run)}; Ctrl-C stops serving (the schedule "
                     "is paused until served again)"
                 )
-                deployments.serve(params, name, spec)
-                typer.echo(f"stopped serving {deployments.FLOW_NAME}/{name}; schedule paused")
+                deployments.serve(params, name, spec, target)
+                typer.echo(f"stopped serving {target.flow_name}/{name}; schedule paused")
 
 
 def schedule_row(item: Any) -> dict[str, str]:
@@ -742,6 +900,7 @@ def schedule_row(item: Any) -> dict[str, str]:
     from flywheel.flows.schedule import stamp
 
     return {
+        "flow": item.flow,
         "name": item.name,
         "schedule": ", ".join(item.schedules) or "-",
         "active": "yes" if item.active else "paused",

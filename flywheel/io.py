@@ -42,6 +42,18 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
+def read_verified(path: Path, sha256: str, error: type[Exception]) -> bytes:
+    """The bytes of a vendored file, refused with `error` when they do not hash to `sha256`."""
+    payload = path.read_bytes()
+    digest = hashlib.sha256(payload).hexdigest()
+    if digest != sha256:
+        raise error(
+            f"{path}: checksum mismatch (sha256 {digest}, expected {sha256}); the vendored data "
+            "set is damaged: reinstall flywheel"
+        )
+    return payload
+
+
 def read_parquet(path: Path) -> pd.DataFrame:
     """Read a stage output, with a hint about which stage makes it when it is missing."""
     if not path.exists():

@@ -1,10 +1,11 @@
-"""Scheduled retraining: Prefect deployments of the pipeline flow with a cron schedule.
+"""Scheduled retraining: Prefect deployments with a cron schedule, of the pipeline flow (retrain
+every time) or of the retrain flow (retrain when feedback or drift call for it).
 
 A deployment is either served by the `flywheel schedule` process itself (`flow.serve`: no work
 pool; runs start in subprocesses of that process while it runs) or sent to a work pool, where
-`prefect worker start --pool NAME` picks its runs up. Both use the module entrypoint
-`flywheel.flows.pipeline.pipeline`: the code that runs is the installed Flywheel package, the
-one that created the deployment.
+`prefect worker start --pool NAME` picks its runs up. Both use a module entrypoint
+(`flywheel.flows.pipeline.pipeline`, `flywheel.flows.retrain.retrain`): the code that runs is
+the installed Flywheel package, the one that created the deployment.
 
 Every call here talks to the Prefect API the process is configured for (see
 `flywheel.servers.prefect_api`).
@@ -13,7 +14,8 @@ Every call here talks to the Prefect API the process is configured for (see
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import importlib
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,8 +28,34 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.responses import DeploymentResponse
 
-FLOW_NAME = "flywheel-pipeline"  # the pipeline flow's name (flywheel/flows/pipeline.py)
-ENTRYPOINT = "flywheel.flows.pipeline.pipeline"
+
+@dataclass(frozen=True)
+class Schedulable:
+    """A flow that can be scheduled: its Prefect name, where it lives, fixed parameters."""
+
+    kind: str  # as the CLI names it
+    flow_name: str
+    entrypoint: str  # module.function
+    default_deployment: str
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+    def flow(self) -> Any:
+        module, function = self.entrypoint.rsplit(".", 1)
+        return getattr(importlib.import_module(module), function)
+
+
+FLOWS = {
+    "pipeline": Schedulable(
+        "pipeline", "flywheel-pipeline", "flywheel.flows.pipeline.pipeline", "retrain"
+    ),
+    "retrain": Schedulable(
+        "retrain",
+        "flywheel-retrain",
+        "flywheel.flows.retrain.retrain",
+        "if-needed",
+        {"if_needed": True},
+    ),
+}
 TAGS = ["flywheel", "scheduled-retraining"]
 # Serving processes poll every 10 s, workers every 15 s; Prefect's own READY status lingers
 # for minutes after they stop.
@@ -73,12 +101,14 @@ def parse_cron(cron: str, timezone: str = "UTC") -> CronSpec:
     return CronSpec(cron, timezone, upcoming[0])
 
 
-def deployment_parameters(params_path: Path) -> dict[str, Any]:
+def deployment_parameters(params_path: Path, flow: Schedulable) -> dict[str, Any]:
     """What every scheduled run is called with: the project's params.yaml, by absolute path."""
-    return {"params_path": str(params_path.resolve())}
+    return {"params_path": str(params_path.resolve()), **flow.parameters}
 
 
-def serve(params_path: Path, name: str, spec: CronSpec) -> None:
+def serve(
+    params_path: Path, name: str, spec: CronSpec, flow: Schedulable = FLOWS["pipeline"]
+) -> None:
     """Create or update the deployment `name` and serve it until Ctrl-C (Prefect then pauses its
     schedule, so no runs pile up while nothing serves it).
 
@@ -91,12 +121,10 @@ def serve(params_path: Path, name: str, spec: CronSpec) -> None:
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
-    from flywheel.flows.pipeline import pipeline
-
-    deployment = pipeline.to_deployment(
+    deployment = flow.flow().to_deployment(
         name=name,
         schedules=[Cron(spec.cron, timezone=spec.timezone)],
-        parameters=deployment_parameters(params_path),
+        parameters=deployment_parameters(params_path, flow),
         description=f"Scheduled retraining on {params_path.resolve()}",
         tags=TAGS,
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -104,7 +132,9 @@ def serve(params_path: Path, name: str, spec: CronSpec) -> None:
     serve_deployments(deployment, print_starting_message=False)
 
 
-def deploy_to_pool(params_path: Path, name: str, spec: CronSpec, pool: str) -> bool:
+def deploy_to_pool(
+    params_path: Path, name: str, spec: CronSpec, pool: str, flow: Schedulable = FLOWS["pipeline"]
+) -> bool:
     """Create or update the deployment `name` on the work pool `pool` (a process pool is created
     if there is none of that name). Returns whether the pool was created.
 
@@ -117,8 +147,6 @@ def deploy_to_pool(params_path: Path, name: str, spec: CronSpec, pool: str) -> b
     from prefect.schedules import Cron
     from prefect.types.entrypoint import EntrypointType
 
-    from flywheel.flows.pipeline import pipeline
-
     root = params_path.resolve().parent
     created = False
     with get_client(sync_client=True) as client:
@@ -127,11 +155,11 @@ def deploy_to_pool(params_path: Path, name: str, spec: CronSpec, pool: str) -> b
         except ObjectNotFound:
             client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
             created = True
-    pipeline.deploy(
+    flow.flow().deploy(
         name=name,
         work_pool_name=pool,
         schedules=[Cron(spec.cron, timezone=spec.timezone)],
-        parameters=deployment_parameters(params_path),
+        parameters=deployment_parameters(params_path, flow),
         description=f"Scheduled retraining on {params_path.resolve()}",
         tags=TAGS,
         job_variables={
@@ -149,8 +177,9 @@ def deploy_to_pool(params_path: Path, name: str, spec: CronSpec, pool: str) -> b
 
 @dataclass(frozen=True)
 class Scheduled:
-    """One deployment of the pipeline, as `flywheel schedule --list` shows it."""
+    """One deployment, as `flywheel schedule --list` shows it."""
 
+    flow: str  # the Prefect flow name
     name: str
     schedules: tuple[str, ...]  # "0 3 * * 1 (UTC)"
     active: bool  # not paused and at least one schedule active
@@ -212,6 +241,7 @@ def summarize(client: SyncPrefectClient, deployment: DeploymentResponse) -> Sche
             run.start_time or run.expected_start_time
         )
     return Scheduled(
+        flow=flow_name_of(client, deployment),
         name=deployment.name,
         schedules=tuple(describe(s.schedule) for s in deployment.schedules),
         active=not deployment.paused and any(s.active for s in deployment.schedules),
@@ -223,36 +253,40 @@ def summarize(client: SyncPrefectClient, deployment: DeploymentResponse) -> Sche
     )
 
 
+def flow_name_of(client: SyncPrefectClient, deployment: DeploymentResponse) -> str:
+    return client.read_flow(deployment.flow_id).name
+
+
 def deployments() -> list[Scheduled]:
-    """Every deployment of the pipeline flow on the server, by name."""
+    """Every deployment of Flywheel's schedulable flows on the server, by flow and name."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return [summarize(client, d) for d in pipeline_deployments(client)]
+        return [summarize(client, d) for d in flywheel_deployments(client)]
 
 
-def pipeline_deployments(client: SyncPrefectClient) -> list[DeploymentResponse]:
-    """The pipeline flow's deployments, by name."""
+def flywheel_deployments(client: SyncPrefectClient) -> list[DeploymentResponse]:
+    """The deployments of the pipeline and retrain flows, by flow and name."""
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-    found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=[FLOW_NAME])))
-    return sorted(found, key=lambda d: d.name)
+    names = [f.flow_name for f in FLOWS.values()]
+    found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=names)))
+    return sorted(found, key=lambda d: (flow_name_of(client, d), d.name))
 
 
 def remove(name: str) -> Scheduled:
-    """Delete the deployment `name` (its scheduled runs go with it); returns what it was."""
+    """Delete the deployment `name` ("NAME" or "FLOW/NAME"; its scheduled runs go with it);
+    returns what it was."""
     from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
 
-    deployment_name = name.split("/", 1)[1] if name.startswith(f"{FLOW_NAME}/") else name
     with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(f"{FLOW_NAME}/{deployment_name}")
-        except ObjectNotFound:
-            names = ", ".join(d.name for d in pipeline_deployments(client)) or "none"
-            raise ScheduleError(
-                f"no deployment {deployment_name!r} of {FLOW_NAME} (deployments: {names})"
-            ) from None
-        gone = summarize(client, deployment)
-        client.delete_deployment(deployment.id)
+        every = flywheel_deployments(client)
+        flows = {d.id: flow_name_of(client, d) for d in every}
+        matches = [d for d in every if name in (d.name, f"{flows[d.id]}/{d.name}")]
+        if len(matches) != 1:
+            names = ", ".join(f"{flows[d.id]}/{d.name}" for d in every) or "none"
+            what = "no deployment" if not matches else "more than one deployment"
+            raise ScheduleError(f"{what} named {name!r} (deployments: {names}); use FLOW/NAME")
+        gone = summarize(client, matches[0])
+        client.delete_deployment(matches[0].id)
     return gone

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import bz2
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -25,7 +24,7 @@ from prefect.cache_policies import NO_CACHE
 from flywheel import feedback
 from flywheel.config import Config, DataConfig, EmbeddedSource, PathSource, resolve_path
 from flywheel.errors import FlywheelError
-from flywheel.io import file_md5, write_parquet_atomic
+from flywheel.io import file_md5, read_verified, write_parquet_atomic
 from flywheel.tasks.retries import retry_on_io
 
 log = logging.getLogger(__name__)
@@ -64,13 +63,7 @@ def embedded_path(name: str = "rotten_tomatoes") -> Path:
 def read_embedded(source: EmbeddedSource) -> pd.DataFrame:
     """The Rotten Tomatoes critic snippets (fresh/rotten), checksum-verified; plot rows dropped."""
     path = embedded_path(source.name)
-    payload = path.read_bytes()
-    digest = hashlib.sha256(payload).hexdigest()
-    if digest != ROTTEN_TOMATOES_SHA256:
-        raise SourceError(
-            f"{path}: checksum mismatch (sha256 {digest}, expected {ROTTEN_TOMATOES_SHA256}); "
-            "the embedded data set is damaged: reinstall flywheel"
-        )
+    payload = read_verified(path, ROTTEN_TOMATOES_SHA256, SourceError)
     frame = pd.read_csv(io.BytesIO(bz2.decompress(payload)), dtype="string")
     frame["origin"] = [f"{source.name}:{i}" for i in range(1, len(frame) + 1)]
     frame = frame[frame["category"].isin(ROTTEN_TOMATOES_LABELS)]

@@ -1,16 +1,66 @@
+"""Flow tests: one Prefect test server for all, and a small committed project to run on."""
+
+from __future__ import annotations
+
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import pytest
+import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.testing.utilities import prefect_test_harness
+
+from flywheel.config import EmbeddedSource
+from flywheel.tasks.collect import read_embedded
+from tests.conftest import make_project, run
+
+ROWS_PER_LABEL = 300
+TRAIN = {"max_length": 32, "batch_size": 16, "checkpoint_every_steps": 5, "log_every_steps": 2}
+# No sensitivity search on the slice (the gate and search are tested in tests/model); bounds any
+# int8 model passes, so the run exercises the int8 path end to end.
+EXPORT = {
+    "max_fp32_groups": 0,
+    "min_agreement": 0.01,
+    "max_metric_loss": 0.99,
+    "latency_texts": 10,
+    "min_int8_speedup": 0.0,  # ~60 validation texts time too noisily to decide on speed
+}
+# A 600-row, one-epoch model: the absolute gates are tested in tests/model/test_registry.py.
+REGISTRY = {"min_test_macro_f1": 0.0, "max_p95_latency_ms": 1000.0}
+
+
+def small_project(root: Path, remote: Path) -> Path:
+    """A committed project whose only source is a balanced 600-row slice of the default data."""
+    make_project(root, remote)
+    frame = read_embedded(EmbeddedSource(kind="embedded"))
+    frame = frame.groupby("label").sample(ROWS_PER_LABEL, random_state=0)
+    frame[["text", "label"]].to_csv(root / "data" / "sources" / "slice.csv", index=False)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["data"]["sources"] = [{"kind": "path", "path": "data/sources/slice.csv"}]
+    params["train"].update(TRAIN)
+    params["export"].update(EXPORT)
+    params["registry"].update(REGISTRY)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "add", "-A"], root)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "p"], root)
+    return root
 
 
 @pytest.fixture(scope="session", autouse=True)
 def prefect_harness():
     """One temporary Prefect server and database for all flow tests."""
     with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module", autouse=True)
+def project_store():
+    """Every run goes to its project's own sqlite store (mlflow/ in the project), whatever
+    MLFLOW_TRACKING_URI the environment has."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
         yield
 
 

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from flywheel import servers
 from flywheel.cli import app
 from flywheel.flows.pipeline import pipeline
-from flywheel.flows.schedule import FLOW_NAME, parse_cron
+from flywheel.flows.retrain import retrain
+from flywheel.flows.schedule import FLOWS, parse_cron
 from tests.code.test_servers import FLYWHEEL, clean_env, read_until
 from tests.conftest import REPO, make_project
 
@@ -81,8 +82,9 @@ def wait_for(condition, timeout: float, what: str):
     raise AssertionError(f"{what} not within {timeout} s")
 
 
-def test_flow_name_matches_the_pipeline():
-    assert pipeline.name == FLOW_NAME
+def test_flow_names_match_the_flows():
+    assert pipeline.name == FLOWS["pipeline"].flow_name and FLOWS["pipeline"].flow() is pipeline
+    assert retrain.name == FLOWS["retrain"].flow_name and FLOWS["retrain"].flow() is retrain
 
 
 @pytest.mark.parametrize(
@@ -139,8 +141,13 @@ def test_schedule_create_run_list_pause_remove(server, tmp_path):
 
         listed = cli(server, project, "--list")
         assert listed.returncode == 0, listed.stderr
-        row = next(line for line in listed.stdout.splitlines() if line.startswith("nightly-test"))
-        assert "0 3 * * 1 (UTC)" in row and " yes " in row and "served" in row
+        row = next(line for line in listed.stdout.splitlines() if "nightly-test" in line)
+        assert (
+            row.startswith("flywheel-pipeline")
+            and "0 3 * * 1 (UTC)" in row
+            and " yes " in row
+            and "served" in row
+        )
         assert "(PREFECT_API_URL)" in listed.stdout
 
         # what 03:00 on Monday would do, now and data stages only: the serving process runs it
@@ -181,7 +188,7 @@ def test_schedule_create_run_list_pause_remove(server, tmp_path):
     assert "nightly-test" not in deployments(server)
     again = cli(server, project, "--remove", "nightly-test")
     assert again.returncode == 2
-    assert "no deployment 'nightly-test' of flywheel-pipeline" in again.stderr
+    assert "no deployment named 'nightly-test'" in again.stderr
 
 
 def test_schedule_on_a_work_pool(server, project):
@@ -206,10 +213,25 @@ def test_schedule_on_a_work_pool(server, project):
         "0 4 * * *"
     ]
     listed = cli(server, project, "--list")
-    row = next(line for line in listed.stdout.splitlines() if line.startswith("pool-test"))
+    row = next(line for line in listed.stdout.splitlines() if "pool-test" in line)
     assert "pool wp" in row and "0 4 * * * (UTC)" in row
+
+    # the retrain check on the same pool: hourly (retrain.cron) by default, if_needed on
+    check = cli(server, project, "--flow", "retrain", "--work-pool", "wp")
+    assert check.returncode == 0, check.stderr
+    assert "deployed flywheel-retrain/if-needed to work pool 'wp'" in check.stdout
+    made = deployments(server)["if-needed"]
+    assert made["entrypoint"] == "flywheel.flows.retrain.retrain"
+    assert made["schedules"][0]["schedule"]["cron"] == "0 * * * *"
+    assert made["parameters"] == {
+        "params_path": str((project / "params.yaml").resolve()),
+        "if_needed": True,
+    }
+    rows = cli(server, project, "--list").stdout.splitlines()
+    assert any(r.startswith("flywheel-retrain") and "if-needed" in r for r in rows)
+    assert cli(server, project, "--remove", "flywheel-retrain/if-needed").returncode == 0
     assert cli(server, project, "--remove", "pool-test").returncode == 0
-    assert "pool-test" not in deployments(server)
+    assert {"pool-test", "if-needed"}.isdisjoint(deployments(server))
 
 
 def test_without_a_server_a_temporary_one_keeps_deployments_in_the_project(project):
@@ -236,6 +258,8 @@ def test_without_a_server_a_temporary_one_keeps_deployments_in_the_project(proje
 
     run("--cron", "0 5 * * *", "--name", "kept", "--work-pool", "local")
     listed = run("--list")
-    assert re.search(r"^kept\s+0 5 \* \* \* \(UTC\)\s+yes\s+pool local", listed.stdout, re.M)
+    assert re.search(
+        r"^flywheel-pipeline\s+kept\s+0 5 \* \* \* \(UTC\)\s+yes\s+pool local", listed.stdout, re.M
+    )
     assert (project / ".prefect" / "prefect.db").is_file()
     assert not list((project / ".prefect" / servers.LOG_DIR).glob("*.log"))  # clean stops

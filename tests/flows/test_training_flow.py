@@ -16,7 +16,7 @@ from pathlib import Path
 import mlflow.pyfunc
 import pandas as pd
 import pytest
-import yaml
+from mlflow import MlflowClient
 from mlflow.entities import Run
 from prefect.client.orchestration import get_client
 from typer.testing import CliRunner
@@ -31,48 +31,8 @@ from flywheel.tasks.collect import read_embedded
 from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry, promote_task
 from flywheel.tasks.report import stage_of, task_runs
 from flywheel.tasks.train import META_FILE
-from mlflow import MlflowClient
-from tests.conftest import make_project, run
-from tests.flows.conftest import flow_run_artifacts
-
-ROWS_PER_LABEL = 300
-TRAIN = {"max_length": 32, "batch_size": 16, "checkpoint_every_steps": 5, "log_every_steps": 2}
-# No sensitivity search on the slice (the gate and search are tested in tests/model); bounds any
-# int8 model passes, so the run exercises the int8 path end to end.
-EXPORT = {
-    "max_fp32_groups": 0,
-    "min_agreement": 0.01,
-    "max_metric_loss": 0.99,
-    "latency_texts": 10,
-    "min_int8_speedup": 0.0,  # ~60 validation texts time too noisily to decide on speed
-}
-# A 600-row, one-epoch model: the absolute gates are tested in tests/model/test_registry.py.
-REGISTRY = {"min_test_macro_f1": 0.0, "max_p95_latency_ms": 1000.0}
-
-
-def small_project(root: Path, remote: Path) -> Path:
-    """A committed project whose only source is a balanced 600-row slice of the default data."""
-    make_project(root, remote)
-    frame = read_embedded(EmbeddedSource(kind="embedded"))
-    frame = frame.groupby("label").sample(ROWS_PER_LABEL, random_state=0)
-    frame[["text", "label"]].to_csv(root / "data" / "sources" / "slice.csv", index=False)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["sources"] = [{"kind": "path", "path": "data/sources/slice.csv"}]
-    params["train"].update(TRAIN)
-    params["export"].update(EXPORT)
-    params["registry"].update(REGISTRY)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "p"], root)
-    return root
-
-
-@pytest.fixture(autouse=True, scope="module")
-def project_store():
-    """Every run goes to its project's own sqlite store (mlflow/ in the project)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
-        yield
+from tests.conftest import run
+from tests.flows.conftest import flow_run_artifacts, small_project
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,246 @@
+"""`flywheel demo feedback`: the whole loop on real text the champion was not trained for.
+
+    1. a champion trained on movie snippets (`flywheel run` first if there is none)
+    2. `flywheel serve` on a free loopback port serves VADER's human-rated Amazon product review
+       snippets (flywheel/datasets/vader_amazon: label = sign of the mean rating, zeros dropped)
+    3. the snippets are split in two halves by a seeded shuffle; the first half goes to
+       /feedback with its true labels, the held-back half is only classified
+    4. `flywheel retrain --if-needed`: feedback count, feedback accuracy and drift are judged;
+       when it fires, the pipeline runs on the data plus the feedback and the gates decide
+    5. the server picks up a new champion by itself; the held-back half is classified again
+
+The report (reports/demo/feedback.{json,md}) gives the old and the new champion's accuracy on
+the held-back half, the retrain decision and the promotion outcome.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from flywheel.config import Config, ConfigError, load_config
+from flywheel.errors import FlywheelError
+from flywheel.io import write_json
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = Path("reports/demo")
+RELOAD_SECONDS = 1.0
+
+
+class DemoError(FlywheelError):
+    """The demo cannot go on; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Halves:
+    feedback: pd.DataFrame
+    held_back: pd.DataFrame
+
+
+def split_halves(frame: pd.DataFrame, seed: int) -> Halves:
+    """A seeded shuffle cut in two; the first half (rounded up) is the feedback."""
+    order = np.random.default_rng(seed).permutation(len(frame))
+    cut = (len(frame) + 1) // 2
+    return Halves(
+        frame.iloc[order[:cut]].reset_index(drop=True),
+        frame.iloc[order[cut:]].reset_index(drop=True),
+    )
+
+
+class Client:
+    """The demo's HTTP client of `flywheel serve`."""
+
+    def __init__(self, url: str, token: str, batch: int):
+        import httpx
+
+        self.http = httpx.Client(base_url=url, timeout=120)
+        self.token, self.batch = token, batch
+
+    def predict(self, texts: Sequence[str]) -> list[dict]:
+        """Answers for every text, in order (sent in batches of serve.max_batch)."""
+        answers: list[dict] = []
+        for start in range(0, len(texts), self.batch):
+            response = self.http.post(
+                "/predict", json={"texts": list(texts[start : start + self.batch])}
+            )
+            response.raise_for_status()
+            answers += [
+                p | {"model_version": response.json()["model_version"]}
+                for p in response.json()["predictions"]
+            ]
+        return answers
+
+    def feedback(self, rows: pd.DataFrame, answers: Sequence[dict]) -> int:
+        """Send each row's true label; returns how many the server stored as new."""
+        created = 0
+        headers = {"Authorization": f"Bearer {self.token}"}
+        for (_, row), answer in zip(rows.iterrows(), answers, strict=True):
+            payload = {
+                "id": f"demo-{row['origin']}".replace(":", "-"),
+                "text": row["text"],
+                "label": row["label"],
+                "prediction_id": answer["id"],
+            }
+            response = self.http.post("/feedback", json=payload, headers=headers)
+            response.raise_for_status()
+            created += response.json()["created"]
+        return created
+
+    def model(self) -> dict:
+        response = self.http.get("/model")
+        response.raise_for_status()
+        return response.json()
+
+
+def accuracy(answers: Sequence[dict], labels: Sequence[str]) -> float:
+    return float(np.mean([a["label"] == y for a, y in zip(answers, labels, strict=True)]))
+
+
+@contextmanager
+def served(params: Path, port: int, token: str, tracking_uri: str) -> Iterator[str]:
+    """`flywheel serve` on 127.0.0.1:port over the registry at `tracking_uri`, polling the
+    champion every second; stopped at the end (its process group, by its own id)."""
+    from flywheel import servers
+
+    log_path = params.parent / REPORT_DIR / "serve.log"
+    env = {"FLYWHEEL_API_TOKEN": token, "MLFLOW_TRACKING_URI": tracking_uri}
+    spec = servers.serve_spec(params, port, RELOAD_SECONDS, log_path, env)
+    try:
+        with servers.running([spec]):
+            yield spec.url
+    except servers.ServerError as exc:
+        raise DemoError(str(exc)) from None
+
+
+def wait_for_version(client: Client, version: str, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while client.model()["version"] != version:
+        if time.monotonic() > deadline:
+            raise DemoError(f"the server did not switch to version {version} in {timeout:.0f} s")
+        time.sleep(RELOAD_SECONDS)
+
+
+def snippets(cfg: Config) -> pd.DataFrame:
+    """The Amazon snippets with the configured positive/negative labels."""
+    from flywheel.datasets.amazon_snippets import read_amazon_snippets
+
+    ec = cfg.evaluate
+    if ec.positive_label is None or ec.negative_label is None:
+        raise ConfigError(
+            "the demo maps positive/negative Amazon ratings to evaluate.positive_label and "
+            "evaluate.negative_label: set both in params.yaml"
+        )
+    return read_amazon_snippets(ec.positive_label, ec.negative_label)
+
+
+def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict:
+    """Run the demo on the project at `params` (with `limit`: on that many snippets, drawn with
+    the seed); returns (and writes) the report."""
+    from flywheel.flows.pipeline import pipeline
+    from flywheel.flows.retrain import retrain
+    from flywheel.servers import free_port
+    from flywheel.tasks.registry import CHAMPION, ModelRegistry
+
+    cfg = load_config(params)
+    registry = ModelRegistry.of(cfg)
+    if registry.alias(CHAMPION) is None:
+        print("no champion yet: running the pipeline first (flywheel run)")
+        pipeline(params_path=params)
+    old = registry.alias(CHAMPION)
+    if old is None:
+        raise DemoError("the pipeline ran but promoted nothing: see `flywheel models list`")
+    if registry.reference(old) is None:
+        raise DemoError(
+            f"champion {old} was exported before reference profiles existed, so drift cannot be "
+            "judged: run `flywheel run --force-from export` and start the demo again"
+        )
+    frame = snippets(cfg)
+    if limit is not None and limit < len(frame):
+        frame = frame.sample(limit, random_state=cfg.seed)
+    halves = split_halves(frame, cfg.seed)
+    print(
+        f"Amazon snippets: {len(halves.feedback) + len(halves.held_back):,}; "
+        f"{len(halves.feedback):,} as feedback, {len(halves.held_back):,} held back"
+    )
+    token = secrets.token_hex(16)
+    port = port or free_port()
+    with served(params, port, token, registry.uri) as url:
+        client = Client(url, token, cfg.serve.max_batch)
+        print(f"serving champion {old} at {url}")
+        answers = client.predict(halves.feedback["text"].tolist())
+        before = client.predict(halves.held_back["text"].tolist())
+        old_accuracy = accuracy(before, halves.held_back["label"].tolist())
+        print(f"champion {old} on the held-back half: accuracy {old_accuracy:.4f}")
+        stored = client.feedback(halves.feedback, answers)
+        print(f"feedback sent: {len(halves.feedback):,} rows ({stored:,} new)")
+        print("flywheel retrain --if-needed ...")
+        result = retrain(params_path=params, if_needed=True)
+        decision = result.decision
+        print(decision.headline())
+        new = registry.alias(CHAMPION)
+        candidate = (
+            result.pipeline.registered.version
+            if result.pipeline and result.pipeline.registered
+            else None
+        )
+        if new != old:
+            wait_for_version(client, new)
+            after = client.predict(halves.held_back["text"].tolist())
+            new_accuracy = accuracy(after, halves.held_back["label"].tolist())
+        elif candidate is not None:  # not promoted: score the candidate all the same
+            predicted = registry.load(candidate).predict(halves.held_back["text"].tolist())
+            after = [{"label": p.label} for p in predicted]
+            new_accuracy = accuracy(after, halves.held_back["label"].tolist())
+        else:
+            new_accuracy = None
+    report = {
+        "snippets": len(halves.feedback) + len(halves.held_back),
+        "feedback_rows": len(halves.feedback),
+        "held_back_rows": len(halves.held_back),
+        "old_champion": old,
+        "old_accuracy": old_accuracy,
+        "retrain_fired": decision.fire,
+        "retrain_reasons": decision.reasons,
+        "retrain_blocked": decision.blocked,
+        "candidate": candidate,
+        "promoted": result.promoted,
+        "promotion": result.pipeline.promotion.summary()
+        if result.pipeline and result.pipeline.promotion
+        else None,
+        "new_champion": new,
+        "new_accuracy": new_accuracy,
+        "checks": [asdict(c) for c in decision.checks],
+    }
+    write_report(cfg.resolve(REPORT_DIR), report)
+    return report
+
+
+def write_report(folder: Path, report: dict) -> None:
+    write_json(folder / "feedback.json", report)
+    lines = [
+        "# Feedback loop demo",
+        "",
+        f"Amazon product review snippets (VADER, Hutto & Gilbert 2014): {report['snippets']:,}; "
+        f"{report['feedback_rows']:,} sent as feedback, {report['held_back_rows']:,} held back.",
+        "",
+        "| model | accuracy on the held-back half |",
+        "|---|---|",
+        f"| old champion (version {report['old_champion']}) | {report['old_accuracy']:.4f} |",
+    ]
+    if report["new_accuracy"] is not None:
+        who = "new champion" if report["promoted"] else "retrained candidate (not promoted)"
+        lines.append(f"| {who} (version {report['candidate']}) | {report['new_accuracy']:.4f} |")
+    lines += ["", "Retrain check: " + ("fired" if report["retrain_fired"] else "not fired")]
+    lines += [f"- {reason}" for reason in report["retrain_reasons"]]
+    if report["promotion"]:
+        lines += ["", f"Promotion: {report['promotion']}"]
+    (folder / "feedback.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,82 @@
+"""The retrain flow: check the evidence against the champion, and when it fires, run the
+pipeline with the feedback merged into the data.
+
+    check (tasks/trigger.py: feedback count, feedback accuracy, drift; cool-down)
+      -> decision artifact (fired or not, and why)
+      -> fired: pipeline (collect reads the feedback store: a new data version with rows of
+         source=feedback, PII-masked by the clean stage; the usual gates decide promotion)
+      -> outcome artifact (the version registered, promoted or not, and why)
+
+`flywheel retrain --if-needed` runs it once; `flywheel schedule --flow retrain` serves it on
+retrain.cron (hourly by default). Without --if-needed the pipeline runs whatever the evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefect import flow
+from prefect.artifacts import create_markdown_artifact
+
+from flywheel.config import DEFAULT_PARAMS, ConfigError, load_config
+from flywheel.flows.pipeline import PipelineResult, pipeline
+from flywheel.tasks.trigger import TriggerDecision, check_task
+
+DECISION_ARTIFACT = "flywheel-retrain-decision"
+OUTCOME_ARTIFACT = "flywheel-retrain-outcome"
+
+
+@dataclass(frozen=True)
+class RetrainResult:
+    decision: TriggerDecision
+    pipeline: PipelineResult | None = None  # None: not fired
+
+    @property
+    def promoted(self) -> bool:
+        p = self.pipeline
+        return bool(p and p.promotion and p.promotion.promoted)
+
+
+def outcome_markdown(result: PipelineResult) -> str:
+    registered, decision = result.registered, result.promotion
+    lines = [
+        "# Retrain outcome",
+        "",
+        f"- data version `{result.data_version}` "
+        f"({result.collect.rows_per_source.get('feedback', 0):,} feedback rows of "
+        f"{result.collect.rows:,})",
+    ]
+    if registered is not None:
+        m = registered.report.metrics
+        lines.append(
+            f"- registered version {registered.version}: test accuracy {m.accuracy:.4f}, "
+            f"macro-F1 {m.macro_f1:.4f}"
+        )
+    if decision is not None:
+        lines.append(f"- promotion: {decision.summary()}")
+    return "\n".join(lines)
+
+
+@flow(name="flywheel-retrain", log_prints=True, validate_parameters=True)
+def retrain(params_path: Path = DEFAULT_PARAMS, if_needed: bool = True) -> RetrainResult:
+    """Check whether feedback or drift calls for a retrain; if so (or if not `if_needed`),
+    run the pipeline on the data with the feedback merged in."""
+    cfg = load_config(params_path)
+    if not cfg.data.feedback.enabled:
+        raise ConfigError(
+            f"{params_path}: data.feedback.enabled is false, so a retrain would not see the "
+            "feedback: set it to true"
+        )
+    decision = check_task(cfg, force=not if_needed)
+    create_markdown_artifact(
+        decision.markdown(), key=DECISION_ARTIFACT, description=decision.headline()
+    )
+    print(decision.headline())
+    if not decision.fire:
+        return RetrainResult(decision)
+    result = pipeline(params_path=params_path)
+    create_markdown_artifact(
+        outcome_markdown(result), key=OUTCOME_ARTIFACT, description="What the retrain made"
+    )
+    return RetrainResult(decision, result)

@@ -1,0 +1,91 @@
+"""The feedback loop end to end on a small slice: a champion trained on movie snippets is
+served, Amazon snippets are classified and half of them come back as feedback, the retrain
+check fires, the pipeline retrains on data plus feedback, the gates decide and the server
+follows the champion (`flywheel demo feedback` on 160 snippets)."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import yaml
+
+from flywheel import feedback
+from flywheel.config import load_config
+from flywheel.demo import feedback_demo
+from flywheel.flows.pipeline import pipeline
+from flywheel.flows.retrain import DECISION_ARTIFACT, OUTCOME_ARTIFACT, retrain
+from flywheel.tasks.registry import CHAMPION, ModelRegistry
+from flywheel.tracking import FEEDBACK_SEQ_TAG
+from tests.conftest import run
+from tests.flows.conftest import flow_run_artifacts, small_project
+
+SNIPPETS = 160  # 80 as feedback, 80 held back
+PII_TEXT = "Write to jane.doe@example.com, the charger broke after a week"
+
+
+@pytest.fixture(scope="module")
+def looped(tmp_path_factory):
+    """A champion from the slice, one PII-bearing feedback row, then the demo."""
+    base = tmp_path_factory.mktemp("loop")
+    root = small_project(base / "project", base / "remote")
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["retrain"].update(min_feedback=40, min_feedback_for_accuracy=20)
+    params["monitor"].update(window=200, min_window=20)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "p"], root)
+    first = pipeline(params_path=root / "params.yaml")
+    store = root / "data" / "feedback" / "feedback.db"
+    feedback.add(store, [feedback.FeedbackRecord(text=PII_TEXT, label="rotten", id="pii")])
+    report = feedback_demo(root / "params.yaml", limit=SNIPPETS)
+    return root, first, report
+
+
+def test_feedback_fires_a_retrain_whose_data_holds_the_feedback(looped):
+    root, first, report = looped
+    assert report["feedback_rows"] == report["held_back_rows"] == SNIPPETS // 2
+    assert report["retrain_fired"]
+    assert any(r.startswith("feedback count: 81 new rows") for r in report["retrain_reasons"])
+    registry = ModelRegistry.of(load_config(root / "params.yaml"))
+    assert report["old_champion"] == first.registered.version == "1"
+    assert report["candidate"] == "2"
+    tags = registry.version("2").tags
+    assert tags[FEEDBACK_SEQ_TAG] == "81"  # the new data holds every feedback row so far
+    assert tags["flywheel.data_version"] != first.data_version
+    prepared = pd.concat(
+        pd.read_parquet(root / "data" / "prepared" / f"{split}.parquet")
+        for split in ("train", "val", "test")
+    )
+    from_feedback = prepared[prepared["source"] == "feedback"]
+    assert 0 < len(from_feedback) <= 81  # cleaning may drop a duplicate
+    masked = from_feedback[from_feedback["text"].str.contains("charger broke")]
+    assert masked["text"].tolist() == ["Write to <EMAIL>, the charger broke after a week"]
+    assert not prepared["text"].str.contains("jane.doe@example.com").any()
+
+
+def test_both_accuracies_are_reported_and_the_server_followed_the_champion(looped):
+    root, _, report = looped
+    assert 0 <= report["old_accuracy"] <= 1 and 0 <= report["new_accuracy"] <= 1
+    registry = ModelRegistry.of(load_config(root / "params.yaml"))
+    assert report["new_champion"] == registry.alias(CHAMPION)
+    assert report["promoted"] == (report["new_champion"] == "2")
+    saved = json.loads((root / "reports" / "demo" / "feedback.json").read_text())
+    assert saved["old_accuracy"] == report["old_accuracy"]
+    text = (root / "reports" / "demo" / "feedback.md").read_text()
+    assert f"{report['old_accuracy']:.4f}" in text and f"{report['new_accuracy']:.4f}" in text
+
+
+def test_the_same_evidence_does_not_fire_again_and_each_check_is_an_artifact(looped):
+    root, _, report = looped
+    state = retrain(params_path=root / "params.yaml", if_needed=True, return_state=True)
+    result = state.result()
+    assert not result.decision.fire and result.pipeline is None
+    count = next(c for c in result.decision.checks if c.name == "feedback count")
+    if report["promoted"]:  # the new champion's data holds every feedback row
+        assert count.value == "0 new rows" and not count.crossed
+    if any(c.crossed for c in result.decision.checks):  # e.g. the Amazon traffic still drifts
+        assert result.decision.blocked.startswith("cool-down: fired ")
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
+    assert DECISION_ARTIFACT in artifacts and OUTCOME_ARTIFACT not in artifacts
+    assert "not fired" in artifacts[DECISION_ARTIFACT].data
