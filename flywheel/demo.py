@@ -15,6 +15,7 @@ the held-back half, the retrain decision and the promotion outcome.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import secrets
 import time
@@ -26,9 +27,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from flywheel import feedback
 from flywheel.config import Config, ConfigError, load_config
 from flywheel.errors import FlywheelError
 from flywheel.io import write_json
+from flywheel.text import clean_text, normalised_key
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +47,50 @@ class DemoError(FlywheelError):
 class Halves:
     feedback: pd.DataFrame
     held_back: pd.DataFrame
+    dropped_conflicting: int  # snippets whose text occurs with both labels
+    dropped_duplicates: int  # repeats of a text already kept
+    dropped_seen: int  # held-back snippets whose text is already in the feedback store
 
 
-def split_halves(frame: pd.DataFrame, seed: int) -> Halves:
-    """A seeded shuffle cut in two; the first half (rounded up) is the feedback."""
-    order = np.random.default_rng(seed).permutation(len(frame))
-    cut = (len(frame) + 1) // 2
+def snippet_key(text: str) -> str:
+    """What makes two snippets the same text: the pipeline's de-duplication key."""
+    return normalised_key(clean_text(text))
+
+
+def split_halves(
+    frame: pd.DataFrame, seed: int, limit: int | None = None, seen: frozenset[str] = frozenset()
+) -> Halves:
+    """Feedback and held-back halves by a stable hash of each snippet's text and the seed.
+
+    A text is in the same half whatever `limit` is (with `limit`: the `limit` snippets first in
+    a hash order, the same for every run), a text and its near-duplicates are never in both
+    halves (one is kept; texts seen with both labels are dropped), and a held-back snippet whose
+    text is already feedback (`seen`: keys of the feedback store, e.g. from an earlier demo) is
+    dropped: the held-back half is never training data.
+    """
+    keyed = frame.assign(key=frame["text"].map(snippet_key))
+    conflicting = keyed.groupby("key")["label"].transform("nunique") > 1
+    kept = keyed[~conflicting]
+    unique = kept.drop_duplicates("key")
+    duplicates = len(kept) - len(unique)
+    digests = unique["key"].map(
+        lambda k: hashlib.sha256(f"{seed}\x1fdemo\x1f{k}".encode()).digest()
+    )
+    unique = unique.assign(
+        order=digests.map(lambda d: int.from_bytes(d[:8], "big")),
+        to_feedback=digests.map(lambda d: d[8] % 2 == 0),
+    ).sort_values("order", kind="stable")
+    if limit is not None:
+        unique = unique.head(limit)
+    held_back = unique[~unique["to_feedback"]]
+    fresh = ~held_back["key"].isin(seen)
+    columns = list(frame.columns)
     return Halves(
-        frame.iloc[order[:cut]].reset_index(drop=True),
-        frame.iloc[order[cut:]].reset_index(drop=True),
+        unique[unique["to_feedback"]][columns].reset_index(drop=True),
+        held_back[fresh][columns].reset_index(drop=True),
+        int(conflicting.sum()),
+        duplicates,
+        int((~fresh).sum()),
     )
 
 
@@ -143,13 +181,14 @@ def snippets(cfg: Config) -> pd.DataFrame:
 
 
 def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict:
-    """Run the demo on the project at `params` (with `limit`: on that many snippets, drawn with
-    the seed); returns (and writes) the report."""
+    """Run the demo on the project at `params` (with `limit`: on that many snippets, the same
+    ones every time); returns (and writes) the report."""
     from flywheel.flows.pipeline import pipeline
     from flywheel.flows.retrain import retrain
     from flywheel.servers import free_port
     from flywheel.tasks.registry import CHAMPION, ModelRegistry
 
+    started = time.monotonic()
     cfg = load_config(params)
     registry = ModelRegistry.of(cfg)
     if registry.alias(CHAMPION) is None:
@@ -163,13 +202,14 @@ def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict
             f"champion {old} was exported before reference profiles existed, so drift cannot be "
             "judged: run `flywheel run --force-from export` and start the demo again"
         )
-    frame = snippets(cfg)
-    if limit is not None and limit < len(frame):
-        frame = frame.sample(limit, random_state=cfg.seed)
-    halves = split_halves(frame, cfg.seed)
+    in_store = feedback.read(cfg.resolve(cfg.data.feedback.path))
+    seen = frozenset(in_store["text"].dropna().map(snippet_key))
+    halves = split_halves(snippets(cfg), cfg.seed, limit, seen)
     print(
         f"Amazon snippets: {len(halves.feedback) + len(halves.held_back):,}; "
-        f"{len(halves.feedback):,} as feedback, {len(halves.held_back):,} held back"
+        f"{len(halves.feedback):,} as feedback, {len(halves.held_back):,} held back "
+        f"(dropped: {halves.dropped_duplicates} repeated texts, {halves.dropped_conflicting} "
+        f"with both labels, {halves.dropped_seen} held-back texts already in the feedback store)"
     )
     token = secrets.token_hex(16)
     port = port or free_port()
@@ -206,6 +246,11 @@ def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict
         "snippets": len(halves.feedback) + len(halves.held_back),
         "feedback_rows": len(halves.feedback),
         "held_back_rows": len(halves.held_back),
+        "feedback_new": stored,
+        "dropped_duplicates": halves.dropped_duplicates,
+        "dropped_conflicting": halves.dropped_conflicting,
+        "dropped_seen": halves.dropped_seen,
+        "seconds": round(time.monotonic() - started, 1),
         "old_champion": old,
         "old_accuracy": old_accuracy,
         "retrain_fired": decision.fire,
@@ -230,7 +275,11 @@ def write_report(folder: Path, report: dict) -> None:
         "# Feedback loop demo",
         "",
         f"Amazon product review snippets (VADER, Hutto & Gilbert 2014): {report['snippets']:,}; "
-        f"{report['feedback_rows']:,} sent as feedback, {report['held_back_rows']:,} held back.",
+        f"{report['feedback_rows']:,} sent as feedback ({report['feedback_new']:,} new to the "
+        f"store), {report['held_back_rows']:,} held back (split by a hash of the text; "
+        f"{report['dropped_duplicates']} repeated texts, {report['dropped_conflicting']} with "
+        f"both labels and {report['dropped_seen']} held-back texts already in the feedback store "
+        f"dropped). {report['seconds']:.0f} s in all.",
         "",
         "| model | accuracy on the held-back half |",
         "|---|---|",

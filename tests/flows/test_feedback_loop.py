@@ -13,7 +13,7 @@ import yaml
 
 from flywheel import feedback
 from flywheel.config import load_config
-from flywheel.demo import feedback_demo
+from flywheel.demo import feedback_demo, snippet_key, snippets, split_halves
 from flywheel.flows.pipeline import pipeline
 from flywheel.flows.retrain import DECISION_ARTIFACT, OUTCOME_ARTIFACT, retrain
 from flywheel.tasks.registry import CHAMPION, ModelRegistry
@@ -21,7 +21,7 @@ from flywheel.tracking import FEEDBACK_SEQ_TAG
 from tests.conftest import run
 from tests.flows.conftest import flow_run_artifacts, small_project
 
-SNIPPETS = 160  # 80 as feedback, 80 held back
+SNIPPETS = 160  # about half as feedback, the rest held back
 PII_TEXT = "Write to jane.doe@example.com, the charger broke after a week"
 
 
@@ -44,24 +44,33 @@ def looped(tmp_path_factory):
 
 def test_feedback_fires_a_retrain_whose_data_holds_the_feedback(looped):
     root, first, report = looped
-    assert report["feedback_rows"] == report["held_back_rows"] == SNIPPETS // 2
+    sent = report["feedback_rows"]
+    assert sent + report["held_back_rows"] == SNIPPETS and 40 <= sent <= 120
+    assert report["feedback_new"] == sent
     assert report["retrain_fired"]
-    assert any(r.startswith("feedback count: 81 new rows") for r in report["retrain_reasons"])
+    assert any(
+        r.startswith(f"feedback count: {sent + 1} new rows") for r in report["retrain_reasons"]
+    )
     registry = ModelRegistry.of(load_config(root / "params.yaml"))
     assert report["old_champion"] == first.registered.version == "1"
     assert report["candidate"] == "2"
     tags = registry.version("2").tags
-    assert tags[FEEDBACK_SEQ_TAG] == "81"  # the new data holds every feedback row so far
+    assert tags[FEEDBACK_SEQ_TAG] == str(sent + 1)  # the new data holds all feedback so far
     assert tags["flywheel.data_version"] != first.data_version
     prepared = pd.concat(
         pd.read_parquet(root / "data" / "prepared" / f"{split}.parquet")
         for split in ("train", "val", "test")
     )
     from_feedback = prepared[prepared["source"] == "feedback"]
-    assert 0 < len(from_feedback) <= 81  # cleaning may drop a duplicate
+    assert 0 < len(from_feedback) <= sent + 1  # cleaning may drop a duplicate
     masked = from_feedback[from_feedback["text"].str.contains("charger broke")]
     assert masked["text"].tolist() == ["Write to <EMAIL>, the charger broke after a week"]
     assert not prepared["text"].str.contains("jane.doe@example.com").any()
+    # the held-back half, the one both champions are scored on, is not training data
+    cfg = load_config(root / "params.yaml")
+    held_back = split_halves(snippets(cfg), cfg.seed, SNIPPETS).held_back
+    assert len(held_back) == report["held_back_rows"]
+    assert set(held_back["text"].map(snippet_key)).isdisjoint(prepared["text"].map(snippet_key))
 
 
 def test_both_accuracies_are_reported_and_the_server_followed_the_champion(looped):
