@@ -73,6 +73,8 @@ class Drift:
     confidence_shares: list[float]
     oov_shares: list[float]
     label_shares: dict[str, float]
+    first_seq: int = 0  # prediction-log seq of the oldest prediction in the window (0: none)
+    last_seq: int = 0
 
     def figures(self, rc: RetrainConfig) -> list[tuple[str, float, float]]:
         """(name, value, bound) of each statistic the retrain check judges."""
@@ -100,7 +102,11 @@ class Drift:
         ]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """As JSON can hold it: a figure that could not be measured is null, not NaN."""
+        return {
+            k: None if isinstance(v, float) and math.isnan(v) else v
+            for k, v in asdict(self).items()
+        }
 
 
 def drift(
@@ -133,6 +139,8 @@ def drift(
         confidence_shares=confidence_shares,
         oov_shares=oov_shares,
         label_shares=labels,
+        first_seq=int(window["seq"].iloc[0]) if rows else 0,
+        last_seq=int(window["seq"].iloc[-1]) if rows else 0,
     )
 
 
@@ -158,15 +166,18 @@ def monitor(
 
 def table(result: Drift, rc: RetrainConfig, min_window: int) -> list[dict[str, str]]:
     """The statistics with their bounds and state, as rows (CLI and markdown)."""
-    state = (
-        (lambda value, bound: "over" if value > bound else "ok")
-        if result.judged
-        else (lambda value, bound: f"not judged ({result.rows} < monitor.min_window {min_window})")
-    )
+
+    def state(value: float, bound: float) -> str:
+        if math.isnan(value):  # no predictions, or a model served without its vocabulary
+            return "not measured"
+        if not result.judged:
+            return f"not judged ({result.rows} < monitor.min_window {min_window})"
+        return "over" if value > bound else "ok"
+
     return [
         {
             "statistic": name,
-            "value": f"{value:.4f}",
+            "value": "-" if math.isnan(value) else f"{value:.4f}",
             "bound": f"{bound:g}",
             "state": state(value, bound),
         }
@@ -208,12 +219,13 @@ def plot(result: Drift, reference: ReferenceProfile, path: Path) -> None:
 
 
 def bin_names(cuts: Sequence[float]) -> list[str]:
-    """Axis labels of the bins split at `cuts`."""
+    """Axis labels of the bins split at `cuts`: a value v is in bin searchsorted(cuts, v,
+    side="right"), so bins are [c_i, c_i+1), the first < c_0 and the last >= c_last."""
     if not len(cuts):
         return ["all"]
     edges = [f"{c:.3g}" for c in cuts]
-    inner = [f"{a}-{b}" for a, b in zip(edges, edges[1:], strict=False)]
-    return [f"<={edges[0]}", *inner, f">{edges[-1]}"]
+    inner = [f"[{a}, {b})" for a, b in zip(edges, edges[1:], strict=False)]
+    return [f"<{edges[0]}", *inner, f">={edges[-1]}"]
 
 
 def markdown(result: Drift, rc: RetrainConfig, min_window: int) -> str:

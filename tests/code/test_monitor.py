@@ -50,6 +50,7 @@ REFERENCE = ReferenceProfile(
 
 def window(n: int = 4) -> pd.DataFrame:
     rows = {
+        "seq": [11, 12, 14, 17],
         "created_at": ["t1", "t2", "t3", "t4"],
         "length": [5, 15, 15, 30],  # bins 0, 1, 1, 2: the reference's shares exactly
         "confidence": [0.95, 0.95, 0.95, 0.5],  # bins 1, 1, 1, 0
@@ -62,6 +63,7 @@ def window(n: int = 4) -> pd.DataFrame:
 def test_drift_by_hand():
     result = drift(REFERENCE, window(), "7", min_window=4)
     assert result.judged and result.rows == 4 and (result.first, result.last) == ("t1", "t4")
+    assert (result.first_seq, result.last_seq) == (11, 17)
     assert result.length_psi == pytest.approx(0)
     assert result.confidence_shares == [0.25, 0.75]
     # (0.25 - 0.5) ln(0.25 / 0.5) + (0.75 - 0.5) ln(0.75 / 0.5) = 0.25 ln 2 + 0.25 ln 1.5
@@ -82,6 +84,24 @@ def test_a_window_below_the_minimum_is_not_judged():
     assert not result.judged and result.exceeded(RC) == []
     empty = drift(REFERENCE, window(0), "7", min_window=5)
     assert empty.rows == 0 and empty.first is None and math.isnan(empty.length_psi)
+    assert empty.to_dict()["length_psi"] is None  # JSON has no NaN
+    assert {r["state"] for r in stage.table(empty, RC, 5)} == {"not measured"}
+
+
+def test_an_unmeasured_figure_is_not_called_ok():
+    no_vocabulary = window().assign(oov_rate=None)
+    result = drift(REFERENCE, no_vocabulary, "7", min_window=4)
+    rows = {r["statistic"]: r for r in stage.table(result, RC, 4)}
+    assert rows["OOV drift"]["value"] == "-" and rows["OOV drift"]["state"] == "not measured"
+    assert rows["label shift"]["state"] == "over"
+
+
+def test_bin_names_follow_the_binning():
+    from flywheel.models.profile import shares
+
+    assert stage.bin_names([0.0, 0.5]) == ["<0", "[0, 0.5)", ">=0.5"]
+    assert shares([0.0, 0.5], [0.0, 0.5]) == [0.0, 0.5, 0.5]  # 0 is in "[0, 0.5)", 0.5 in ">=0.5"
+    assert stage.bin_names([]) == ["all"]
 
 
 def test_report_files_hold_the_numbers(tmp_path):
