@@ -1,5 +1,7 @@
 """Training runs one at a time: the training slot, taken by the train task's body (so only a
-training that really runs takes it: a cached one never executes the body).
+training that really runs takes it: a cached one never executes the body). Retrains (the
+retrain flow: check, then pipeline) run one at a time too: the retrain slot, which a second
+retrain does not wait for (it records "another retrain is running" and stops).
 
 Scheduled runs, a feedback-triggered run and a hand-started one may overlap; their data and
 report stages can, but two trainings on one machine would each take twice as long and fight
@@ -86,3 +88,21 @@ def training_slot(
         ensure_limit(TRAINING, 1)
         with concurrency(TRAINING, occupy=1, timeout_seconds=timeout_seconds, strict=True):
             yield
+
+
+@contextmanager
+def retrain_slot(root: Path) -> Iterator[bool]:
+    """Try to take the retrain slot (an exclusive flock on `.flywheel/retrain.lock`, released
+    when this process dies) without waiting; yields whether this process holds it."""
+    path = root / ".flywheel" / "retrain.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

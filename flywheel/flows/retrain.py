@@ -1,10 +1,12 @@
 """The retrain flow: check the evidence against the champion, and when it fires, run the
 pipeline with the feedback merged into the data.
 
-    check (tasks/trigger.py: feedback count, feedback accuracy, drift; cool-down)
+    retrain slot (flows/limits.py: one retrain at a time; a second one records that and stops)
+    check (tasks/trigger.py: feedback count, feedback accuracy, drift; cool-down, same evidence)
       -> decision artifact (fired or not, and why)
       -> fired: pipeline (collect reads the feedback store: a new data version with rows of
          source=feedback, PII-masked by the clean stage; the usual gates decide promotion)
+      -> the firing's outcome (promoted, not promoted, failed) for the next check
       -> outcome artifact (the version registered, promoted or not, and why)
 
 `flywheel retrain --if-needed` runs it once; `flywheel schedule --flow retrain` serves it on
@@ -20,8 +22,9 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 
 from flywheel.config import DEFAULT_PARAMS, ConfigError, load_config
+from flywheel.flows.limits import retrain_slot
 from flywheel.flows.pipeline import PipelineResult, pipeline
-from flywheel.tasks.trigger import TriggerDecision, check_task
+from flywheel.tasks.trigger import FAILED, TriggerDecision, check_task, finish_firing
 
 DECISION_ARTIFACT = "flywheel-retrain-decision"
 OUTCOME_ARTIFACT = "flywheel-retrain-outcome"
@@ -68,15 +71,22 @@ def retrain(params_path: Path = DEFAULT_PARAMS, if_needed: bool = True) -> Retra
             f"{params_path}: data.feedback.enabled is false, so a retrain would not see the "
             "feedback: set it to true"
         )
-    decision = check_task(cfg, force=not if_needed)
-    create_markdown_artifact(
-        decision.markdown(), key=DECISION_ARTIFACT, description=decision.headline()
-    )
-    print(decision.headline())
-    if not decision.fire:
-        return RetrainResult(decision)
-    result = pipeline(params_path=params_path)
+    with retrain_slot(cfg.root) as held:
+        decision = check_task(cfg, force=not if_needed, busy=not held)
+        create_markdown_artifact(
+            decision.markdown(), key=DECISION_ARTIFACT, description=decision.headline()
+        )
+        print(decision.headline())
+        if not decision.fire:
+            return RetrainResult(decision)
+        try:
+            result = pipeline(params_path=params_path)
+        except BaseException:
+            finish_firing(cfg.root, FAILED)  # tried again after the cool-down
+            raise
+        retrained = RetrainResult(decision, result)
+        finish_firing(cfg.root, "promoted" if retrained.promoted else "not promoted")
     create_markdown_artifact(
         outcome_markdown(result), key=OUTCOME_ARTIFACT, description="What the retrain made"
     )
-    return RetrainResult(decision, result)
+    return retrained

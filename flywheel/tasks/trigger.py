@@ -10,17 +10,27 @@ newest feedback row its data version holds):
                        PSI of lengths or confidences > retrain.max_psi, predicted-label shift >
                        retrain.max_label_shift, OOV share up by > retrain.max_oov_drift
 
-Any crossed bound fires, unless the last firing was within retrain.cooldown_minutes or saw the
-same evidence (no feedback or prediction newer than it had): one piece of evidence fires once.
+Any crossed bound fires, unless
+
+- another retrain is running (it holds the retrain slot, flows/limits.py);
+- the last retrain ended (or, still unfinished, fired) less than retrain.cooldown_minutes ago;
+- or it is the same evidence: the champion is the one the last firing judged, that firing's
+  retrain did not fail, and no crossed bound has evidence gathered anew since: for the feedback
+  count, retrain.min_feedback rows newer than the firing's newest; for the feedback accuracy,
+  retrain.min_feedback_for_accuracy such rows; for drift, a window of predictions logged wholly
+  after it. So one piece of evidence fires once, and a failed or interrupted retrain is tried
+  again after the cool-down.
+
 The decision is pure (`decide`); gathering it (`gather`) reads the registry, the feedback
-store and the prediction log; the last firing is kept in .flywheel/retrain/last-firing.json.
+store and the prediction log; the last firing and its outcome are kept in
+.flywheel/retrain/last-firing.json.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -31,6 +41,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel import feedback, predictions
 from flywheel.config import Config, RetrainConfig
+from flywheel.errors import FlywheelError
 from flywheel.io import write_json
 from flywheel.tasks.monitor import Drift, MonitorError, monitor
 from flywheel.tasks.registry import CHAMPION, ModelRegistry
@@ -55,6 +66,7 @@ class Evidence:
     drift: Drift | None
     drift_note: str | None = None  # why there is no drift figure
     newest_prediction: int = 0  # newest logged prediction seq of the champion
+    window_first_prediction: int = 0  # seq of the oldest prediction in the drift window
 
     def fingerprint(self) -> dict[str, object]:
         """What makes evidence new: another champion, newer feedback, newer predictions."""
@@ -65,21 +77,33 @@ class Evidence:
         }
 
 
+FEEDBACK_COUNT, FEEDBACK_ACCURACY, DRIFT = "feedback count", "feedback accuracy", "drift"
+
+
 @dataclass(frozen=True)
 class Check:
-    name: str
+    name: str  # FEEDBACK_COUNT, FEEDBACK_ACCURACY or DRIFT
     value: str
     bound: str
     crossed: bool
     note: str = ""
 
 
+RUNNING, FAILED = "running", "failed"  # outcomes besides the promotion's ("promoted", ...)
+
+
 @dataclass(frozen=True)
 class Firing:
-    """The last time the trigger fired, and on what."""
+    """The last time the trigger fired, on what, and how the retrain it started ended."""
 
     at: str  # ISO time, UTC
-    evidence: dict[str, object]
+    evidence: dict[str, object]  # Evidence.fingerprint()
+    outcome: str = RUNNING  # RUNNING (or interrupted), FAILED, "promoted", "not promoted"
+    finished_at: str | None = None
+
+
+class TriggerStateError(FlywheelError):
+    """The record of the last firing cannot be read; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +122,7 @@ class TriggerDecision:
     def headline(self) -> str:
         if self.evidence.champion is None:
             return "no champion: nothing to judge (run `flywheel run`)"
-        if self.forced:
+        if self.fire and self.forced:
             return "retrain forced (flywheel retrain without --if-needed)"
         if self.fire:
             return "retrain fired: " + "; ".join(self.reasons)
@@ -129,11 +153,13 @@ def decide(
     last: Firing | None,
     now: datetime,
     force: bool = False,
+    busy: bool = False,
 ) -> TriggerDecision:
-    """Which bounds the evidence crosses, and whether that fires (pure)."""
+    """Which bounds the evidence crosses, and whether that fires (pure). `busy`: another
+    retrain holds the slot; `force`: fire whatever the evidence (but not while busy)."""
     checks = [
         Check(
-            "feedback count",
+            FEEDBACK_COUNT,
             f"{evidence.new_feedback:,} new rows",
             f">= {rc.min_feedback:,}",
             evidence.new_feedback >= rc.min_feedback,
@@ -143,7 +169,7 @@ def decide(
     judged = accuracy is not None and evidence.feedback_scored >= rc.min_feedback_for_accuracy
     checks.append(
         Check(
-            "feedback accuracy",
+            FEEDBACK_ACCURACY,
             "-" if accuracy is None else f"{accuracy:.3f} on {evidence.feedback_scored:,} rows",
             f"< {rc.min_feedback_accuracy:g}",
             judged and accuracy < rc.min_feedback_accuracy,
@@ -155,7 +181,7 @@ def decide(
         note = evidence.drift_note or (
             f"not judged ({drift.rows} predictions in the window)" if drift else "no drift data"
         )
-        checks.append(Check("drift", "-", "see retrain.max_*", False, note))
+        checks.append(Check(DRIFT, "-", "see retrain.max_*", False, note))
     else:
         exceeded = drift.exceeded(rc)
         value = (
@@ -164,25 +190,50 @@ def decide(
         )
         bound = f"PSI > {rc.max_psi:g}, shift > {rc.max_label_shift:g}, OOV > +{rc.max_oov_drift:g}"
         checks.append(
-            Check(
-                "drift", value, bound, bool(exceeded), "; ".join(exceeded) or f"{drift.rows} rows"
-            )
+            Check(DRIFT, value, bound, bool(exceeded), "; ".join(exceeded) or f"{drift.rows} rows")
         )
-    crossed = any(c.crossed for c in checks)
+    crossed = [c for c in checks if c.crossed]
     blocked = None
     if evidence.champion is None:
         blocked = "no champion"
+    elif busy:
+        blocked = "another retrain is running (it holds the retrain slot)"
     elif crossed and last is not None and not force:
-        since = now - datetime.fromisoformat(last.at)
-        if since < timedelta(minutes=rc.cooldown_minutes):
-            blocked = (
-                f"cool-down: fired {since.total_seconds() / 60:.0f} min ago at {last.at} "
-                f"(retrain.cooldown_minutes {rc.cooldown_minutes:g})"
-            )
-        elif last.evidence == evidence.fingerprint():
-            blocked = f"same evidence as the firing at {last.at} (nothing newer since)"
-    fire = evidence.champion is not None and (force or (crossed and blocked is None))
-    return TriggerDecision(fire, checks, blocked if crossed else None, force, evidence)
+        blocked = held_back_by(last, evidence, crossed, rc, now)
+    fire = blocked is None and (force or bool(crossed))
+    return TriggerDecision(fire, checks, blocked if crossed or force else None, force, evidence)
+
+
+def held_back_by(
+    last: Firing, evidence: Evidence, crossed: list[Check], rc: RetrainConfig, now: datetime
+) -> str | None:
+    """Why crossed bounds do not fire given the last firing (cool-down, same evidence), or None.
+
+    Called while holding the retrain slot, so a firing still RUNNING was interrupted."""
+    ended = datetime.fromisoformat(last.finished_at or last.at)
+    since = now - ended
+    if since < timedelta(minutes=rc.cooldown_minutes):
+        what = "the last retrain ended" if last.finished_at else "the last retrain fired"
+        return (
+            f"cool-down: {what} {since.total_seconds() / 60:.0f} min ago at {ended.isoformat()} "
+            f"(retrain.cooldown_minutes {rc.cooldown_minutes:g})"
+        )
+    if last.outcome in (RUNNING, FAILED) or last.evidence.get("champion") != evidence.champion:
+        return None  # a retrain to try again, or a new champion to judge
+    seen_feedback = int(last.evidence.get("feedback_seq") or 0)
+    seen_prediction = int(last.evidence.get("prediction_seq") or 0)
+    since_feedback = evidence.newest_feedback - seen_feedback
+    fresh = {
+        FEEDBACK_COUNT: since_feedback >= rc.min_feedback,
+        FEEDBACK_ACCURACY: since_feedback >= rc.min_feedback_for_accuracy,
+        DRIFT: evidence.window_first_prediction > seen_prediction,
+    }
+    if any(fresh[c.name] for c in crossed):
+        return None
+    return (
+        f"same evidence as the retrain fired at {last.at} ({last.outcome}): "
+        f"{since_feedback:,} feedback rows and no drift window wholly logged since"
+    )
 
 
 def feedback_accuracy(registry: ModelRegistry, version: str, rows: pd.DataFrame) -> float | None:
@@ -222,28 +273,46 @@ def gather(cfg: Config) -> Evidence:
         drift,
         note,
         int(logged["seq"].iloc[-1]) if len(logged) else 0,
+        drift.first_seq if drift is not None else 0,
     )
 
 
 def last_firing(root: Path) -> Firing | None:
     path = root / STATE_FILE
-    return Firing(**json.loads(path.read_text())) if path.is_file() else None
+    if not path.is_file():
+        return None
+    try:
+        return Firing(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise TriggerStateError(
+            f"{path}: not a record of the last retrain firing ({exc}); delete the file to "
+            "forget the last firing (the cool-down and same-evidence rules start afresh)"
+        ) from None
 
 
-def record_firing(root: Path, decision: TriggerDecision) -> None:
+def write_firing(root: Path, firing: Firing) -> None:
     """Written whole or not at all (a torn file would stop every later check)."""
     path = root / STATE_FILE
     partial = path.with_suffix(".tmp")
-    write_json(partial, asdict(Firing(decision.decided_at, decision.evidence.fingerprint())))
+    write_json(partial, asdict(firing))
     partial.replace(path)
 
 
+def finish_firing(root: Path, outcome: str) -> None:
+    """Record how the retrain of the last firing ended (FAILED, "promoted", "not promoted")."""
+    last = last_firing(root)
+    if last is not None:
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        write_firing(root, replace(last, outcome=outcome, finished_at=now))
+
+
 @task(name="retrain-check", cache_policy=NO_CACHE)
-def check_task(cfg: Config, force: bool = False) -> TriggerDecision:
-    """Gather the evidence and decide; a firing is recorded before anything runs."""
+def check_task(cfg: Config, force: bool = False, busy: bool = False) -> TriggerDecision:
+    """Gather the evidence and decide; a firing is recorded (RUNNING) before anything runs."""
     evidence = gather(cfg)
-    decision = decide(evidence, cfg.retrain, last_firing(cfg.root), datetime.now(UTC), force)
+    last = last_firing(cfg.root)
+    decision = decide(evidence, cfg.retrain, last, datetime.now(UTC), force, busy)
     if decision.fire:
-        record_firing(cfg.root, decision)
+        write_firing(cfg.root, Firing(decision.decided_at, evidence.fingerprint()))
     log.info("retrain check: %s", decision.headline())
     return decision

@@ -10,7 +10,16 @@ import pytest
 
 from flywheel.config import RetrainConfig
 from flywheel.tasks.monitor import Drift
-from flywheel.tasks.trigger import Evidence, Firing, decide, last_firing, record_firing
+from flywheel.tasks.trigger import (
+    STATE_FILE,
+    Evidence,
+    Firing,
+    TriggerStateError,
+    decide,
+    finish_firing,
+    last_firing,
+    write_firing,
+)
 
 RC = RetrainConfig(
     min_feedback=100,
@@ -100,20 +109,77 @@ def test_no_drift_figure_is_not_a_reason():
     assert next(c for c in decision.checks if c.name == "drift").note == "no reference profile"
 
 
-def test_cool_down_and_the_same_evidence_do_not_fire_twice():
-    strong = evidence(new_feedback=500)
-    first = decide(strong, RC, None, NOW)
-    assert first.fire
-    fired = Firing((NOW - timedelta(minutes=10)).isoformat(), strong.fingerprint())
-    more = replace(strong, newest_feedback=strong.newest_feedback + 5)
-    cooling = decide(more, RC, fired, NOW)
-    assert not cooling.fire and cooling.blocked.startswith("cool-down: fired 10 min ago")
-    old = Firing((NOW - timedelta(minutes=61)).isoformat(), strong.fingerprint())
+def firing(minutes_ago: float, ev: Evidence, outcome: str = "not promoted", ended=True) -> Firing:
+    at = NOW - timedelta(minutes=minutes_ago)
+    finished = at.isoformat() if ended else None
+    return Firing(at.isoformat(), ev.fingerprint(), outcome, finished)
+
+
+def test_the_cool_down_counts_from_the_end_of_the_last_retrain():
+    strong = evidence(new_feedback=500, newest_feedback=1000)
+    assert decide(strong, RC, None, NOW).fire
+    more = replace(strong, newest_feedback=2000)  # plenty of new evidence, but too soon
+    cooling = decide(more, RC, firing(10, strong), NOW)
+    assert not cooling.fire and cooling.blocked.startswith(
+        "cool-down: the last retrain ended 10 min"
+    )
+    unfinished = decide(more, RC, firing(10, strong, "running", ended=False), NOW)
+    assert unfinished.blocked.startswith("cool-down: the last retrain fired 10 min ago")
+    assert decide(more, RC, firing(61, strong), NOW).fire
+
+
+def test_the_same_evidence_does_not_fire_twice():
+    strong = evidence(new_feedback=500, newest_feedback=1000, newest_prediction=900)
+    old = firing(61, strong)
     same = decide(strong, RC, old, NOW)
-    assert not same.fire and same.blocked.startswith("same evidence as the firing")
-    assert decide(more, RC, old, NOW).fire  # new feedback after the cool-down: fires again
-    newer_traffic = replace(strong, newest_prediction=strong.newest_prediction + 1)
-    assert decide(newer_traffic, RC, old, NOW).fire
+    assert not same.fire and same.blocked.startswith("same evidence as the retrain fired at")
+    # new traffic alone is no new feedback evidence ...
+    assert not decide(replace(strong, newest_prediction=5000), RC, old, NOW).fire
+    # ... nor is a trickle of feedback: the count needs min_feedback (100) rows anew
+    assert not decide(replace(strong, newest_feedback=1099), RC, old, NOW).fire
+    assert decide(replace(strong, newest_feedback=1100), RC, old, NOW).fire
+
+
+def test_low_feedback_accuracy_refires_on_enough_new_rows():
+    poor = evidence(feedback_accuracy=0.5, feedback_scored=300, newest_feedback=1000)
+    old = firing(120, poor)
+    assert not decide(replace(poor, newest_feedback=1049), RC, old, NOW).fire
+    assert decide(replace(poor, newest_feedback=1050), RC, old, NOW).fire  # 50 rows anew
+
+
+def test_drift_refires_only_on_a_window_logged_after_the_firing():
+    drifting = evidence(
+        drift=calm_drift(length_psi=0.9), newest_prediction=900, window_first_prediction=400
+    )
+    old = firing(120, drifting)
+    overlapping = replace(drifting, newest_prediction=1300, window_first_prediction=800)
+    assert not decide(overlapping, RC, old, NOW).fire
+    fresh = replace(drifting, newest_prediction=1500, window_first_prediction=901)
+    assert decide(fresh, RC, old, NOW).fire
+
+
+@pytest.mark.parametrize(
+    "outcome",
+    ["failed", "running"],  # running with the slot free: the retrain was killed
+)
+def test_a_failed_or_interrupted_retrain_is_tried_again_after_the_cool_down(outcome):
+    strong = evidence(new_feedback=500)
+    assert decide(strong, RC, firing(61, strong, outcome, ended=outcome == "failed"), NOW).fire
+    assert not decide(strong, RC, firing(30, strong, outcome), NOW).fire
+
+
+def test_a_new_champion_is_judged_afresh():
+    strong = evidence(new_feedback=500)
+    assert not decide(strong, RC, firing(61, strong), NOW).fire
+    assert decide(replace(strong, champion="4"), RC, firing(61, strong), NOW).fire
+
+
+def test_a_running_retrain_blocks_even_a_forced_one():
+    busy = decide(evidence(new_feedback=500), RC, None, NOW, force=True, busy=True)
+    assert (
+        not busy.fire and busy.blocked == "another retrain is running (it holds the retrain slot)"
+    )
+    assert busy.headline() == "not fired: another retrain is running (it holds the retrain slot)"
 
 
 def test_forcing_and_no_champion():
@@ -123,10 +189,16 @@ def test_forcing_and_no_champion():
     assert not nobody.fire and nobody.headline().startswith("no champion")
 
 
-def test_the_firing_record_round_trips(tmp_path):
+def test_the_firing_record_round_trips_and_a_damaged_one_is_named(tmp_path):
     assert last_firing(tmp_path) is None
     decision = decide(evidence(new_feedback=500), RC, None, NOW)
-    record_firing(tmp_path, decision)
-    firing = last_firing(tmp_path)
-    assert firing == Firing(decision.decided_at, decision.evidence.fingerprint())
+    started = Firing(decision.decided_at, decision.evidence.fingerprint())
+    write_firing(tmp_path, started)
+    assert last_firing(tmp_path) == started and started.outcome == "running"
+    finish_firing(tmp_path, "promoted")
+    done = last_firing(tmp_path)
+    assert (done.at, done.outcome) == (started.at, "promoted") and done.finished_at
     assert "| feedback count | 500 new rows | >= 100 | **crossed** |" in decision.markdown()
+    (tmp_path / STATE_FILE).write_text("{not json")
+    with pytest.raises(TriggerStateError, match=r"last-firing.json: not a record .* delete"):
+        last_firing(tmp_path)

@@ -14,9 +14,12 @@ import yaml
 from flywheel import feedback
 from flywheel.config import load_config
 from flywheel.demo import feedback_demo, snippet_key, snippets, split_halves
+from flywheel.flows import retrain as retrain_flow
+from flywheel.flows.limits import retrain_slot
 from flywheel.flows.pipeline import pipeline
 from flywheel.flows.retrain import DECISION_ARTIFACT, OUTCOME_ARTIFACT, retrain
 from flywheel.tasks.registry import CHAMPION, ModelRegistry
+from flywheel.tasks.trigger import last_firing
 from flywheel.tracking import FEEDBACK_SEQ_TAG
 from tests.conftest import run
 from tests.flows.conftest import flow_run_artifacts, small_project
@@ -85,16 +88,44 @@ def test_both_accuracies_are_reported_and_the_server_followed_the_champion(loope
     assert f"{report['old_accuracy']:.4f}" in text and f"{report['new_accuracy']:.4f}" in text
 
 
-def test_the_same_evidence_does_not_fire_again_and_each_check_is_an_artifact(looped):
+def test_a_second_check_right_after_does_not_fire_and_each_check_is_an_artifact(looped):
     root, _, report = looped
+    finished = last_firing(root)
+    assert finished.outcome == ("promoted" if report["promoted"] else "not promoted")
+    assert finished.finished_at is not None
     state = retrain(params_path=root / "params.yaml", if_needed=True, return_state=True)
     result = state.result()
     assert not result.decision.fire and result.pipeline is None
     count = next(c for c in result.decision.checks if c.name == "feedback count")
     if report["promoted"]:  # the new champion's data holds every feedback row
         assert count.value == "0 new rows" and not count.crossed
-    if any(c.crossed for c in result.decision.checks):  # e.g. the Amazon traffic still drifts
-        assert result.decision.blocked.startswith("cool-down: fired ")
+    else:  # the old champion still has all of it against it, but it was just judged
+        assert count.crossed
+        assert result.decision.blocked.startswith("cool-down: the last retrain ended")
     artifacts = flow_run_artifacts(state.state_details.flow_run_id)
     assert DECISION_ARTIFACT in artifacts and OUTCOME_ARTIFACT not in artifacts
     assert "not fired" in artifacts[DECISION_ARTIFACT].data
+
+
+def test_a_retrain_while_another_holds_the_slot_does_not_fire(looped):
+    root, _, _ = looped
+    before = last_firing(root)
+    with retrain_slot(root) as held:  # as a running retrain would
+        assert held
+        result = retrain(params_path=root / "params.yaml", if_needed=False)  # even forced
+    assert not result.decision.fire and result.pipeline is None
+    assert result.decision.blocked == "another retrain is running (it holds the retrain slot)"
+    assert last_firing(root) == before
+
+
+def test_a_failed_retrain_is_recorded_so_the_next_check_tries_again(looped, monkeypatch):
+    root, _, _ = looped
+
+    def broken_pipeline(**_):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(retrain_flow, "pipeline", broken_pipeline)
+    with pytest.raises(RuntimeError, match="disk full"):
+        retrain(params_path=root / "params.yaml", if_needed=False)
+    failed = last_firing(root)
+    assert failed.outcome == "failed" and failed.finished_at is not None
