@@ -20,6 +20,7 @@ app = typer.Typer(
     "Start with `flywheel run` (the whole pipeline on params.yaml) or `flywheel validate FILE`.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode="markdown",  # paragraphs re-wrapped to the terminal, `code` shown as code
     pretty_exceptions_enable=False,
 )
 
@@ -169,7 +170,7 @@ def run(
     checkpoint when started again.
 
     Options that change the data (--source, --set on data keys) make a one-off run: data goes
-    under data/runs/<key>/ and its version into a .dvc file there. --set train.* / evaluate.*
+    under `data/runs/<key>/` and its version into a .dvc file there. --set train.* / evaluate.*
     and --profile keep the data of params.yaml.
     """
     from flywheel import runtime
@@ -297,7 +298,7 @@ def validate_file(
     report_dir: Annotated[
         Path | None,
         typer.Option(
-            "--report-dir", help="Where to write the result (default: reports/validate-<name>)."
+            "--report-dir", help="Where to write the result (default: `reports/validate-<name>`)."
         ),
     ] = None,
     sets: SetOption = None,

@@ -287,7 +287,7 @@ class ServeConfig(_Section):
     port: int = Field(8000, ge=0, le=65535, description="Port (0: any free port).")
     max_batch: int = Field(64, ge=1, description="Most texts in one /predict request.")
     max_text_chars: int = Field(
-        5000, ge=1, description="Longest text accepted (characters, after stripping blanks)."
+        5000, ge=1, description="Longest text accepted, in characters as sent."
     )
     long_text: Literal["reject", "truncate"] = Field(
         "reject",

@@ -10,12 +10,42 @@ runner = CliRunner()
 PARAMS = ["--params", str(REPO / "params.yaml")]
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["validate"], ["stage"], ["config"]])
+COMMANDS = [
+    [],
+    ["run"],
+    ["validate"],
+    ["stage"],
+    ["config"],
+    ["serve"],
+    ["monitor"],
+    ["retrain"],
+    ["schedule"],
+    ["ui"],
+    ["demo", "feedback"],
+    ["models", "list"],
+    ["models", "compare"],
+    ["models", "promote"],
+    ["models", "rollback"],
+    ["models", "history"],
+]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "flywheel")
 def test_every_command_has_help(command):
     out = runner.invoke(app, [*command, "--help"])
     assert out.exit_code == 0
     assert "Usage:" in out.output
     assert len(out.output.split()) > 20
+
+
+def test_help_is_markdown_with_paths_kept():
+    """Help is rendered as markdown (paragraphs re-wrapped to the terminal): a path with a
+    placeholder must survive it, not vanish as an HTML tag."""
+    wide = {"COLUMNS": "200"}
+    out = runner.invoke(app, ["run", "--help"], env=wide)
+    assert "data/runs/<key>/" in out.output
+    served = runner.invoke(app, ["serve", "--help"], env=wide).output
+    assert "stores the right label for a text in the feedback store" in served  # one line
 
 
 def test_validate_exit_codes(tmp_path):
