@@ -31,6 +31,7 @@ from flywheel import feedback
 from flywheel.config import Config, ConfigError, load_config
 from flywheel.errors import FlywheelError
 from flywheel.io import write_json
+from flywheel.pii import mask_pii
 from flywheel.text import clean_text, normalised_key
 
 log = logging.getLogger(__name__)
@@ -52,13 +53,18 @@ class Halves:
     dropped_seen: int  # held-back snippets whose text is already in the feedback store
 
 
-def snippet_key(text: str) -> str:
-    """What makes two snippets the same text: the pipeline's de-duplication key."""
-    return normalised_key(clean_text(text))
+def snippet_key(text: str, pii: Sequence[str] = ()) -> str:
+    """What makes two snippets the same text: the clean stage's key (cleaned, the `pii` kinds
+    masked, normalised)."""
+    return normalised_key(mask_pii(clean_text(text), pii)[0])
 
 
 def split_halves(
-    frame: pd.DataFrame, seed: int, limit: int | None = None, seen: frozenset[str] = frozenset()
+    frame: pd.DataFrame,
+    seed: int,
+    limit: int | None = None,
+    seen: frozenset[str] = frozenset(),
+    pii: Sequence[str] = (),
 ) -> Halves:
     """Feedback and held-back halves by a stable hash of each snippet's text and the seed.
 
@@ -68,7 +74,7 @@ def split_halves(
     text is already feedback (`seen`: keys of the feedback store, e.g. from an earlier demo) is
     dropped: the held-back half is never training data.
     """
-    keyed = frame.assign(key=frame["text"].map(snippet_key))
+    keyed = frame.assign(key=frame["text"].map(lambda t: snippet_key(t, pii)))
     conflicting = keyed.groupby("key")["label"].transform("nunique") > 1
     kept = keyed[~conflicting]
     unique = kept.drop_duplicates("key")
@@ -202,9 +208,15 @@ def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict
             f"champion {old} was exported before reference profiles existed, so drift cannot be "
             "judged: run `flywheel run --force-from export` and start the demo again"
         )
+    pii = cfg.clean.mask_pii
     in_store = feedback.read(cfg.resolve(cfg.data.feedback.path))
-    seen = frozenset(in_store["text"].dropna().map(snippet_key))
-    halves = split_halves(snippets(cfg), cfg.seed, limit, seen)
+    seen = frozenset(in_store["text"].dropna().map(lambda t: snippet_key(t, pii)))
+    halves = split_halves(snippets(cfg), cfg.seed, limit, seen, pii)
+    if halves.feedback.empty or halves.held_back.empty:
+        raise DemoError(
+            f"{len(halves.feedback)} snippets to send as feedback and {len(halves.held_back)} to "
+            "hold back: both halves need some; use more --snippets"
+        )
     print(
         f"Amazon snippets: {len(halves.feedback) + len(halves.held_back):,}; "
         f"{len(halves.feedback):,} as feedback, {len(halves.held_back):,} held back "

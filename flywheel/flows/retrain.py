@@ -24,7 +24,13 @@ from prefect.artifacts import create_markdown_artifact
 from flywheel.config import DEFAULT_PARAMS, ConfigError, load_config
 from flywheel.flows.limits import retrain_slot
 from flywheel.flows.pipeline import PipelineResult, pipeline
-from flywheel.tasks.trigger import FAILED, TriggerDecision, check_task, finish_firing
+from flywheel.tasks.trigger import (
+    FAILED,
+    TriggerDecision,
+    check_task,
+    finish_firing,
+    start_firing,
+)
 
 DECISION_ARTIFACT = "flywheel-retrain-decision"
 OUTCOME_ARTIFACT = "flywheel-retrain-outcome"
@@ -79,13 +85,15 @@ def retrain(params_path: Path = DEFAULT_PARAMS, if_needed: bool = True) -> Retra
         print(decision.headline())
         if not decision.fire:
             return RetrainResult(decision)
+        start_firing(cfg.root, decision)
         try:
             result = pipeline(params_path=params_path)
         except BaseException:
             finish_firing(cfg.root, FAILED)  # tried again after the cool-down
             raise
         retrained = RetrainResult(decision, result)
-        finish_firing(cfg.root, "promoted" if retrained.promoted else "not promoted")
+        outcome = "promoted" if retrained.promoted else "not promoted"
+        finish_firing(cfg.root, outcome, result.collect.feedback_seq)
     create_markdown_artifact(
         outcome_markdown(result), key=OUTCOME_ARTIFACT, description="What the retrain made"
     )

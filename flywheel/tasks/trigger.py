@@ -89,7 +89,9 @@ class Check:
     note: str = ""
 
 
-RUNNING, FAILED = "running", "failed"  # outcomes besides the promotion's ("promoted", ...)
+# Outcomes besides the promotion's ("promoted", "not promoted"); UNRECORDED: a record from
+# before outcomes were kept, taken as a retrain that ended.
+RUNNING, FAILED, UNRECORDED = "running", "failed", "unrecorded"
 
 
 @dataclass(frozen=True)
@@ -201,7 +203,8 @@ def decide(
     elif crossed and last is not None and not force:
         blocked = held_back_by(last, evidence, crossed, rc, now)
     fire = blocked is None and (force or bool(crossed))
-    return TriggerDecision(fire, checks, blocked if crossed or force else None, force, evidence)
+    shown = blocked if crossed or force or busy else None  # "no champion" has its own headline
+    return TriggerDecision(fire, checks, shown, force, evidence)
 
 
 def held_back_by(
@@ -278,16 +281,30 @@ def gather(cfg: Config) -> Evidence:
 
 
 def last_firing(root: Path) -> Firing | None:
+    """The record of the last firing, checked; None when there is none."""
     path = root / STATE_FILE
     if not path.is_file():
         return None
     try:
-        return Firing(**json.loads(path.read_text()))
+        raw = json.loads(path.read_text())
+        if not isinstance(raw, dict):
+            raise ValueError("not a JSON object")
+        if "outcome" not in raw:  # written before outcomes were recorded: take it as ended
+            raw |= {"outcome": UNRECORDED, "finished_at": raw.get("at")}
+        firing = Firing(**raw)
+        if not isinstance(firing.evidence, dict):
+            raise ValueError("evidence is not a JSON object")
+        if not isinstance(firing.at, str):
+            raise ValueError(f"at is {firing.at!r}, not a time")
+        for stamp in (firing.at, firing.finished_at):
+            if stamp is not None and datetime.fromisoformat(stamp).tzinfo is None:
+                raise ValueError(f"time {stamp!r} has no time zone")
     except (ValueError, TypeError) as exc:
         raise TriggerStateError(
             f"{path}: not a record of the last retrain firing ({exc}); delete the file to "
             "forget the last firing (the cool-down and same-evidence rules start afresh)"
         ) from None
+    return firing
 
 
 def write_firing(root: Path, firing: Firing) -> None:
@@ -298,21 +315,29 @@ def write_firing(root: Path, firing: Firing) -> None:
     partial.replace(path)
 
 
-def finish_firing(root: Path, outcome: str) -> None:
-    """Record how the retrain of the last firing ended (FAILED, "promoted", "not promoted")."""
+def start_firing(root: Path, decision: TriggerDecision) -> None:
+    """Record a firing (outcome RUNNING) before its retrain starts."""
+    write_firing(root, Firing(decision.decided_at, decision.evidence.fingerprint()))
+
+
+def finish_firing(root: Path, outcome: str, feedback_seq: int | None = None) -> None:
+    """Record how the retrain of the last firing ended (FAILED, "promoted", "not promoted");
+    `feedback_seq`: the newest feedback row the retrain read, which may be newer than the one
+    the check saw (rows that came in meanwhile are evidence already used)."""
     last = last_firing(root)
-    if last is not None:
-        now = datetime.now(UTC).isoformat(timespec="seconds")
-        write_firing(root, replace(last, outcome=outcome, finished_at=now))
+    if last is None:
+        return
+    evidence = dict(last.evidence)
+    if feedback_seq is not None:
+        evidence["feedback_seq"] = max(int(evidence.get("feedback_seq") or 0), feedback_seq)
+    now = datetime.now(UTC).isoformat(timespec="seconds")
+    write_firing(root, replace(last, evidence=evidence, outcome=outcome, finished_at=now))
 
 
 @task(name="retrain-check", cache_policy=NO_CACHE)
 def check_task(cfg: Config, force: bool = False, busy: bool = False) -> TriggerDecision:
-    """Gather the evidence and decide; a firing is recorded (RUNNING) before anything runs."""
-    evidence = gather(cfg)
+    """Gather the evidence and decide (the flow records a firing: start_firing)."""
     last = last_firing(cfg.root)
-    decision = decide(evidence, cfg.retrain, last, datetime.now(UTC), force, busy)
-    if decision.fire:
-        write_firing(cfg.root, Firing(decision.decided_at, evidence.fingerprint()))
+    decision = decide(gather(cfg), cfg.retrain, last, datetime.now(UTC), force, busy)
     log.info("retrain check: %s", decision.headline())
     return decision

@@ -53,3 +53,12 @@ def test_held_back_texts_already_given_as_feedback_are_dropped():
     again = split_halves(frame(TEXTS), seed=7, seen=seen)
     assert again.dropped_seen == 5 and len(again.held_back) == len(full.held_back) - 5
     assert again.feedback.equals(full.feedback)
+
+
+def test_the_key_is_the_clean_stages_so_texts_differing_in_masked_pii_are_one():
+    texts = ["Mail me at a@example.com, broken", "Mail me at b@example.org, broken", "Fine"]
+    halves = split_halves(frame(texts), seed=0, pii=("email",))
+    assert halves.dropped_duplicates == 1
+    assert snippet_key(texts[0], ("email",)) == "mail me at <email> broken"
+    unmasked = split_halves(frame(texts), seed=0)
+    assert unmasked.dropped_duplicates == 0

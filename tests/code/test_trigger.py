@@ -3,6 +3,7 @@ same-evidence rule, forcing, and the firing record."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
@@ -126,6 +127,10 @@ def test_the_cool_down_counts_from_the_end_of_the_last_retrain():
     unfinished = decide(more, RC, firing(10, strong, "running", ended=False), NOW)
     assert unfinished.blocked.startswith("cool-down: the last retrain fired 10 min ago")
     assert decide(more, RC, firing(61, strong), NOW).fire
+    ended_late = (NOW - timedelta(minutes=10)).isoformat()
+    long_retrain = replace(firing(120, strong), finished_at=ended_late)  # fired 2 h ago
+    blocked = decide(more, RC, long_retrain, NOW).blocked
+    assert blocked.startswith("cool-down: the last retrain ended 10 min ago")
 
 
 def test_the_same_evidence_does_not_fire_twice():
@@ -180,6 +185,8 @@ def test_a_running_retrain_blocks_even_a_forced_one():
         not busy.fire and busy.blocked == "another retrain is running (it holds the retrain slot)"
     )
     assert busy.headline() == "not fired: another retrain is running (it holds the retrain slot)"
+    calm = decide(evidence(), RC, None, NOW, busy=True)  # said even when nothing is crossed
+    assert not calm.fire and calm.headline().startswith("not fired: another retrain is running")
 
 
 def test_forcing_and_no_champion():
@@ -195,10 +202,40 @@ def test_the_firing_record_round_trips_and_a_damaged_one_is_named(tmp_path):
     started = Firing(decision.decided_at, decision.evidence.fingerprint())
     write_firing(tmp_path, started)
     assert last_firing(tmp_path) == started and started.outcome == "running"
-    finish_firing(tmp_path, "promoted")
+    finish_firing(tmp_path, "promoted", feedback_seq=75)  # rows that came in meanwhile
     done = last_firing(tmp_path)
     assert (done.at, done.outcome) == (started.at, "promoted") and done.finished_at
+    assert done.evidence == started.evidence | {"feedback_seq": 75}
     assert "| feedback count | 500 new rows | >= 100 | **crossed** |" in decision.markdown()
     (tmp_path / STATE_FILE).write_text("{not json")
     with pytest.raises(TriggerStateError, match=r"last-firing.json: not a record .* delete"):
         last_firing(tmp_path)
+
+
+def test_a_record_from_before_outcomes_reads_as_a_retrain_that_ended(tmp_path):
+    strong = evidence(new_feedback=500)
+    at = (NOW - timedelta(minutes=90)).isoformat()
+    (tmp_path / STATE_FILE).parent.mkdir(parents=True)
+    (tmp_path / STATE_FILE).write_text(json.dumps({"at": at, "evidence": strong.fingerprint()}))
+    legacy = last_firing(tmp_path)
+    assert (legacy.outcome, legacy.finished_at) == ("unrecorded", at)
+    assert decide(strong, RC, legacy, NOW).blocked.startswith("same evidence")
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("[1, 2]", "not a JSON object"),
+        ('{"at": "yesterday", "evidence": {}, "outcome": "failed"}', "Invalid isoformat"),
+        ('{"at": null, "evidence": {}, "outcome": "failed"}', "at is None, not a time"),
+        ('{"at": "2026-11-24T10:00:00", "evidence": {}, "outcome": "failed"}', "no time zone"),
+        ('{"at": "2026-11-24T10:00:00+00:00", "evidence": [], "outcome": "failed"}', "evidence"),
+        ('{"at": "2026-11-24T10:00:00+00:00", "when": 1}', "unexpected keyword"),
+    ],
+)
+def test_a_damaged_record_is_an_error_naming_the_file(tmp_path, content, why):
+    (tmp_path / STATE_FILE).parent.mkdir(parents=True)
+    (tmp_path / STATE_FILE).write_text(content)
+    with pytest.raises(TriggerStateError, match="last-firing.json: not a record") as error:
+        last_firing(tmp_path)
+    assert why in str(error.value)

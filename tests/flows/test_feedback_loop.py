@@ -6,6 +6,8 @@ follows the champion (`flywheel demo feedback` on 160 snippets)."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from datetime import datetime, timedelta
 
 import pandas as pd
 import pytest
@@ -19,7 +21,7 @@ from flywheel.flows.limits import retrain_slot
 from flywheel.flows.pipeline import pipeline
 from flywheel.flows.retrain import DECISION_ARTIFACT, OUTCOME_ARTIFACT, retrain
 from flywheel.tasks.registry import CHAMPION, ModelRegistry
-from flywheel.tasks.trigger import last_firing
+from flywheel.tasks.trigger import decide, gather, last_firing
 from flywheel.tracking import FEEDBACK_SEQ_TAG
 from tests.conftest import run
 from tests.flows.conftest import flow_run_artifacts, small_project
@@ -71,9 +73,11 @@ def test_feedback_fires_a_retrain_whose_data_holds_the_feedback(looped):
     assert not prepared["text"].str.contains("jane.doe@example.com").any()
     # the held-back half, the one both champions are scored on, is not training data
     cfg = load_config(root / "params.yaml")
-    held_back = split_halves(snippets(cfg), cfg.seed, SNIPPETS).held_back
+    pii = cfg.clean.mask_pii
+    held_back = split_halves(snippets(cfg), cfg.seed, SNIPPETS, pii=pii).held_back
     assert len(held_back) == report["held_back_rows"]
-    assert set(held_back["text"].map(snippet_key)).isdisjoint(prepared["text"].map(snippet_key))
+    keys = set(held_back["text"].map(lambda t: snippet_key(t, pii)))
+    assert keys.isdisjoint(prepared["text"].map(snippet_key))  # prepared text is masked already
 
 
 def test_both_accuracies_are_reported_and_the_server_followed_the_champion(looped):
@@ -101,7 +105,10 @@ def test_a_second_check_right_after_does_not_fire_and_each_check_is_an_artifact(
         assert count.value == "0 new rows" and not count.crossed
     else:  # the old champion still has all of it against it, but it was just judged
         assert count.crossed
+    if any(c.crossed for c in result.decision.checks):  # e.g. Amazon traffic drifts
         assert result.decision.blocked.startswith("cool-down: the last retrain ended")
+    else:
+        assert result.decision.headline() == "not fired: every bound holds"
     artifacts = flow_run_artifacts(state.state_details.flow_run_id)
     assert DECISION_ARTIFACT in artifacts and OUTCOME_ARTIFACT not in artifacts
     assert "not fired" in artifacts[DECISION_ARTIFACT].data
@@ -129,3 +136,14 @@ def test_a_failed_retrain_is_recorded_so_the_next_check_tries_again(looped, monk
         retrain(params_path=root / "params.yaml", if_needed=False)
     failed = last_firing(root)
     assert failed.outcome == "failed" and failed.finished_at is not None
+    # the next check, once the cool-down is over, fires again on the same evidence
+    cfg = load_config(root / "params.yaml")
+    later = datetime.fromisoformat(failed.finished_at) + timedelta(
+        minutes=cfg.retrain.cooldown_minutes + 1
+    )
+    evidence = gather(cfg)
+    assert evidence.fingerprint() == failed.evidence  # nothing new since
+    crossing = replace(evidence, new_feedback=cfg.retrain.min_feedback)  # same fingerprint
+    assert decide(crossing, cfg.retrain, failed, later).fire
+    settled = replace(failed, outcome="not promoted")  # had it not failed: the same evidence
+    assert decide(crossing, cfg.retrain, settled, later).blocked.startswith("same evidence")
