@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,12 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
+
+# A test run started in the background without job control (`nohup make test &`) inherits
+# SIGINT ignored, and so would every process the tests start: the Ctrl-C tests (`flywheel ui`,
+# `flywheel schedule`) could not stop theirs. Tests start from Python's default.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def labelled_frame(n_per_class: int = 30, labels: tuple[str, ...] = ("pos", "neg")) -> pd.DataFrame:
