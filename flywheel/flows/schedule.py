@@ -33,7 +33,6 @@ if TYPE_CHECKING:
 class Schedulable:
     """A flow that can be scheduled: its Prefect name, where it lives, fixed parameters."""
 
-    kind: str  # as the CLI names it
     flow_name: str
     entrypoint: str  # module.function
     default_deployment: str
@@ -45,11 +44,8 @@ class Schedulable:
 
 
 FLOWS = {
-    "pipeline": Schedulable(
-        "pipeline", "flywheel-pipeline", "flywheel.flows.pipeline.pipeline", "retrain"
-    ),
+    "pipeline": Schedulable("flywheel-pipeline", "flywheel.flows.pipeline.pipeline", "retrain"),
     "retrain": Schedulable(
-        "retrain",
         "flywheel-retrain",
         "flywheel.flows.retrain.retrain",
         "if-needed",
@@ -230,8 +226,8 @@ def runs_of(client: SyncPrefectClient, deployment_id: Any, scheduled: bool) -> l
     )
 
 
-def summarize(client: SyncPrefectClient, deployment: DeploymentResponse) -> Scheduled:
-    """What --list shows of one deployment."""
+def summarize(client: SyncPrefectClient, flow: str, deployment: DeploymentResponse) -> Scheduled:
+    """What --list shows of one deployment of the flow named `flow`."""
     upcoming = runs_of(client, deployment.id, scheduled=True)
     latest = runs_of(client, deployment.id, scheduled=False)
     last = None
@@ -241,7 +237,7 @@ def summarize(client: SyncPrefectClient, deployment: DeploymentResponse) -> Sche
             run.start_time or run.expected_start_time
         )
     return Scheduled(
-        flow=flow_name_of(client, deployment),
+        flow=flow,
         name=deployment.name,
         schedules=tuple(describe(s.schedule) for s in deployment.schedules),
         active=not deployment.paused and any(s.active for s in deployment.schedules),
@@ -253,25 +249,22 @@ def summarize(client: SyncPrefectClient, deployment: DeploymentResponse) -> Sche
     )
 
 
-def flow_name_of(client: SyncPrefectClient, deployment: DeploymentResponse) -> str:
-    return client.read_flow(deployment.flow_id).name
-
-
 def deployments() -> list[Scheduled]:
     """Every deployment of Flywheel's schedulable flows on the server, by flow and name."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        return [summarize(client, d) for d in flywheel_deployments(client)]
+        return [summarize(client, flow, d) for flow, d in flywheel_deployments(client)]
 
 
-def flywheel_deployments(client: SyncPrefectClient) -> list[DeploymentResponse]:
-    """The deployments of the pipeline and retrain flows, by flow and name."""
+def flywheel_deployments(client: SyncPrefectClient) -> list[tuple[str, DeploymentResponse]]:
+    """(flow name, deployment) of the pipeline and retrain flows, by flow and name."""
     from prefect.client.schemas.filters import FlowFilter, FlowFilterName
 
-    names = [f.flow_name for f in FLOWS.values()]
-    found = client.read_deployments(flow_filter=FlowFilter(name=FlowFilterName(any_=names)))
-    return sorted(found, key=lambda d: (flow_name_of(client, d), d.name))
+    flows = FlowFilter(name=FlowFilterName(any_=[f.flow_name for f in FLOWS.values()]))
+    names = {flow.id: flow.name for flow in client.read_flows(flow_filter=flows)}
+    found = client.read_deployments(flow_filter=flows)
+    return sorted(((names[d.flow_id], d) for d in found), key=lambda pair: (pair[0], pair[1].name))
 
 
 def remove(name: str) -> Scheduled:
@@ -281,12 +274,11 @@ def remove(name: str) -> Scheduled:
 
     with get_client(sync_client=True) as client:
         every = flywheel_deployments(client)
-        flows = {d.id: flow_name_of(client, d) for d in every}
-        matches = [d for d in every if name in (d.name, f"{flows[d.id]}/{d.name}")]
+        matches = [(f, d) for f, d in every if name in (d.name, f"{f}/{d.name}")]
         if len(matches) != 1:
-            names = ", ".join(f"{flows[d.id]}/{d.name}" for d in every) or "none"
+            names = ", ".join(f"{f}/{d.name}" for f, d in every) or "none"
             what = "no deployment" if not matches else "more than one deployment"
             raise ScheduleError(f"{what} named {name!r} (deployments: {names}); use FLOW/NAME")
-        gone = summarize(client, matches[0])
-        client.delete_deployment(matches[0].id)
+        gone = summarize(client, *matches[0])
+        client.delete_deployment(matches[0][1].id)
     return gone
