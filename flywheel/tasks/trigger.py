@@ -39,7 +39,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import feedback, predictions
+from flywheel import feedback
 from flywheel.config import Config, RetrainConfig
 from flywheel.errors import FlywheelError
 from flywheel.io import write_json
@@ -65,8 +65,16 @@ class Evidence:
     feedback_scored: int
     drift: Drift | None
     drift_note: str | None = None  # why there is no drift figure
-    newest_prediction: int = 0  # newest logged prediction seq of the champion
-    window_first_prediction: int = 0  # seq of the oldest prediction in the drift window
+
+    @property
+    def newest_prediction(self) -> int:
+        """The newest logged prediction seq of the champion (the drift window ends there)."""
+        return self.drift.last_seq if self.drift is not None else 0
+
+    @property
+    def window_first_prediction(self) -> int:
+        """The seq of the oldest prediction in the drift window."""
+        return self.drift.first_seq if self.drift is not None else 0
 
     def fingerprint(self) -> dict[str, object]:
         """What makes evidence new: another champion, newer feedback, newer predictions."""
@@ -265,19 +273,7 @@ def gather(cfg: Config) -> Evidence:
         drift, _ = monitor(cfg, champion)
     except MonitorError as exc:
         note = str(exc)
-    logged = predictions.read(cfg.resolve(cfg.monitor.predictions_path), champion, limit=1)
-    return Evidence(
-        champion,
-        watermark,
-        newest,
-        len(new),
-        accuracy,
-        len(scored),
-        drift,
-        note,
-        int(logged["seq"].iloc[-1]) if len(logged) else 0,
-        drift.first_seq if drift is not None else 0,
-    )
+    return Evidence(champion, watermark, newest, len(new), accuracy, len(scored), drift, note)
 
 
 def last_firing(root: Path) -> Firing | None:

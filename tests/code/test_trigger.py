@@ -35,7 +35,7 @@ NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
 
 
 def calm_drift(**changes) -> Drift:
-    base = Drift("3", 500, True, 0.01, 0.02, 0.01, 0.0, 0.05, "t0", "t1", [], [], [], {})
+    base = Drift("3", 500, True, 0.01, 0.02, 0.01, 0.0, 0.05, "t0", "t1", [], [], [], {}, 401, 900)
     return replace(base, **changes)
 
 
@@ -47,8 +47,7 @@ def evidence(**changes) -> Evidence:
         new_feedback=30,
         feedback_accuracy=0.9,
         feedback_scored=30,
-        drift=calm_drift(),
-        newest_prediction=900,
+        drift=calm_drift(),  # predictions 401-900
     )
     return replace(base, **changes)
 
@@ -134,12 +133,13 @@ def test_the_cool_down_counts_from_the_end_of_the_last_retrain():
 
 
 def test_the_same_evidence_does_not_fire_twice():
-    strong = evidence(new_feedback=500, newest_feedback=1000, newest_prediction=900)
+    strong = evidence(new_feedback=500, newest_feedback=1000)
     old = firing(61, strong)
     same = decide(strong, RC, old, NOW)
     assert not same.fire and same.blocked.startswith("same evidence as the retrain fired at")
     # new traffic alone is no new feedback evidence ...
-    assert not decide(replace(strong, newest_prediction=5000), RC, old, NOW).fire
+    traffic = replace(strong, drift=calm_drift(first_seq=4501, last_seq=5000))
+    assert not decide(traffic, RC, old, NOW).fire
     # ... nor is a trickle of feedback: the count needs min_feedback (100) rows anew
     assert not decide(replace(strong, newest_feedback=1099), RC, old, NOW).fire
     assert decide(replace(strong, newest_feedback=1100), RC, old, NOW).fire
@@ -153,13 +153,11 @@ def test_low_feedback_accuracy_refires_on_enough_new_rows():
 
 
 def test_drift_refires_only_on_a_window_logged_after_the_firing():
-    drifting = evidence(
-        drift=calm_drift(length_psi=0.9), newest_prediction=900, window_first_prediction=400
-    )
+    drifting = evidence(drift=calm_drift(length_psi=0.9, first_seq=400, last_seq=900))
     old = firing(120, drifting)
-    overlapping = replace(drifting, newest_prediction=1300, window_first_prediction=800)
+    overlapping = replace(drifting, drift=replace(drifting.drift, first_seq=800, last_seq=1300))
     assert not decide(overlapping, RC, old, NOW).fire
-    fresh = replace(drifting, newest_prediction=1500, window_first_prediction=901)
+    fresh = replace(drifting, drift=replace(drifting.drift, first_seq=901, last_seq=1500))
     assert decide(fresh, RC, old, NOW).fire
 
 
