@@ -36,6 +36,13 @@ from flywheel.io import replace_dir_atomic, write_json
 from flywheel.models.profile import ReferenceProfile, shares
 
 PSI_FLOOR = 1e-4  # an empty bin would make ln(w / r) infinite: shares are floored at this
+# The statistics the retrain check judges: (name, Drift field, bound in retrain:).
+JUDGED = (
+    ("length PSI", "length_psi", "max_psi"),
+    ("confidence PSI", "confidence_psi", "max_psi"),
+    ("label shift", "label_shift", "max_label_shift"),
+    ("OOV drift", "oov_drift", "max_oov_drift"),
+)
 
 
 class MonitorError(FlywheelError):
@@ -76,28 +83,18 @@ class Drift:
     first_seq: int = 0  # prediction-log seq of the oldest prediction in the window (0: none)
     last_seq: int = 0
 
-    def figures(self, rc: RetrainConfig) -> list[tuple[str, float, float]]:
-        """(name, value, bound) of each statistic the retrain check judges."""
-        return [
-            ("length PSI", self.length_psi, rc.max_psi),
-            ("confidence PSI", self.confidence_psi, rc.max_psi),
-            ("label shift", self.label_shift, rc.max_label_shift),
-            ("OOV drift", self.oov_drift, rc.max_oov_drift),
-        ]
+    def figures(self, rc: RetrainConfig) -> list[tuple[str, float, float, str]]:
+        """(name, value, bound, the bound's key in retrain:) of each statistic the retrain check
+        judges."""
+        return [(name, getattr(self, field), getattr(rc, key), key) for name, field, key in JUDGED]
 
     def exceeded(self, rc: RetrainConfig) -> list[str]:
         """Each bound of retrain: the window is over, in words (none when not judged)."""
         if not self.judged:
             return []
-        keys = {
-            "length PSI": "max_psi",
-            "confidence PSI": "max_psi",
-            "label shift": "max_label_shift",
-            "OOV drift": "max_oov_drift",
-        }
         return [
-            f"{name} {value:.3f} > retrain.{keys[name]} {bound:g}"
-            for name, value, bound in self.figures(rc)
+            f"{name} {value:.3f} > retrain.{key} {bound:g}"
+            for name, value, bound, key in self.figures(rc)
             if value > bound
         ]
 
@@ -181,7 +178,7 @@ def table(result: Drift, rc: RetrainConfig, min_window: int) -> list[dict[str, s
             "bound": f"{bound:g}",
             "state": state(value, bound),
         }
-        for name, value, bound in result.figures(rc)
+        for name, value, bound, _ in result.figures(rc)
     ]
 
 
