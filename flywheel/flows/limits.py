@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import IO
 
 log = logging.getLogger(__name__)
 
@@ -52,20 +53,25 @@ def has_server() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
+def try_lock(handle: IO[str]) -> bool:
+    """Take an exclusive flock on the open file without waiting; whether it was free."""
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
 @contextmanager
 def file_slot(path: Path, timeout_seconds: float | None = None) -> Iterator[None]:
     """An exclusive flock on `path` for the block; TimeoutError after `timeout_seconds`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
     with path.open("a") as handle:
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if deadline is not None and time.monotonic() >= deadline:
-                    raise TimeoutError(f"{path} is held by another training") from None
-                time.sleep(POLL_SECONDS)
+        while not try_lock(handle):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"{path} is held by another training")
+            time.sleep(POLL_SECONDS)
         try:
             yield
         finally:
@@ -97,9 +103,7 @@ def retrain_slot(root: Path) -> Iterator[bool]:
     path = root / ".flywheel" / "retrain.lock"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not try_lock(handle):
             yield False
             return
         try:
