@@ -117,10 +117,8 @@ class Client:
                 "/predict", json={"texts": list(texts[start : start + self.batch])}
             )
             response.raise_for_status()
-            answers += [
-                p | {"model_version": response.json()["model_version"]}
-                for p in response.json()["predictions"]
-            ]
+            body = response.json()
+            answers += [p | {"model_version": body["model_version"]} for p in body["predictions"]]
         return answers
 
     def feedback(self, rows: pd.DataFrame, answers: Sequence[dict]) -> int:
