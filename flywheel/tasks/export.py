@@ -5,10 +5,11 @@
                    kept when it is faster on validation texts and computes the same logits
     2. fp32 parity onnxruntime vs PyTorch logits on real texts: max |difference| <= a bound
     3. search      on the validation split (never the test split): how sensitive each node group
-                   is to int8 (the module a MatMul comes from, e.g. bert.encoder.layer.3.output
-                   .dense), then int8 with the k most sensitive groups left in fp32, k = 0, 1,
-                   ... until the gate passes; per-tensor and per-channel weights both tried; the
-                   fastest variant that passes, if it is faster than fp32, is chosen
+                   is to int8 (the module a quantized weight belongs to, e.g. bert.encoder
+                   .layer.3.output.dense or bert.embeddings.word_embeddings; each probed alone,
+                   the others in fp32), then int8 with the k most sensitive groups left in fp32,
+                   k = 0, 1, ... until the gate passes; per-tensor and per-channel weights both
+                   tried; the fastest variant that passes, if it is faster than fp32, is chosen
     4. gate        the chosen variant against fp32 on the test split: label agreement, accuracy
                    and macro-F1 loss, overall and on every slice with enough rows
 
@@ -23,7 +24,7 @@ import logging
 import shutil
 import time
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -40,14 +41,18 @@ from flywheel.io import read_parquet, replace_dir_atomic, write_json
 from flywheel.models import profile
 from flywheel.models.bundle import ClassifierBundle
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
+from flywheel.slices import slice_masks
 from flywheel.tasks.clean import PrepareResult
-from flywheel.tasks.evaluate import compute_metrics, slice_masks
+from flywheel.tasks.evaluate import MetricInputError, label_ids, label_scores
 from flywheel.tasks.train import TrainResult
 
 log = logging.getLogger(__name__)
 
 INPUTS = ("input_ids", "token_type_ids", "attention_mask")
-WEIGHT_OPS = ("MatMul", "Gemm")
+# What dynamic int8 quantizes, by the input holding the constant it quantizes: MatMul and Gemm
+# weights, Gather tables (the embeddings). A product of two activations (attention scores) stays
+# fp32 whatever is asked, so it belongs to no group.
+QUANTIZED_INPUT = {"MatMul": 1, "Gemm": 1, "Gather": 0}
 
 
 @dataclass(frozen=True)
@@ -109,19 +114,22 @@ def export_fp32(bundle: ClassifierBundle, path: Path, opset: int) -> Path:
 
 
 def node_groups(model_path: Path) -> dict[str, list[str]]:
-    """MatMul/Gemm nodes by the torch module they come from, in graph order.
+    """The nodes int8 quantizes (QUANTIZED_INPUT), by the torch module they come from, in graph
+    order.
 
     The dynamo exporter names nodes `node_MatMul_82` but keeps each node's scopes in its
     `pkg.torch.onnx.name_scopes` metadata: [..., 'bert.encoder.layer.0.output.dense', 'linear_5'].
-    The module path (second to last) is the group; the attention-score products of a layer share
-    the group `...attention.self`.
+    The module path (second to last) is the group, e.g. `bert.embeddings.word_embeddings` for the
+    embedding table's Gather.
     """
     import onnx
 
     model = onnx.load(str(model_path), load_external_data=False)
+    constants = {t.name for t in model.graph.initializer}
     groups: dict[str, list[str]] = {}
     for node in model.graph.node:
-        if node.op_type not in WEIGHT_OPS:
+        position = QUANTIZED_INPUT.get(node.op_type)
+        if position is None or node.input[position] not in constants:
             continue
         scopes = next(
             (p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), None
@@ -221,21 +229,31 @@ def compare(
     bounds: GateBounds,
     worst: int = 10,
 ) -> Parity:
-    """Gate one variant's logits against fp32 logits on the rows of `frame` (text, label,
-    source)."""
-    same = reference.argmax(axis=1) == candidate.argmax(axis=1)
-    truth = frame["label"].tolist()
+    """Gate one variant against fp32 on the rows of `frame` (text, label, source).
 
-    def losses(ref: np.ndarray, cand: np.ndarray, rows: list[str]) -> tuple[float, float]:
-        before, after = compute_metrics(rows, ref, labels), compute_metrics(rows, cand, labels)
-        return before.accuracy - after.accuracy, before.macro_f1 - after.macro_f1
+    Takes the two models' logits, one row per row of `frame`, one column per label: the gate
+    judges their labels (the argmax, so no probabilities are needed: accuracy and macro-F1 from
+    class ids), and the examples show the largest logit change."""
+    expected = (len(frame), len(labels))
+    if reference.shape != expected or candidate.shape != expected:
+        raise MetricInputError(
+            f"logits of shapes {reference.shape} (fp32) and {candidate.shape} ({variant}), "
+            f"expected {expected}: one row per text, one column per label"
+        )
+    truth = label_ids(frame["label"].tolist(), labels)
+    before, after = reference.argmax(axis=1), candidate.argmax(axis=1)
+    same = before == after
 
-    accuracy_loss, f1_loss = losses(reference, candidate, truth)
+    def losses(members: np.ndarray) -> tuple[float, float]:
+        accuracy, f1 = label_scores(truth[members], before[members], len(labels))
+        accuracy_after, f1_after = label_scores(truth[members], after[members], len(labels))
+        return accuracy - accuracy_after, f1 - f1_after
+
+    accuracy_loss, f1_loss = losses(np.ones(len(frame), dtype=bool))
     failures = _failures("overall", float(same.mean()), accuracy_loss, f1_loss, bounds)
     slices = {}
     for name, members in slice_masks(frame).items():
-        rows = [truth[i] for i in np.flatnonzero(members)]
-        acc_l, f1_l = losses(reference[members], candidate[members], rows)
+        acc_l, f1_l = losses(members)
         agreement = float(same[members].mean())
         slices[name] = {
             "rows": int(members.sum()),
@@ -250,9 +268,9 @@ def compare(
     examples = [
         {
             "text": frame["text"].iloc[i],
-            "label": truth[i],
-            "fp32": labels[int(reference[i].argmax())],
-            variant: labels[int(candidate[i].argmax())],
+            "label": labels[truth[i]],
+            "fp32": labels[int(before[i])],
+            variant: labels[int(after[i])],
             "max_logit_change": round(float(margin[i]), 4),
         }
         for i in flips[np.argsort(-margin[flips])][:worst]
@@ -298,8 +316,8 @@ def sensitivity(
     reference: np.ndarray,
     work: Path,
 ) -> dict[str, float]:
-    """How much quantizing one group alone (per-tensor int8) moves the logits of `texts`:
-    mean |logit - fp32 logit|."""
+    """How much quantizing one group alone (per-tensor int8, every other group of `groups` in
+    fp32) moves the logits of `texts`: mean |logit - fp32 logit|."""
     out = {}
     everything = [n for nodes in groups.values() for n in nodes]
     for group, nodes in groups.items():
@@ -382,6 +400,35 @@ def search(
             if parity.passed:
                 break
     return candidates, fp32_seconds, scores
+
+
+def choose(
+    candidates: Sequence[Variant],
+    fp32_seconds: float,
+    min_speedup: float,
+    on_test: Callable[[Variant], Parity],
+) -> tuple[Variant | None, Parity | None, list[str]]:
+    """The int8 variant to ship, its parity on the test split, and why the others are not.
+
+    Of the candidates that pass the gate on val and score val at least `min_speedup` times as
+    fast as fp32, the fastest whose `on_test` parity passes; one that passes val but fails test
+    makes the next fastest be tried. None passing: (None, None, reasons), the first val failure
+    of each candidate first (the fp32 model is the export)."""
+    passed = [c for c in candidates if c.val.passed]
+    faster = [c for c in passed if fp32_seconds / c.seconds >= min_speedup]
+    reasons = [
+        f"{c.name} passes val at {fp32_seconds / c.seconds:.2f}x fp32 speed "
+        f"(export.min_int8_speedup {min_speedup:g})"
+        for c in passed
+        if c not in faster
+    ]
+    for variant in sorted(faster, key=lambda c: c.seconds):
+        parity = on_test(variant)
+        if parity.passed:
+            return variant, parity, reasons
+        reasons += [f"{variant.name} on test: {f}" for f in parity.failures]
+    failed_val = [f"{c.name} on val: {c.val.failures[0]}" for c in candidates if c.val.failures]
+    return None, None, failed_val + reasons
 
 
 MODEL_FILES = ("model.safetensors", "pytorch_model.bin", "trainer_state.pt", "checkpoint.json")
@@ -523,29 +570,15 @@ def export(
         candidates, fp32_seconds, scores = search(
             fp32, groups, staging, val_frame, bounds, ec.sensitivity_rows, ec.max_fp32_groups, work
         )
-        chosen, test_parity = None, None
-        passed = [c for c in candidates if c.val.passed]
-        faster = [c for c in passed if fp32_seconds / c.seconds >= ec.min_int8_speedup]
-        reasons = [
-            f"{c.name} passes val at {fp32_seconds / c.seconds:.2f}x fp32 speed "
-            f"(export.min_int8_speedup {ec.min_int8_speedup:g})"
-            for c in passed
-            if c not in faster
-        ]
-        for variant in sorted(faster, key=lambda c: c.seconds):
+
+        def on_test(variant: Variant) -> Parity:
             logits = OnnxPredictor(staging, variant.path).logits(texts)
-            parity = compare(variant.name, reference, logits, test_frame, labels, bounds)
-            if parity.passed:
-                chosen, test_parity = variant, parity
-                break
-            reasons += [f"{variant.name} on test: {f}" for f in parity.failures]
-        if chosen is None:
-            reasons = [
-                f"{c.name} on val: {c.val.failures[0]}" for c in candidates if c.val.failures
-            ] + reasons
-            shutil.copy2(fp32, staging / MODEL_FILE)
-        else:
-            shutil.copy2(chosen.path, staging / MODEL_FILE)
+            return compare(variant.name, reference, logits, test_frame, labels, bounds)
+
+        chosen, test_parity, reasons = choose(
+            candidates, fp32_seconds, ec.min_int8_speedup, on_test
+        )
+        shutil.copy2(chosen.path if chosen else fp32, staging / MODEL_FILE)
         shutil.rmtree(work)
         chosen_predictor = OnnxPredictor(staging)
         write_reference(cfg, staging, chosen_predictor, train, texts)

