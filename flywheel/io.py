@@ -71,12 +71,36 @@ def write_json(path: Path, payload: Any) -> None:
     )
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _leftovers(target: Path, kind: str) -> list[Path]:
+    """The `kind` ("staging" or "old") folders of `target` whose owner has died: their names
+    carry the pid of the process that made them, and a live owner's folder is never touched.
+    A name without a pid is from a Flywheel before owners were recorded: a leftover."""
+    prefix = f".{target.name}.{kind}-"
+    found = []
+    for path in target.parent.glob(f"{prefix}*"):
+        owner = path.name[len(prefix) :].split("-", 1)[0]
+        if not (owner.isdigit() and _alive(int(owner))):
+            found.append(path)
+    return found
+
+
 def recover_dir(target: Path) -> None:
     """Clean up after a process killed inside `replace_dir_atomic`: drop its staging folders and,
-    if it died between the two renames (target gone, old copy kept), put the old copy back."""
-    for staging in target.parent.glob(f".{target.name}.staging-*"):
+    if it died between the two renames (target gone, old copy kept), put the old copy back.
+    Folders of a process still running (another run writing the same output) are left alone."""
+    for staging in _leftovers(target, "staging"):
         shutil.rmtree(staging, ignore_errors=True)
-    olds = sorted(target.parent.glob(f".{target.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    olds = sorted(_leftovers(target, "old"), key=lambda p: p.stat().st_mtime)
     if olds and not target.exists():
         os.replace(olds.pop(), target)
     for old in olds:
@@ -98,9 +122,11 @@ def replace_dir_atomic(target: Path, fill: Callable[[Path], T]) -> T:
     if target.exists() and not target.is_dir():
         raise FlywheelError(f"{target} exists and is not a folder; refusing to replace it")
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.staging-"))
+    prefix = f".{target.name}.staging-"
+    # The owner's pid in the name: recover_dir leaves the folders of a live process alone.
+    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f"{prefix}{os.getpid()}-"))
     staging.chmod(0o755)
-    old = target.parent / f".{target.name}.old-{staging.name.rsplit('-', 1)[-1]}"
+    old = target.parent / f".{target.name}.old-{staging.name[len(prefix) :]}"
     try:
         result = fill(staging)
         (staging / OUTPUT_MARKER).write_text("written by flywheel; replaced whole on each run\n")
@@ -109,5 +135,7 @@ def replace_dir_atomic(target: Path, fill: Callable[[Path], T]) -> T:
         os.replace(staging, target)
         return result
     finally:
+        if old.exists() and not target.exists():  # stopped between the renames: keep the old
+            os.replace(old, target)
         shutil.rmtree(staging, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

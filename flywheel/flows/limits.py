@@ -1,18 +1,19 @@
-"""Training runs one at a time: the training slot, taken by the train task's body (so only a
-training that really runs takes it: a cached one never executes the body). Retrains (the
-retrain flow: check, then pipeline) run one at a time too: the retrain slot, which a second
-retrain does not wait for (it records "another retrain is running" and stops).
+"""Pipeline runs of one project run one at a time, whatever starts them (`flywheel run`, a
+schedule, a retrain): the run lock, taken around the whole pipeline flow, data stages through
+promotion (docs/decisions/0011). Retrains (the retrain flow: check, then pipeline) run one at a
+time too: the retrain slot, which a second retrain does not wait for (it records "another
+retrain is running" and stops).
 
-Scheduled runs, a feedback-triggered run and a hand-started one may overlap; their data and
-report stages can, but two trainings on one machine would each take twice as long and fight
-for memory. Two locks, always in this order:
+The run lock is two locks, always taken in this order:
 
-- an exclusive `flock` on `.flywheel/training.lock`: every run on this machine, with or without
-  a Prefect server, and released by the kernel when its process dies (a killed run holds
-  nothing);
+- an exclusive `flock` on `.flywheel/run.lock` (flywheel/locks.py): every run on this machine,
+  with or without a Prefect server, released by the kernel when its process dies (a killed run
+  holds nothing); the holder's name, pid and start time are in the file, so a waiting run says
+  who it waits for;
 - with a Prefect server (PREFECT_API_URL: `flywheel ui`, `flywheel schedule`, a team server)
-  also the global concurrency limit `flywheel-training` (limit 1) on that server, which holds
-  across machines. The servers Flywheel starts keep their slot leases on disk
+  also the global concurrency limit `flywheel-run-<registry model>` (limit 1) on that server,
+  which holds across machines sharing the registry; the holder is named in the Prefect
+  variable of the same name. The servers Flywheel starts keep their slot leases on disk
   (flywheel/servers.py), so a lease of a killed run expires even across a server restart.
   A temporary local server keeps leases in memory and never expires them, so local mode uses
   the file lock alone.
@@ -20,18 +21,19 @@ for memory. Two locks, always in this order:
 
 from __future__ import annotations
 
-import fcntl
 import logging
-import time
+import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import IO
+
+from flywheel.locks import LOCK_DIR, Holder, LockBusy, hold
 
 log = logging.getLogger(__name__)
 
-TRAINING = "flywheel-training"
-POLL_SECONDS = 1.0
+RUN_LIMIT_PREFIX = "flywheel-run-"
+HTTP_LOCKED = 423
 
 
 def ensure_limit(name: str, limit: int) -> None:
@@ -53,60 +55,101 @@ def has_server() -> bool:
     return bool(PREFECT_API_URL.value())
 
 
-def try_lock(handle: IO[str]) -> bool:
-    """Take an exclusive flock on the open file without waiting; whether it was free."""
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    return True
+def run_limit(model_name: str) -> str:
+    """The server's concurrency limit (and holder variable) for runs registering `model_name`."""
+    return RUN_LIMIT_PREFIX + re.sub(r"[^A-Za-z0-9_-]", "-", model_name)
+
+
+def run_lock_path(root: Path) -> Path:
+    return root / LOCK_DIR / "run.lock"
+
+
+def runs_of(root: Path) -> str:
+    """What the run lock serialises, for its messages."""
+    return f"pipeline runs of {root}"
 
 
 @contextmanager
-def file_slot(path: Path, timeout_seconds: float | None = None) -> Iterator[None]:
-    """An exclusive flock on `path` for the block; TimeoutError after `timeout_seconds`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    deadline = None if timeout_seconds is None else time.monotonic() + timeout_seconds
-    with path.open("a") as handle:
-        while not try_lock(handle):
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"{path} is held by another training")
-            time.sleep(POLL_SECONDS)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-@contextmanager
-def training_slot(
-    root: Path, timeout_seconds: float | None = None, server: bool | None = None
+def run_lock(
+    root: Path,
+    model_name: str,
+    what: str,
+    *,
+    wait: bool = True,
+    timeout_seconds: float | None = None,
+    server: bool | None = None,
 ) -> Iterator[None]:
-    """Hold the one training slot while the block runs, waiting for another run's training to
-    finish. `server` defaults to `has_server()` (tests inject it)."""
-    log.info("train: taking the training slot (waits while another run trains)")
-    with file_slot(root / ".flywheel" / "training.lock", timeout_seconds):
+    """Hold the project's run lock for the block, as `what` (e.g. the flow run's name and id):
+    wait for another run to finish, saying who it is, or with `wait=False` raise LockBusy naming
+    it. `server` defaults to `has_server()` (tests inject it)."""
+    with hold(
+        run_lock_path(root),
+        what,
+        guards=runs_of(root),
+        wait=wait,
+        timeout_seconds=timeout_seconds,
+    ):
         if not (has_server() if server is None else server):
             yield
             return
-        from prefect.concurrency.sync import concurrency
-
-        ensure_limit(TRAINING, 1)
-        with concurrency(TRAINING, occupy=1, timeout_seconds=timeout_seconds, strict=True):
+        with server_slot(run_limit(model_name), what, wait, timeout_seconds):
             yield
+
+
+@contextmanager
+def server_slot(name: str, what: str, wait: bool, timeout_seconds: float | None) -> Iterator[None]:
+    """The one slot of the server's concurrency limit `name`, its holder named in the variable
+    `name`. One try first, so a busy slot is reported (or refused) before waiting for it."""
+    from prefect.concurrency.sync import concurrency
+    from prefect.variables import Variable
+
+    ensure_limit(name, 1)
+
+    def slot(**how) -> object:
+        # A lease that cannot be renewed for a while must not kill a long run; the file lock
+        # still holds on this machine.
+        return concurrency(name, strict=True, raise_on_lease_renewal_failure=False, **how)
+
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(slot(max_retries=0))
+        except Exception as exc:
+            if not _locked(exc):
+                raise
+            holder = Holder.of(Variable.get(name, default=None))
+            message = (
+                "runs registering into the same model run one at a time, and "
+                f"{holder.describe() if holder else 'another run'} holds the Prefect server's "
+                f"concurrency limit {name}"
+            )
+            if not wait:
+                raise LockBusy(f"{message}; asked not to wait, so this one stops", holder) from None
+            log.warning("%s: waiting for it to finish", message)
+            stack.enter_context(slot(timeout_seconds=timeout_seconds))
+        Variable.set(name, asdict(Holder.me(what)), overwrite=True)
+        try:
+            yield
+        finally:
+            Variable.unset(name)
+
+
+def _locked(exc: BaseException) -> bool:
+    """Whether the server refused a slot because the limit is full (HTTP 423 Locked)."""
+    cause = exc.__cause__
+    response = getattr(cause, "response", None)
+    return getattr(response, "status_code", None) == HTTP_LOCKED
 
 
 @contextmanager
 def retrain_slot(root: Path) -> Iterator[bool]:
     """Try to take the retrain slot (an exclusive flock on `.flywheel/retrain.lock`, released
     when this process dies) without waiting; yields whether this process holds it."""
-    path = root / ".flywheel" / "retrain.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        if not try_lock(handle):
+    with ExitStack() as stack:
+        try:
+            stack.enter_context(
+                hold(root / LOCK_DIR / "retrain.lock", "a retrain", guards="retrains", wait=False)
+            )
+        except LockBusy:
             yield False
             return
-        try:
-            yield True
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+        yield True

@@ -9,8 +9,9 @@
 Collect always runs (reading the sources is how new data shows). Every later stage but version
 and report is cached (flywheel/cache.py, docs/decisions/0007): once its input is known (the raw
 table's md5, then the data version) a plan says per stage whether to run or reuse and why.
-A training that runs holds the one training slot (flows/limits.py). The model stages run inside
-one MLflow parent run (flywheel/tracking.py).
+The whole run, collect through report, holds the project's run lock (flows/limits.py): runs of
+one project, whatever starts them, run one after the other. The model stages run inside one
+MLflow parent run (flywheel/tracking.py).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from prefect.runtime import flow_run
 
 from flywheel import tracking
 from flywheel.cache import DATA_STAGES, Plan, Stage
-from flywheel.config import DEFAULT_PARAMS, changes_data, load_config, with_run_outputs
+from flywheel.config import DEFAULT_PARAMS, Config, changes_data, load_config, with_run_outputs
+from flywheel.flows.limits import run_lock
 from flywheel.tasks.baseline import BaselineReport, baseline_task
 from flywheel.tasks.clean import PrepareResult, prepare_task
 from flywheel.tasks.collect import CollectResult, collect_task
@@ -72,6 +74,7 @@ def pipeline(
     profile: str | None = None,
     force_from: Stage | None = None,
     data_only: bool = False,
+    wait: bool = True,
 ) -> PipelineResult:
     """Run the pipeline on params.yaml; a failed gate stops the flow.
 
@@ -82,11 +85,27 @@ def pipeline(
     data version is recorded in a .dvc file there, never in dvc.lock (docs/decisions/0002); its
     model is registered but not promoted (`flywheel models promote` judges it on the pipeline's
     test split).
+    Runs of one project run one at a time, whatever starts them (flows/limits.py): this one
+    waits for another to finish, saying which, or with `wait=False` fails at once naming it.
     """
     overrides = overrides or {}
     one_off = changes_data(overrides)
     cfg = load_config(params_path, with_run_outputs(overrides), profile=profile)
     run_id = flow_run.get_id()
+    actor = f"flow run {flow_run.get_name() or 'pipeline'} ({run_id or 'none'})"
+    with run_lock(cfg.root, cfg.registry.model_name, actor, wait=wait):
+        return run_stages(cfg, one_off, force_from, data_only, run_id, actor)
+
+
+def run_stages(
+    cfg: Config,
+    one_off: bool,
+    force_from: Stage | None,
+    data_only: bool,
+    run_id: str | None,
+    actor: str,
+) -> PipelineResult:
+    """The stages of one pipeline run, collect through report (in the run lock)."""
     collected = collect_task(cfg)
     data_plan = plan_task(cfg, collected.raw_md5, DATA_STAGES, force_from, run_id)
     validation = data_plan.run(validate_task, cfg, collected)
@@ -111,7 +130,6 @@ def pipeline(
         registered = model_plan.run(register_task, cfg, prepared, exported, run)
         decision = None
         if not one_off:  # a one-off data run's test split is not the champion's
-            actor = f"flow run {flow_run.get_name() or 'pipeline'} ({flow_run.get_id() or 'none'})"
             decision = model_plan.run(promote_task, cfg, prepared, registered, run, actor)
         plan = data_plan.then(model_plan)  # what ran and what was reused
         tracking.set_tags(run, {f"flywheel.cache.{k}": v for k, v in plan.summary().items()})

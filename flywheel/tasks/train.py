@@ -27,7 +27,6 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel import runtime, tracking
 from flywheel.config import Config
-from flywheel.flows.limits import training_slot
 from flywheel.io import read_parquet, recover_dir, replace_dir_atomic
 from flywheel.models.bundle import BUNDLE_FILE, ClassifierBundle, Preprocessing
 from flywheel.tasks.clean import PrepareResult
@@ -336,7 +335,7 @@ def train_task(
     train_frame, val_frame = read_parquet(paths["train"]), read_parquet(paths["val"])
     device = runtime.select_device(cfg.train.device, cfg.train.precision)
     tags = {"flywheel.device": str(device), "flywheel.resume": str(resume).lower()}
-    with training_slot(cfg.root), tracking.stage_run(cfg, "train", parent, tags) as run:
+    with tracking.stage_run(cfg, "train", parent, tags) as run:
         tracking.log_dataset(run, train_frame, paths["train"], "train")
         tracking.log_dataset(run, val_frame, paths["val"], "val")
         result = fit(
