@@ -150,6 +150,14 @@ def run(
         bool,
         typer.Option("--data-only", help="Stop after the data stages (no training)."),
     ] = False,
+    no_wait: Annotated[
+        bool,
+        typer.Option(
+            "--no-wait",
+            help="If another run of this project is running, stop at once with an error naming "
+            "it (exit code 2) instead of waiting for it to finish.",
+        ),
+    ] = False,
 ) -> None:
     """Run the pipeline as a Prefect flow: collect -> validate -> prepare -> version (DVC) ->
     baseline -> train -> evaluate -> export (ONNX, int8) -> register -> promote, tracked in
@@ -172,6 +180,10 @@ def run(
     Options that change the data (--source, --set on data keys) make a one-off run: data goes
     under `data/runs/<key>/` and its version into a .dvc file there. --set train.* / evaluate.*
     and --profile keep the data of params.yaml.
+
+    Runs of one project, whatever starts them (this command, a schedule, a retrain), run one at
+    a time, data stages through promotion: a second one waits, saying which run it waits for
+    (see --no-wait).
     """
     from flywheel import runtime
     from flywheel.cache import ORDER, parse_stage
@@ -192,7 +204,12 @@ def run(
         if not data_only:
             runtime.select_device(cfg.train.device, cfg.train.precision)
         from flywheel import servers
+        from flywheel.flows.limits import run_lock_path, runs_of
         from flywheel.flows.pipeline import pipeline
+        from flywheel.locks import ensure_free
+
+        if no_wait:  # fail fast, before Prefect starts; the flow checks again as it takes it
+            ensure_free(run_lock_path(cfg.root), runs_of(cfg.root))
 
         with servers.ui_server(cfg.root) as url:
             if url is not None:
@@ -203,6 +220,7 @@ def run(
                 profile=profile,
                 force_from=stage,
                 data_only=data_only,
+                wait=not no_wait,
             )
     for name, text in summary_lines(result).items():
         typer.echo(f"{name:>12}  {text}")
@@ -434,13 +452,16 @@ def models_compare(
 ) -> None:
     """Score A and B on the current test split and show where they differ.
 
-    Metrics, per-class F1 and per-slice accuracy side by side (delta = B - A), then the texts on
-    which their labels disagree."""
+    Metrics, per-class F1 and per-slice accuracy side by side (delta = B - A); the promotion
+    gates' verdict on B as a candidate against A (paired intervals of B - A, overall and per
+    slice; latency is not measured here); then the texts on which their labels disagree."""
     from flywheel.tasks.registry import ModelRegistry, compare_versions
 
     with user_errors(params):
         cfg = load_config(params)
-        result = compare_versions(ModelRegistry.of(cfg), a, b, current_test_split(cfg), limit)
+        result = compare_versions(
+            ModelRegistry.of(cfg), cfg, a, b, current_test_split(cfg), limit
+        )
 
     def section(title: str, values: dict[str, tuple], label: str) -> str:
         rows = [
@@ -459,6 +480,18 @@ def models_compare(
     typer.echo(section("metrics", result.metrics, "metric"))
     typer.echo(section("per-class F1", result.per_class, "label"))
     typer.echo(section("per-slice accuracy", result.slices, "slice"))
+    verdict, pair = result.verdict, result.verdict.paired
+    typer.echo(
+        f"\ngates: v{result.b} as candidate against v{result.a} ({pair.confidence:.0%} "
+        f"paired-bootstrap intervals of v{result.b} - v{result.a}, {pair.resamples:,} "
+        f"resamples; exact McNemar p = {pair.mcnemar_p:.3g})"
+    )
+    for check in verdict.checks:
+        typer.echo(f"  {'pass' if check.passed else 'FAIL'}  {check.detail}")
+    for note in verdict.notes:
+        typer.echo(f"  note  {note}")
+    outcome = "would pass" if verdict.passed else "would fail: " + "; ".join(verdict.reasons)
+    typer.echo(f"  => v{result.b} {outcome}")
     shown = len(result.disagreements)
     typer.echo(
         f"\n{result.disagree} disagreement{'' if result.disagree == 1 else 's'} "
@@ -491,8 +524,8 @@ def models_promote(
         decision = manual_promotion(
             ModelRegistry.of(cfg), cfg, version, current_test_split(cfg), reason, force
         )
-    for check in decision.checks:
-        typer.echo(f"  {'pass' if check.passed else 'FAIL'}  {check.detail}")
+    for line in decision.gate_lines():
+        typer.echo(f"  {line}")
     typer.echo(decision.summary())
     raise typer.Exit(0 if decision.promoted else 1)
 
@@ -505,10 +538,13 @@ def models_rollback(
     ] = "rollback",
 ) -> None:
     """Move `champion` back to the `previous` version (the rolled-back one becomes `previous`)."""
+    from flywheel.locks import registry_lock
     from flywheel.tasks.registry import ModelRegistry, cli_actor, rollback
 
     with user_errors(params):
-        entries = rollback(ModelRegistry.of(load_config(params)), reason, cli_actor("rollback"))
+        cfg, actor = load_config(params), cli_actor("rollback")
+        with registry_lock(cfg.root, actor):  # alias moves one at a time
+            entries = rollback(ModelRegistry.of(cfg), reason, actor)
     for entry in entries:
         typer.echo(entry.line())
 
@@ -701,9 +737,11 @@ def retrain(
     traffic in the prediction log against the champion's reference profile (retrain.max_psi,
     max_label_shift, max_oov_drift). A retrain is `flywheel run` (the feedback store is one of
     its sources: a new data version with source=feedback rows, PII-masked), and the usual gates
-    decide whether the new model becomes champion. The decision, fired or not and why, is a
-    Prefect artifact (flywheel-retrain-decision). For an hourly check:
-    `flywheel schedule --flow retrain`.
+    decide whether the new model becomes champion. Fired on drift alone with no new labelled
+    rows, it is an alert and trains nothing (outcome "no new data"). The decision, fired or not
+    and why, is a Prefect artifact (flywheel-retrain-decision); the outcome (promoted, not
+    promoted, already champion, no new data, failed) is recorded for the next check. For an
+    hourly check: `flywheel schedule --flow retrain`.
     """
     from flywheel import runtime, servers
     from flywheel.flows.retrain import retrain as retrain_flow
@@ -720,6 +758,8 @@ def retrain(
     if result.pipeline is not None:
         for name, text in summary_lines(result.pipeline).items():
             typer.echo(f"{name:>12}  {text}")
+    if result.outcome is not None:
+        typer.echo(f"     outcome  {result.outcome}")
 
 
 def check_row(check: Any) -> dict[str, str]:
@@ -774,7 +814,157 @@ def demo_feedback(
         typer.echo(
             f"{who} {report['candidate']}: accuracy {report['new_accuracy']:.4f} on the same"
         )
+    if report["promotion"]:
+        typer.echo(f"promotion: {report['promotion']}")
+        for line in report["gates"]:
+            typer.echo(f"  {line}")
+    typer.echo(f"outcome: {report['outcome'] or 'not fired'}")
     typer.echo("report: reports/demo/feedback.md")
+
+
+feedback_app = typer.Typer(
+    help="The feedback store (data.feedback.path): list, show, delete and export rows.\n\n"
+    "Deleting needs --yes and is logged in the store itself (table feedback_deletions).",
+    no_args_is_help=True,
+)
+app.add_typer(feedback_app, name="feedback")
+
+
+def shown(value: Any, width: int | None = None) -> str:
+    """A stored value for a table: '-' when missing, cut to `width` characters."""
+    import pandas as pd
+
+    text = "-" if pd.isna(value) else str(value)
+    return text if width is None or len(text) <= width else text[: width - 3] + "..."
+
+
+def feedback_row(row: Any, reason: bool = False) -> dict[str, str]:
+    """One feedback row for `feedback list` (with `reason`: why the next run leaves it out)."""
+    return {
+        "seq": shown(row["seq"]),
+        "id": shown(row["id"]),
+        "created (UTC)": shown(row["created_at"]).replace("T", " ")[:16],
+        "label": shown(row["label"]),
+        "predicted": shown(row["predicted_label"]),
+        "source": shown(row["source"]),
+        **({"left out": shown(row["reason"])} if reason else {}),
+        "text": shown(row["text"], 60),
+    }
+
+
+@feedback_app.command("list")
+def feedback_list(
+    params: ParamsOption = DEFAULT_PARAMS,
+    limit: Annotated[
+        int, typer.Option("--limit", "-n", min=1, help="Show at most this many rows.")
+    ] = 20,
+    label: Annotated[str | None, typer.Option("--label", help="Only rows with this label.")] = None,
+    source: Annotated[
+        str | None, typer.Option("--source", help="Only rows from this writer: api, demo, ...")
+    ] = None,
+    quarantined: Annotated[
+        bool,
+        typer.Option(
+            "--quarantined",
+            help="Only rows the next run leaves out of the data (quarantined by the row "
+            "checks, or repeats), with the reason.",
+        ),
+    ] = False,
+) -> None:
+    """Stored feedback, newest first: seq, id, time, label, predicted label, source, text."""
+    from flywheel import feedback
+    from flywheel.tasks.collect import screen_feedback
+
+    with user_errors(params):
+        cfg = load_config(params)
+        store = cfg.resolve(cfg.data.feedback.path)
+        stored = screen_feedback(cfg) if quarantined else feedback.read(store)
+        matching = feedback.select(stored, None, label, source, quarantined)
+    rows = [feedback_row(row, quarantined) for _, row in matching.head(limit).iterrows()]
+    typer.echo(
+        f"{store}: {len(stored):,} rows, {len(matching):,} matching"
+        + (f", newest {len(rows):,} shown" if rows else "")
+    )
+    if rows:
+        typer.echo(table(rows))
+
+
+@feedback_app.command("show")
+def feedback_show(
+    id: Annotated[str, typer.Argument(help="The row's id (see `flywheel feedback list`).")],
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """One row in full (every field, the whole text) and what the next run does with it; for a
+    deleted row, when, by whom and why it was deleted."""
+    from flywheel import feedback
+    from flywheel.tasks.collect import screen_feedback
+
+    with user_errors(params):
+        cfg = load_config(params)
+        store = cfg.resolve(cfg.data.feedback.path)
+        found = feedback.select(screen_feedback(cfg), [id])
+        gone = feedback.select(feedback.deletions(store), [id]) if found.empty else found
+        if gone.empty:
+            raise feedback.FeedbackError(f"{store}: no feedback with id {id}, stored or deleted")
+    if found.empty:
+        for _, row in gone.iterrows():
+            typer.echo(
+                f"{id} (seq {row['seq']}, label {row['label']}) was deleted at "
+                f"{row['deleted_at']} by {row['user']}: {row['reason']}"
+            )
+        return
+    row = found.iloc[0]
+    for column in ("seq", *feedback.COLUMNS):
+        typer.echo(f"{column:>15}: {shown(row[column])}")
+    accepted = row["status"] == feedback.ACCEPTED
+    verdict = "enters the data" if accepted else f"left out: {row['reason']}"
+    typer.echo(f"{'next run':>15}: {row['status']}, {verdict}")
+
+
+@feedback_app.command("delete")
+def feedback_delete(
+    ids: Annotated[list[str], typer.Argument(help="Ids of the rows to delete.")],
+    params: ParamsOption = DEFAULT_PARAMS,
+    reason: Annotated[
+        str, typer.Option("--reason", "-r", help="Why: written to the deletion log.")
+    ] = "no reason given",
+    yes: Annotated[
+        bool,
+        typer.Option("--yes", "-y", help="Delete; without it, only show what would go (exit 1)."),
+    ] = False,
+) -> None:
+    """Delete feedback rows by id: a wrong label, personal data that slipped through.
+
+    Without --yes, lists the rows and exits 1, deleting nothing. With it, deletes them in one
+    transaction and logs time, user, ids and reason in the store (table feedback_deletions;
+    `flywheel feedback show ID` tells a deleted id). An unknown id deletes nothing (exit 2).
+    The next run's data no longer holds the rows."""
+    from flywheel import feedback
+
+    with user_errors(params):
+        cfg = load_config(params)
+        store = cfg.resolve(cfg.data.feedback.path)
+        user = f"{feedback.os_user()} via flywheel feedback delete"
+        rows = feedback.delete(store, ids, user, reason, dry_run=not yes)
+    typer.echo(table([feedback_row(row) for _, row in rows.iterrows()]))
+    if not yes:
+        typer.echo(f"would delete {len(rows):,} row(s) from {store}; nothing deleted: add --yes")
+        raise typer.Exit(1)
+    typer.echo(f"deleted {len(rows):,} row(s) from {store}, logged as {user!r}: {reason}")
+
+
+@feedback_app.command("export")
+def feedback_export(
+    file: Annotated[Path, typer.Argument(help="Output file, *.csv or *.jsonl (by suffix).")],
+    params: ParamsOption = DEFAULT_PARAMS,
+) -> None:
+    """Write every stored row, with its seq, to FILE as CSV or JSONL (chosen by the suffix)."""
+    from flywheel import feedback
+
+    with user_errors(params):
+        cfg = load_config(params)
+        rows = feedback.export(cfg.resolve(cfg.data.feedback.path), file)
+    typer.echo(f"{rows:,} rows written to {file}")
 
 
 class ScheduledFlow(StrEnum):

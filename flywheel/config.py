@@ -259,21 +259,34 @@ class RegistryConfig(_Section):
     min_test_macro_f1: float = Field(
         0.80, ge=0, le=1, description="Gate: least macro-F1 of the exported model on test."
     )
-    max_macro_f1_drop: float = Field(
-        0.005,
+    margin: float = Field(
+        0.02,
         ge=0,
         lt=1,
-        description="Gate: most the test macro-F1 may fall below the champion's, both scored "
-        "on the current test split (a tie within this margin passes).",
+        description="Gate: non-inferiority margin on the whole test split. The candidate passes "
+        "when the lower end of the interval of (candidate - champion), accuracy and macro-F1, "
+        "is above -margin (0.02 = 2 points; from the seed spread, docs/decisions/0012).",
     )
-    max_slice_drop: float = Field(
-        0.03,
+    slice_margin: float = Field(
+        0.05,
         ge=0,
         lt=1,
-        description="Gate: most any slice's test accuracy may fall below the champion's.",
+        description="Gate: the same margin on each judged slice (source, length): slices have "
+        "fewer rows, so wider intervals (docs/decisions/0012).",
     )
     min_slice_rows: int = Field(
         100, ge=1, description="Slices with fewer test rows are reported, not judged."
+    )
+    confidence: float = Field(
+        0.95, gt=0.5, lt=1, description="Confidence of the paired-bootstrap intervals."
+    )
+    bootstrap_resamples: int = Field(
+        2000, ge=100, description="Paired-bootstrap resamples of the test rows (seeded)."
+    )
+    promote_without_gain: bool = Field(
+        True,
+        description="Promote a candidate that is not worse without being significantly better "
+        "(a retrain on fresher data); false: a significant gain somewhere is required.",
     )
     max_p95_latency_ms: float = Field(
         50.0, gt=0, description="Gate: p95 latency of one text through the exported model."
@@ -400,6 +413,19 @@ class Config(_Section):
     )
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _served_texts_pass_validation(self) -> Config:
+        # Feedback longer than validation allows would be accepted, then quarantined by
+        # every run: refuse the pair instead of collecting rows that can never be used.
+        served, validated = self.serve.max_text_chars, self.validate_.max_text_chars
+        if served > validated:
+            raise ValueError(
+                f"serve.max_text_chars ({served:,}) is over validate.max_text_chars "
+                f"({validated:,}): the server would take feedback the data gate refuses; "
+                "lower serve.max_text_chars or raise validate.max_text_chars"
+            )
+        return self
 
     def resolve(self, path: Path) -> Path:
         """A config path made absolute against the project root."""

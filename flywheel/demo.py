@@ -252,6 +252,7 @@ def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict
             new_accuracy = accuracy(after, halves.held_back["label"].tolist())
         else:
             new_accuracy = None
+    promotion = result.pipeline.promotion if result.pipeline else None
     report = {
         "snippets": len(halves.feedback) + len(halves.held_back),
         "feedback_rows": len(halves.feedback),
@@ -268,9 +269,9 @@ def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict
         "retrain_blocked": decision.blocked,
         "candidate": candidate,
         "promoted": result.promoted,
-        "promotion": result.pipeline.promotion.summary()
-        if result.pipeline and result.pipeline.promotion
-        else None,
+        "outcome": result.outcome,
+        "promotion": promotion.summary() if promotion else None,
+        "gates": promotion.gate_lines() if promotion else [],
         "new_champion": new,
         "new_accuracy": new_accuracy,
         "checks": [asdict(c) for c in decision.checks],
@@ -301,5 +302,7 @@ def write_report(folder: Path, report: dict) -> None:
     lines += ["", "Retrain check: " + ("fired" if report["retrain_fired"] else "not fired")]
     lines += [f"- {reason}" for reason in report["retrain_reasons"]]
     if report["promotion"]:
-        lines += ["", f"Promotion: {report['promotion']}"]
+        lines += ["", f"Promotion: {report['promotion']}", ""]
+        lines += [f"- {line}" for line in report["gates"]]
+    lines += ["", f"Outcome: {report['outcome'] or 'not fired'}"]
     (folder / "feedback.md").write_text("\n".join(lines) + "\n")

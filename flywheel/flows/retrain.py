@@ -4,9 +4,12 @@ pipeline with the feedback merged into the data.
     retrain slot (flows/limits.py: one retrain at a time; a second one records that and stops)
     check (tasks/trigger.py: feedback count, feedback accuracy, drift; cool-down, same evidence)
       -> decision artifact (fired or not, and why)
+      -> fired on drift alone, no feedback newer than the champion's data: an alert, the outcome
+         "no new data", no pipeline (it would train on the champion's own data again)
       -> fired: pipeline (collect reads the feedback store: a new data version with rows of
-         source=feedback, PII-masked by the clean stage; the usual gates decide promotion)
-      -> the firing's outcome (promoted, not promoted, failed) for the next check
+         source=feedback; the gates decide promotion)
+      -> the firing's outcome (promoted, not promoted, already champion, no new data, failed)
+         for the next check
       -> outcome artifact (the version registered, promoted or not, and why)
 
 `flywheel retrain --if-needed` runs it once; `flywheel schedule --flow retrain` serves it on
@@ -25,7 +28,11 @@ from flywheel.config import DEFAULT_PARAMS, ConfigError, load_config
 from flywheel.flows.limits import retrain_slot
 from flywheel.flows.pipeline import PipelineResult, pipeline
 from flywheel.tasks.trigger import (
+    ALREADY_CHAMPION,
     FAILED,
+    NO_NEW_DATA,
+    NOT_PROMOTED,
+    PROMOTED,
     TriggerDecision,
     check_task,
     finish_firing,
@@ -39,12 +46,23 @@ OUTCOME_ARTIFACT = "flywheel-retrain-outcome"
 @dataclass(frozen=True)
 class RetrainResult:
     decision: TriggerDecision
-    pipeline: PipelineResult | None = None  # None: not fired
+    pipeline: PipelineResult | None = None  # None: not fired, or nothing to train on
 
     @property
     def promoted(self) -> bool:
-        p = self.pipeline
-        return bool(p and p.promotion and p.promotion.promoted)
+        return self.outcome == PROMOTED
+
+    @property
+    def outcome(self) -> str | None:
+        """How the firing ended (None: it did not fire)."""
+        if self.decision.nothing_to_train:
+            return NO_NEW_DATA
+        decision = self.pipeline.promotion if self.pipeline is not None else None
+        if decision is None:
+            return None
+        if decision.already_champion:
+            return ALREADY_CHAMPION
+        return PROMOTED if decision.promoted else NOT_PROMOTED
 
 
 def outcome_markdown(result: PipelineResult) -> str:
@@ -64,6 +82,7 @@ def outcome_markdown(result: PipelineResult) -> str:
         )
     if decision is not None:
         lines.append(f"- promotion: {decision.summary()}")
+        lines += [f"  - {line}" for line in decision.gate_lines()]
     return "\n".join(lines)
 
 
@@ -86,15 +105,20 @@ def retrain(params_path: Path = DEFAULT_PARAMS, if_needed: bool = True) -> Retra
         if not decision.fire:
             return RetrainResult(decision)
         start_firing(cfg.root, decision)
+        if decision.nothing_to_train:
+            finish_firing(cfg.root, NO_NEW_DATA, reasons=[decision.headline()])
+            return RetrainResult(decision)
         try:
             result = pipeline(params_path=params_path)
         except BaseException:
             finish_firing(cfg.root, FAILED)  # tried again after the cool-down
             raise
         retrained = RetrainResult(decision, result)
-        outcome = "promoted" if retrained.promoted else "not promoted"
-        finish_firing(cfg.root, outcome, result.collect.feedback_seq)
+        promotion = result.promotion
+        reasons = promotion.reasons if promotion is not None else []
+        finish_firing(cfg.root, retrained.outcome or FAILED, result.collect.feedback_seq, reasons)
     create_markdown_artifact(
-        outcome_markdown(result), key=OUTCOME_ARTIFACT, description="What the retrain made"
+        outcome_markdown(result), key=OUTCOME_ARTIFACT, description=f"Retrain: {retrained.outcome}"
     )
+    print(f"retrain outcome: {retrained.outcome}")
     return retrained

@@ -1,7 +1,8 @@
 """The HTTP API: the champion answers /predict, users correct it through /feedback.
 
     POST /predict    one text or a batch -> label, probabilities, prediction id, model version
-    POST /feedback   the right label for a text (idempotent on its id)    [token, if configured]
+    POST /feedback   the right label for a text, stored PII-masked; once per id (or, without
+                     one, per text and label)                              [token, if configured]
     POST /reload     load the champion now if the alias moved              [token, if configured]
     GET  /health     200 while a model is loaded
     GET  /model      version, data version, test metrics, when promoted
@@ -272,8 +273,9 @@ def create_app(cfg: Config, slot: ChampionSlot, token: str | None = None) -> Fas
         summary="Say which label is right for a text",
     )
     def give_feedback(body: FeedbackRequest, response: Response) -> FeedbackResponse:
-        """Stored in the feedback store; the next pipeline run merges it into the data
-        (PII-masked). Sending the same `id` again stores nothing and answers 200."""
+        """Stored in the feedback store with personal data masked (clean.mask_pii); the next
+        pipeline run merges it into the data. Sending the same `id` again, or without an id the
+        same text and label, stores nothing and answers 200."""
         model = served()
         text, _ = checked(body.text, "text")
         if text != body.text:
@@ -289,20 +291,27 @@ def create_app(cfg: Config, slot: ChampionSlot, token: str | None = None) -> Fas
             if logged is not None:
                 predicted = predicted or str(logged["label"])
                 version = str(logged["model_version"])
-        record_ = feedback.FeedbackRecord(
-            text=body.text,
-            label=body.label,
+        record_, masked = feedback.received(
+            body.text,
+            body.label,
+            cfg.clean.mask_pii,
+            id=body.id,
             predicted_label=predicted,
             model_version=version,
             source="api",
-            id=body.id or uuid.uuid4().hex,
             prediction_id=body.prediction_id,
         )
+        if not record_.text:
+            raise ApiError(
+                422, "text is empty after cleaning (only markup or invisible characters)"
+            )
         created = feedback.add(feedback_path, [record_]) == 1
         metrics.feedback.labels("created" if created else "duplicate").inc()
         if not created:
             response.status_code = 200
-        return FeedbackResponse(id=record_.id, created=created, model_version=version)
+        return FeedbackResponse(
+            id=record_.id, created=created, model_version=version, masked=dict(masked)
+        )
 
     @app.post(
         "/reload",

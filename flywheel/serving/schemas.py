@@ -80,7 +80,8 @@ class FeedbackRequest(_Body):
         None,
         pattern=ID_PATTERN,
         description="Idempotency key: sending the same id again stores nothing new. "
-        "Omitted: the server makes one (then a retry is stored twice).",
+        "Omitted: the server derives one from the text and the label, so the same text with "
+        "the same label is stored once.",
     )
     text: StrictStr = Field(description="The text the feedback is about.")
     label: StrictStr = Field(description="The label the user says is right (a model label).")
@@ -107,9 +108,17 @@ class FeedbackRequest(_Body):
 
 
 class FeedbackResponse(BaseModel):
-    id: str
-    created: bool = Field(description="False: this id was stored before; nothing changed.")
+    id: str = Field(description="The id it is stored under (sent, or derived).")
+    created: bool = Field(
+        description="False: a repeat (this id, or this text and label, was stored before); "
+        "nothing changed."
+    )
     model_version: str | None = Field(description="Version that made the prediction, if known.")
+    masked: dict[str, int] = Field(
+        default_factory=dict,
+        description="Personal data masked in the stored text, by kind (clean.mask_pii), "
+        'e.g. {"email": 1}.',
+    )
 
 
 class Health(BaseModel):

@@ -3,6 +3,10 @@
 `origin` says where a row came from ("reviews.csv:12" = 12th data row of reviews.csv, header not
 counted) so that later errors can point at the file and row. Reading is strict: a file that
 cannot be read whole is an error naming the file, never a silently shortened table.
+
+Feedback rows are judged one by one before they join (`feedback.screen`, docs/decisions/0010):
+a row the validation gate would refuse is quarantined (left out, counted, reported) and a repeat
+of an earlier row's text and label is dropped, so feedback alone can never fail a run.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import csv
 import io
 import json
 import logging
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -22,7 +27,14 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import feedback
-from flywheel.config import Config, DataConfig, EmbeddedSource, PathSource, resolve_path
+from flywheel.config import (
+    Config,
+    DataConfig,
+    EmbeddedSource,
+    PathSource,
+    ValidateConfig,
+    resolve_path,
+)
 from flywheel.errors import FlywheelError
 from flywheel.io import file_md5, read_verified, write_parquet_atomic
 from flywheel.tasks.retries import retry_on_io
@@ -53,6 +65,7 @@ class CollectResult:
     rows_per_source: dict[str, int]
     raw_md5: str
     feedback_seq: int = 0  # the newest feedback row read (its store seq); 0: none
+    feedback: feedback.ScreenSummary | None = None  # what became of the feedback rows read
 
 
 def embedded_path(name: str = "rotten_tomatoes") -> Path:
@@ -184,38 +197,64 @@ def read_path_source(source: PathSource, root: Path) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True)
 
 
-def read_feedback(path: Path) -> tuple[pd.DataFrame, int]:
-    """Feedback rows as raw rows (source 'feedback') and the newest row's seq (0: none); an
-    absent store gives no rows."""
-    frame = feedback.read(path)
-    frame["origin"] = "feedback:" + frame["id"]
-    return _to_raw(frame, "feedback"), int(frame["seq"].max()) if len(frame) else 0
+def read_feedback(
+    path: Path, rules: ValidateConfig, mask: Sequence[str], known_labels: Collection[str]
+) -> tuple[pd.DataFrame, feedback.ScreenSummary]:
+    """The accepted feedback rows as raw rows (source 'feedback') and what became of every row
+    read (its newest seq is the watermark); an absent store gives no rows."""
+    screened = feedback.screen(feedback.read(path), rules, mask, known_labels)
+    frame = screened[screened["status"] == feedback.ACCEPTED]
+    frame = frame.assign(origin="feedback:" + frame["id"])
+    return _to_raw(frame, feedback.SOURCE), feedback.summarise(screened)
 
 
-def collect_frame(data: DataConfig, root: Path) -> tuple[pd.DataFrame, int]:
-    """Read all sources of the data config into one raw table; with the feedback watermark
-    (the seq of the newest feedback row in it, 0 for none)."""
-    frames, feedback_seq = [], 0
-    for source in data.sources:
-        if isinstance(source, EmbeddedSource):
-            frames.append(read_embedded(source))
-        else:
-            frames.append(read_path_source(source, root))
-    if data.feedback.enabled:
-        rows, feedback_seq = read_feedback(resolve_path(root, data.feedback.path))
-        frames.append(rows)
-    return pd.concat(frames, ignore_index=True), feedback_seq
+def read_sources(data: DataConfig, root: Path) -> pd.DataFrame:
+    """Every configured source but feedback, as one raw table."""
+    frames = [
+        read_embedded(s) if isinstance(s, EmbeddedSource) else read_path_source(s, root)
+        for s in data.sources
+    ]
+    return pd.concat(frames, ignore_index=True)
+
+
+def collect_frame(
+    data: DataConfig, root: Path, rules: ValidateConfig, mask: Sequence[str]
+) -> tuple[pd.DataFrame, feedback.ScreenSummary | None]:
+    """Read all sources of the data config into one raw table, the accepted feedback rows last;
+    with what became of the feedback rows (None when feedback is off). `rules` and `mask` are
+    the validate and clean.mask_pii settings the feedback rows are judged by."""
+    raw = read_sources(data, root)
+    if not data.feedback.enabled:
+        return raw, None
+    rows, summary = read_feedback(
+        resolve_path(root, data.feedback.path), rules, mask, set(raw["label"].dropna())
+    )
+    return pd.concat([raw, rows], ignore_index=True), summary
+
+
+def screen_feedback(cfg: Config) -> pd.DataFrame:
+    """Every feedback row with what the next collect would do with it (`status`, `reason`);
+    reads the other sources only when validate.labels is null (their labels are the set)."""
+    rules = cfg.validate_
+    known = () if rules.labels is not None else set(read_sources(cfg.data, cfg.root)["label"])
+    store = feedback.read(cfg.resolve(cfg.data.feedback.path))
+    return feedback.screen(store, rules, cfg.clean.mask_pii, known)
 
 
 def collect(cfg: Config) -> CollectResult:
     """Collect stage: read the sources, write the raw table atomically, count rows per source."""
-    raw, feedback_seq = collect_frame(cfg.data, cfg.root)
+    raw, screened = collect_frame(cfg.data, cfg.root, cfg.validate_, cfg.clean.mask_pii)
     counts = {str(k): int(v) for k, v in raw["source"].value_counts(sort=False).items()}
     for name, count in counts.items():
         log.info("collect: %s rows from %s", f"{count:,}", name)
+    if screened is not None:
+        level = logging.WARNING if screened.quarantined else logging.INFO
+        hint = "; see `flywheel feedback list --quarantined`" if screened.quarantined else ""
+        log.log(level, "collect: %s%s", screened.line(), hint)
     raw_path = cfg.resolve(cfg.data.raw_path)
     write_parquet_atomic(raw, raw_path)
-    return CollectResult(raw_path, len(raw), counts, file_md5(raw_path), feedback_seq)
+    newest = screened.newest_seq if screened is not None else 0
+    return CollectResult(raw_path, len(raw), counts, file_md5(raw_path), newest, screened)
 
 
 @task(

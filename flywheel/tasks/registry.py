@@ -6,9 +6,10 @@ only through explicit gates (docs/decisions/0006).
               example; the version is tagged with its lineage (data version, git commit, flow
               run), the ONNX model's test metrics, parity and latency. Artifacts are uploaded and
               checked first and the version is created last, so a failure leaves no version.
-    promote   the gates of params.yaml's `registry` section on the current test split, with the
-              champion re-scored on it: passing -> alias `champion` (the old champion keeps
-              `previous`); failing -> alias `challenger` and the reasons as a version tag.
+    promote   the gates (flywheel/gates.py, params.yaml's `registry` section): candidate and
+              champion scored now on the same current test split and compared text by text;
+              passing -> alias `champion` (the old champion keeps `previous`); failing -> alias
+              `challenger`; either way every gate's estimate, interval and verdict as tags.
     audit     every alias move is appended to the registered model's tags (`flywheel.audit.N`):
               time, alias, from -> to version, metrics, reason and who or what moved it.
 """
@@ -25,7 +26,7 @@ import tempfile
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,18 +36,22 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import tracking
+from flywheel import gates, tracking
 from flywheel.config import Config, RegistryConfig
 from flywheel.errors import FlywheelError
+from flywheel.gates import Check
 from flywheel.io import read_parquet, write_json
+from flywheel.locks import registry_lock
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
 from flywheel.models.profile import PROFILE_FILE, ReferenceProfile, load_profile
+from flywheel.slices import slice_masks
 from flywheel.tasks.evaluate import (
     EvaluationReport,
     Metrics,
     SliceMetrics,
     compute_metrics,
     evaluate_model,
+    metric_name,
     slice_metrics,
 )
 
@@ -82,7 +87,7 @@ class RegistryError(FlywheelError):
     """A registry operation that cannot be done as asked (unknown version, missing alias...)."""
 
 
-# --- gates (pure) -----------------------------------------------------------------------------
+# --- scores -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -91,10 +96,6 @@ class Scores:
 
     metrics: Metrics
     slices: list[SliceMetrics]
-
-    @classmethod
-    def of(cls, report: EvaluationReport) -> Scores:
-        return cls(report.metrics, report.slices)
 
     @classmethod
     def compute(cls, frame: pd.DataFrame, proba: np.ndarray, labels: Sequence[str]) -> Scores:
@@ -108,68 +109,14 @@ class Scores:
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """A model version as the gates see it."""
+class Scored:
+    """A registered version scored now on a test split: its scores and its answers."""
 
     version: str
-    scores: Scores  # on the current test split
-    parity_passed: bool  # the export's parity gate (ONNX vs PyTorch, int8 vs fp32)
-    p95_ms: float  # single-text latency
-
-
-@dataclass(frozen=True)
-class Check:
-    name: str
-    passed: bool
-    detail: str
-
-
-def gate_checks(candidate: Candidate, champion: Scores | None, rc: RegistryConfig) -> list[Check]:
-    """Every promotion gate, passed or not. `champion` is the current champion re-scored on the
-    same test split as the candidate (None when there is no champion yet)."""
-    m = candidate.scores.metrics
-    checks = [
-        Check(
-            "min_test_macro_f1",
-            m.macro_f1 >= rc.min_test_macro_f1,
-            f"test macro-F1 {m.macro_f1:.4f} vs minimum {rc.min_test_macro_f1:.4f}",
-        ),
-        Check(
-            "parity",
-            candidate.parity_passed,
-            "export parity gate " + ("passed" if candidate.parity_passed else "failed"),
-        ),
-        Check(
-            "max_p95_latency_ms",
-            candidate.p95_ms <= rc.max_p95_latency_ms,
-            f"p95 latency {candidate.p95_ms:.1f} ms vs bound {rc.max_p95_latency_ms:.1f} ms",
-        ),
-    ]
-    if champion is None:
-        return checks
-    c = champion.metrics
-    checks.append(
-        Check(
-            "max_macro_f1_drop",
-            m.macro_f1 >= c.macro_f1 - rc.max_macro_f1_drop,
-            f"test macro-F1 {m.macro_f1:.4f} vs champion {c.macro_f1:.4f} "
-            f"(may be lower by {rc.max_macro_f1_drop:.4f})",
-        )
-    )
-    theirs = {s.slice: s for s in champion.slices}
-    for ours in candidate.scores.slices:
-        other = theirs.get(ours.slice)
-        if other is None or ours.rows < rc.min_slice_rows:
-            continue
-        checks.append(
-            Check(
-                f"slice {ours.slice}",
-                ours.accuracy >= other.accuracy - rc.max_slice_drop,
-                f"slice {ours.slice} ({ours.rows} rows) accuracy {ours.accuracy:.4f} vs "
-                f"champion {other.accuracy:.4f} (may be lower by {rc.max_slice_drop:.4f})",
-            )
-        )
-    return checks
+    scores: Scores
+    labels: list[str]  # the model's label set
+    answers: list[str]  # its label for each row
+    predictor: OnnxPredictor
 
 
 # --- the registry (MLflow) --------------------------------------------------------------------
@@ -200,7 +147,8 @@ class AuditEntry:
     reason: str
     actor: str
     metrics: dict[str, float] = field(default_factory=dict)  # of the version moved to
-    gates: dict[str, float] = field(default_factory=dict)  # the thresholds it was judged by
+    gates: dict[str, Any] = field(default_factory=dict)  # the settings it was judged by
+    estimates: list[str] = field(default_factory=list)  # every gate's figures and verdict
 
     def line(self) -> str:
         moved = f"{self.alias}: {self.from_version or '-'} -> {self.to_version or '-'}"
@@ -425,7 +373,8 @@ class ModelRegistry:
         reason: str,
         actor: str,
         metrics: dict[str, float] | None = None,
-        gates: dict[str, float] | None = None,
+        gates: dict[str, Any] | None = None,
+        estimates: Sequence[str] = (),
     ) -> list[AuditEntry]:
         """Point each alias at a version (None: remove it), all or nothing, each move logged.
 
@@ -444,6 +393,7 @@ class ModelRegistry:
                 actor,
                 metrics or {},
                 gates or {},
+                list(estimates),
             )
             for alias, to in moves
             if before.get(alias) != to
@@ -517,6 +467,8 @@ def _save_pyfunc(export_dir: Path, staging: Path) -> Path:
 
 # --- promotion ----------------------------------------------------------------------------------
 
+GATE_TAG_PREFIX = "flywheel.gate."  # one version tag per gate: "pass: ..." or "FAIL: ..."
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -529,6 +481,8 @@ class Decision:
     champion_scores: dict[str, float]  # the champion re-scored on the current test split
     forced: bool = False
     moves: list[AuditEntry] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # estimates reported, not judged
+    paired: gates.Paired | None = None  # the text-by-text comparison with the champion
 
     @property
     def reasons(self) -> list[str]:
@@ -538,6 +492,12 @@ class Decision:
     def already_champion(self) -> bool:
         """The version was champion before this decision (nothing judged, nothing moved)."""
         return self.promoted and not self.moves and self.champion_before == self.version
+
+    def gate_lines(self) -> list[str]:
+        """Every gate with its figures and verdict, then what was reported but not judged."""
+        return [f"{'pass' if c.passed else 'FAIL'}: {c.detail}" for c in self.checks] + [
+            f"note: {n}" for n in self.notes
+        ]
 
     def summary(self) -> str:
         if self.already_champion:
@@ -550,35 +510,53 @@ class Decision:
         return f"version {self.version} {outcome} ({before}): " + "; ".join(self.reasons)
 
 
+def gate_tags(checks: Sequence[Check]) -> dict[str, str]:
+    """Each gate's verdict as a version tag, e.g. flywheel.gate.overall.accuracy."""
+    return {
+        GATE_TAG_PREFIX + metric_name(c.name.replace("=", "_")).replace(" ", "."): (
+            f"{'pass' if c.passed else 'FAIL'}: {c.detail}"
+        )[:5000]
+        for c in checks
+    }
+
+
 def promote(
     registry: ModelRegistry,
-    candidate: Candidate,
-    champion: Scores | None,
+    verdict: gates.Verdict,
+    version: str,
+    metrics: dict[str, float],
+    champion_scores: dict[str, float],
     rc: RegistryConfig,
     reason: str,
     actor: str,
     *,
-    champion_error: str | None = None,
     force: bool = False,
     challenger_on_fail: bool = True,
 ) -> Decision:
-    """Run the gates and move the aliases: champion (+ previous) when they pass or `force`,
-    otherwise challenger (when `challenger_on_fail`) with the reasons tagged on the version.
-
-    `champion_error` says why the current champion could not be re-scored: a failed gate (its
-    stored numbers are stale, so nothing can stand in for them)."""
+    """Move the aliases on the gates' verdict: champion (+ previous) when they pass or `force`,
+    otherwise challenger (when `challenger_on_fail`); the verdict of every gate goes into the
+    version's tags and the audit entries."""
     aliases = registry.aliases()
     before = aliases.get(CHAMPION)
-    checks = gate_checks(candidate, champion, rc)
-    if champion_error is not None:
-        checks.append(Check("champion re-scored", False, champion_error))
-    failed = "; ".join(c.detail for c in checks if not c.passed)
-    passed = not failed
-    v = candidate.version
-    metrics = candidate.scores.headline()
-    gates = rc.model_dump(exclude={"model_name"})
-    champion_scores = champion.headline() if champion else {}
-    if passed or force:
+    failed = "; ".join(verdict.reasons)
+    passed = verdict.passed
+
+    def decision(moves: list[AuditEntry], promoted: bool) -> Decision:
+        return Decision(
+            version,
+            promoted,
+            verdict.checks,
+            before,
+            champion_scores,
+            promoted and not passed,
+            moves,
+            verdict.notes,
+            verdict.paired,
+        )
+
+    v = version
+    promoted = passed or force
+    if promoted:
         moves: list[tuple[str, str | None]] = [(CHAMPION, v)]
         if before is not None and before != v:
             moves.append((PREVIOUS, before))
@@ -591,24 +569,87 @@ def promote(
         why = f"{reason}: gates failed: {failed}"
         tags = {PROMOTION_TAG: "rejected", REASONS_TAG: failed[:5000]}
     else:
-        return Decision(v, False, checks, before, champion_scores)
+        return decision([], False)
+    tags |= gate_tags(verdict.checks)
+    previous_tags = registry.version(v).tags
     registry.set_tags(v, tags)  # before the move: a moved alias always has its reasons
     try:
-        entries = registry.move(moves, why, actor, metrics, gates)
+        entries = registry.move(
+            moves,
+            why,
+            actor,
+            metrics,
+            rc.model_dump(exclude={"model_name"}),
+            decision([], promoted).gate_lines(),
+        )
     except BaseException:
-        registry.delete_tags(v, list(tags))
+        registry.delete_tags(v, [k for k in tags if k not in previous_tags])
+        registry.set_tags(v, {k: previous_tags[k] for k in tags if k in previous_tags})
         raise
-    return Decision(v, passed or force, checks, before, champion_scores, not passed, entries)
+    return decision(entries, promoted)
 
 
-def score_version(
-    registry: ModelRegistry, version: str, frame: pd.DataFrame
-) -> tuple[Scores, OnnxPredictor, np.ndarray]:
-    """A registered version scored on `frame` now (stale tags do not count): its scores, its
-    predictor and the probabilities."""
+def score_version(registry: ModelRegistry, version: str, frame: pd.DataFrame) -> Scored:
+    """A registered version scored on `frame` now (stale tags do not count)."""
     predictor = registry.load(version)
     proba = predictor.predict_proba(frame["text"].tolist())
-    return Scores.compute(frame, proba, predictor.labels), predictor, proba
+    answers = np.asarray(predictor.labels)[proba.argmax(axis=1)].tolist()
+    scores = Scores.compute(frame, proba, predictor.labels)
+    return Scored(version, scores, list(predictor.labels), answers, predictor)
+
+
+def rescore_champion(
+    champion: str | None, score: Callable[[], Scored]
+) -> tuple[Scored | None, str | None]:
+    """The champion scored now, or why it could not be (missing artifacts, labels that no
+    longer match the data...): a reason for the gates, not a crash after registration."""
+    if champion is None:
+        return None, None
+    try:
+        return score(), None
+    except Exception as exc:
+        log.warning("registry: champion %s could not be re-scored: %s", champion, exc)
+        return None, f"champion {champion} could not be re-scored on the test split: {exc}"
+
+
+def paired(
+    candidate: Scored, champion: Scored, frame: pd.DataFrame, cfg: Config
+) -> gates.Paired:
+    """The two versions' answers on the same rows of `frame`, compared by the gates' rule."""
+    return gates.compare(
+        frame["label"].tolist(),
+        candidate.answers,
+        champion.answers,
+        slice_masks(frame),
+        cfg.registry,
+        cfg.seed,
+        candidate.labels,
+        champion.labels,
+    )
+
+
+def judge_version(
+    registry: ModelRegistry,
+    cfg: Config,
+    candidate: Scored,
+    p95_ms: float,
+    frame: pd.DataFrame,
+) -> tuple[gates.Verdict, dict[str, float]]:
+    """Every gate on `candidate` against the champion, both scored on `frame`; with the
+    champion's headline scores (empty without a champion)."""
+    champion = registry.alias(CHAMPION)
+    theirs, error = rescore_champion(champion, lambda: score_version(registry, champion, frame))
+    comparison = paired(candidate, theirs, frame, cfg) if theirs is not None else None
+    verdict = gates.judge(
+        gates.Candidate(candidate.version, candidate.scores.metrics.macro_f1, p95_ms),
+        comparison,
+        cfg.registry,
+    )
+    if error is not None:
+        verdict = replace(
+            verdict, checks=[*verdict.checks, Check("champion re-scored", False, error)]
+        )
+    return verdict, theirs.scores.headline() if theirs is not None else {}
 
 
 def manual_promotion(
@@ -623,43 +664,28 @@ def manual_promotion(
     the candidate's latency measured now; nothing moves when they fail (unless `force`)."""
     from flywheel.tasks.export import measure_latency
 
-    info = registry.version(ref)
-    champion = registry.alias(CHAMPION)
-    if champion == info.version:
-        raise RegistryError(f"version {info.version} is already champion")
-    scores, predictor, _ = score_version(registry, info.version, frame)
-    latency = measure_latency(predictor, frame["text"].tolist()[: cfg.export.latency_texts])
-    candidate = Candidate(
-        info.version, scores, info.tags.get("flywheel.parity.passed") == "true", latency.p95_ms
-    )
-    champion_scores, error = rescore_champion(
-        champion, lambda: score_version(registry, champion, frame)[0]
-    )
-    return promote(
-        registry,
-        candidate,
-        champion_scores,
-        cfg.registry,
-        reason,
-        cli_actor("promote"),
-        champion_error=error,
-        force=force,
-        challenger_on_fail=False,
-    )
-
-
-def rescore_champion(
-    champion: str | None, score: Callable[[], Scores]
-) -> tuple[Scores | None, str | None]:
-    """The champion's scores now, or why they could not be had (missing artifacts, labels that
-    no longer match the data...): a reason for the gates, not a crash after registration."""
-    if champion is None:
-        return None, None
-    try:
-        return score(), None
-    except Exception as exc:
-        log.warning("registry: champion %s could not be re-scored: %s", champion, exc)
-        return None, f"champion {champion} could not be re-scored on the test split: {exc}"
+    actor = cli_actor("promote")
+    with registry_lock(cfg.root, actor):  # the champion judged is the one replaced
+        info = registry.version(ref)
+        if registry.alias(CHAMPION) == info.version:
+            raise RegistryError(f"version {info.version} is already champion")
+        candidate = score_version(registry, info.version, frame)
+        latency = measure_latency(
+            candidate.predictor, frame["text"].tolist()[: cfg.export.latency_texts]
+        )
+        verdict, champion_scores = judge_version(registry, cfg, candidate, latency.p95_ms, frame)
+        return promote(
+            registry,
+            verdict,
+            info.version,
+            candidate.scores.headline(),
+            champion_scores,
+            cfg.registry,
+            reason,
+            actor,
+            force=force,
+            challenger_on_fail=False,
+        )
 
 
 def rollback(registry: ModelRegistry, reason: str, actor: str) -> list[AuditEntry]:
@@ -706,32 +732,39 @@ class Comparison:
     slices: dict[str, tuple[float, float, int]]  # slice -> accuracy (a, b), rows
     disagree: int  # texts on which the two labels differ
     disagreements: list[dict[str, str]]  # the first `limit` of them: text, label, a, b
+    verdict: gates.Verdict  # the gates on B as candidate, A as champion (latency not measured)
 
 
 def compare_versions(
-    registry: ModelRegistry, a: str, b: str, frame: pd.DataFrame, limit: int = 20
+    registry: ModelRegistry, cfg: Config, a: str, b: str, frame: pd.DataFrame, limit: int = 20
 ) -> Comparison:
-    """Score versions `a` and `b` (numbers or aliases) on `frame`; list where they disagree."""
+    """Score versions `a` and `b` (numbers or aliases) on `frame`; list where they disagree and
+    judge B against A by the promotion gates' paired comparison."""
     va, vb = registry.version(a), registry.version(b)
     texts = frame["text"].tolist()
-    (sa, ma, pa), (sb, mb, pb) = (score_version(registry, v.version, frame) for v in (va, vb))
-    pred_a, pred_b = np.asarray(ma.labels)[pa.argmax(1)], np.asarray(mb.labels)[pb.argmax(1)]
+    sa, sb = (score_version(registry, v.version, frame) for v in (va, vb))
+    pred_a, pred_b = np.asarray(sa.answers), np.asarray(sb.answers)
     differ = np.flatnonzero(pred_a != pred_b)
     keys = ("accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece")
-    slices_b = {s.slice: s for s in sb.slices}
+    slices_b = {s.slice: s for s in sb.scores.slices}
+    verdict = gates.judge(
+        gates.Candidate(sb.version, sb.scores.metrics.macro_f1, 0.0),
+        paired(sb, sa, frame, cfg),
+        cfg.registry,
+    )
     return Comparison(
         va.version,
         vb.version,
         len(frame),
-        {k: (getattr(sa.metrics, k), getattr(sb.metrics, k)) for k in keys},
+        {k: (getattr(sa.scores.metrics, k), getattr(sb.scores.metrics, k)) for k in keys},
         {
-            label: (m.f1, sb.metrics.per_class[label].f1)
-            for label, m in sa.metrics.per_class.items()
-            if label in sb.metrics.per_class
+            label: (m.f1, sb.scores.metrics.per_class[label].f1)
+            for label, m in sa.scores.metrics.per_class.items()
+            if label in sb.scores.metrics.per_class
         },
         {
             s.slice: (s.accuracy, slices_b[s.slice].accuracy, s.rows)
-            for s in sa.slices
+            for s in sa.scores.slices
             if s.slice in slices_b
         },
         len(differ),
@@ -739,6 +772,7 @@ def compare_versions(
             {"text": texts[i], "label": str(frame["label"].iloc[i]), "a": pred_a[i], "b": pred_b[i]}
             for i in differ[:limit]
         ],
+        replace(verdict, checks=[c for c in verdict.checks if c.name != "max_p95_latency_ms"]),
     )
 
 
@@ -848,7 +882,7 @@ def promote_task(
     """Re-score the champion on the current test split, run the gates, move the aliases."""
     test = read_parquet(prepared.split_paths["test"])
     registry = ModelRegistry(parent.uri, cfg.registry.model_name)
-    with tracking.stage_run(cfg, "promote", parent) as run:
+    with tracking.stage_run(cfg, "promote", parent) as run, registry_lock(cfg.root, actor):
         champion = registry.alias(CHAMPION)
         if champion == registered.version:  # a reused registration, promoted by an earlier run
             decision = Decision(registered.version, True, [], champion, {})
@@ -861,26 +895,19 @@ def promote_task(
                 registered.version, False, [Check("not rolled back", False, why)], champion, {}
             )
         else:
-            champion_scores, error = rescore_champion(
-                champion,
-                lambda: Scores.of(
-                    evaluate_model(cfg, registry.load(champion), test, "champion")[0]
-                ),
-            )
-            candidate = Candidate(
-                registered.version,
-                Scores.of(registered.report),
-                registered.parity_passed,
-                registered.p95_ms,
+            candidate = score_version(registry, registered.version, test)
+            verdict, champion_scores = judge_version(
+                registry, cfg, candidate, registered.p95_ms, test
             )
             decision = promote(
                 registry,
-                candidate,
+                verdict,
+                registered.version,
+                candidate.scores.headline(),
                 champion_scores,
                 cfg.registry,
                 reason=f"new version from the pipeline (data {parent.lineage.data_version})",
                 actor=actor,
-                champion_error=error,
             )
         tracking.log_scalars(
             run,
@@ -896,6 +923,9 @@ def promote_task(
         )
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "decision.json"
-            write_json(path, asdict(decision) | {"reasons": decision.reasons})
+            write_json(
+                path,
+                asdict(decision) | {"reasons": decision.reasons, "gates": decision.gate_lines()},
+            )
             tracking.log_artifacts(run, path)
     return decision

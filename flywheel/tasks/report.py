@@ -48,6 +48,8 @@ def summary_markdown(result: PipelineResult) -> str:
         "## Data",
         f"- collected {result.collect.rows:,} rows: "
         + ", ".join(f"{k} {v:,}" for k, v in result.collect.rows_per_source.items()),
+        # quarantined feedback is not in this data version: say so where the run is read
+        *([f"- {result.collect.feedback.line()}"] if result.collect.feedback else []),
         f"- validation: {result.validation.headline}",
         f"- prepared {prep.report.rows_out:,} rows: "
         + ", ".join(f"{k} {v:,}" for k, v in prep.rows_per_split.items())
@@ -97,7 +99,15 @@ def summary_markdown(result: PipelineResult) -> str:
         lines.append("- not promoted: a one-off data run is registered only")
     else:
         lines.append(f"- {decision.summary()}")
-        lines += [f"  - {'pass' if c.passed else 'FAIL'}: {c.detail}" for c in decision.checks]
+        if decision.paired is not None:
+            pair = decision.paired
+            lines.append(
+                f"- candidate - champion on the same {pair.estimates[0].rows:,} test texts: "
+                f"{pair.confidence:.0%} paired-bootstrap intervals ({pair.resamples:,} "
+                f"resamples); {pair.discordant[0]} texts only the candidate gets right, "
+                f"{pair.discordant[1]} only the champion (exact McNemar p = {pair.mcnemar_p:.3g})"
+            )
+        lines += [f"  - {line}" for line in decision.gate_lines()]
     if result.plan is not None:
         lines += [
             "",

@@ -97,9 +97,14 @@ class Check:
     note: str = ""
 
 
-# Outcomes besides the promotion's ("promoted", "not promoted"); UNRECORDED: a record from
-# before outcomes were kept, taken as a retrain that ended.
-RUNNING, FAILED, UNRECORDED = "running", "failed", "unrecorded"
+# How a firing ended. PROMOTED, NOT_PROMOTED, ALREADY_CHAMPION: the pipeline ran and the gates
+# decided (already champion: the data gave the champion's own model back); NO_NEW_DATA: fired
+# on drift with no labelled row to train on, so the pipeline did not run (an alert); FAILED:
+# tried again after the cool-down. UNRECORDED: a record from before outcomes were kept, taken
+# as a retrain that ended.
+PROMOTED, NOT_PROMOTED, ALREADY_CHAMPION = "promoted", "not promoted", "already champion"
+RUNNING, FAILED, NO_NEW_DATA, UNRECORDED = "running", "failed", "no new data", "unrecorded"
+NOTHING_TO_TRAIN = "drift without new labelled data: nothing new to train on"
 
 
 @dataclass(frozen=True)
@@ -108,8 +113,9 @@ class Firing:
 
     at: str  # ISO time, UTC
     evidence: dict[str, object]  # Evidence.fingerprint()
-    outcome: str = RUNNING  # RUNNING (or interrupted), FAILED, "promoted", "not promoted"
+    outcome: str = RUNNING  # RUNNING (or interrupted) or how it ended (see PROMOTED ...)
     finished_at: str | None = None
+    reasons: list[str] = field(default_factory=list)  # why it was not promoted, if it was not
 
 
 class TriggerStateError(FlywheelError):
@@ -129,11 +135,22 @@ class TriggerDecision:
     def reasons(self) -> list[str]:
         return [f"{c.name}: {c.value} (bound {c.bound})" for c in self.checks if c.crossed]
 
+    @property
+    def nothing_to_train(self) -> bool:
+        """Fired (on drift) with no feedback row newer than the champion's data: retraining
+        would train on the champion's own data again, so the firing is an alert only."""
+        return self.fire and not self.forced and self.evidence.new_feedback == 0
+
     def headline(self) -> str:
         if self.evidence.champion is None:
             return "no champion: nothing to judge (run `flywheel run`)"
         if self.fire and self.forced:
             return "retrain forced (flywheel retrain without --if-needed)"
+        if self.nothing_to_train:
+            return (
+                f"{NOTHING_TO_TRAIN} (alert: {'; '.join(self.reasons)}); send labelled "
+                "feedback to /feedback or add labelled data, then retrain"
+            )
         if self.fire:
             return "retrain fired: " + "; ".join(self.reasons)
         if self.blocked:
@@ -148,8 +165,11 @@ class TriggerDecision:
             f"| {c.note} |"
             for c in self.checks
         )
+        state = "FIRED" if self.fire else "not fired"
+        if self.nothing_to_train:
+            state = "ALERT (no retrain)"
         return (
-            f"# Retrain check: {'FIRED' if self.fire else 'not fired'}\n\n{self.headline()}\n\n"
+            f"# Retrain check: {state}\n\n{self.headline()}\n\n"
             f"Champion: version {e.champion or '-'}, trained on feedback up to seq "
             f"{e.watermark}; the store holds up to seq {e.newest_feedback}.\n\n"
             "| check | value | bound | state | note |\n|---|---|---|---|---|\n"
@@ -290,6 +310,8 @@ def last_firing(root: Path) -> Firing | None:
         firing = Firing(**raw)
         if not isinstance(firing.evidence, dict):
             raise ValueError("evidence is not a JSON object")
+        if not isinstance(firing.reasons, list):
+            raise ValueError("reasons is not a list")
         if not isinstance(firing.at, str):
             raise ValueError(f"at is {firing.at!r}, not a time")
         for stamp in (firing.at, firing.finished_at):
@@ -316,10 +338,13 @@ def start_firing(root: Path, decision: TriggerDecision) -> None:
     write_firing(root, Firing(decision.decided_at, decision.evidence.fingerprint()))
 
 
-def finish_firing(root: Path, outcome: str, feedback_seq: int | None = None) -> None:
-    """Record how the retrain of the last firing ended (FAILED, "promoted", "not promoted");
-    `feedback_seq`: the newest feedback row the retrain read, which may be newer than the one
-    the check saw (rows that came in meanwhile are evidence already used)."""
+def finish_firing(
+    root: Path, outcome: str, feedback_seq: int | None = None, reasons: list[str] | None = None
+) -> None:
+    """Record how the retrain of the last firing ended (see PROMOTED ... FAILED), with the
+    reasons when it was not promoted; `feedback_seq`: the newest feedback row the retrain read,
+    which may be newer than the one the check saw (rows that came in meanwhile are evidence
+    already used)."""
     last = last_firing(root)
     if last is None:
         return
@@ -327,7 +352,12 @@ def finish_firing(root: Path, outcome: str, feedback_seq: int | None = None) -> 
     if feedback_seq is not None:
         evidence["feedback_seq"] = max(int(evidence.get("feedback_seq") or 0), feedback_seq)
     now = datetime.now(UTC).isoformat(timespec="seconds")
-    write_firing(root, replace(last, evidence=evidence, outcome=outcome, finished_at=now))
+    write_firing(
+        root,
+        replace(
+            last, evidence=evidence, outcome=outcome, finished_at=now, reasons=list(reasons or [])
+        ),
+    )
 
 
 @task(name="retrain-check", cache_policy=NO_CACHE)

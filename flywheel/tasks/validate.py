@@ -4,6 +4,11 @@ The suite is built in one place (`build_suite`) and used by the flow, `flywheel 
 tests. Checks that GX has no built-in for on pandas (per-class counts, class imbalance, duplicate
 rate of normalised text) are expressed as derived columns (`add_check_columns`) that standard
 expectations then bound, so every check shows up in the GX result and the data docs.
+
+Feedback rows (source 'feedback') are held to the row checks like every row, and the collect
+stage has already quarantined those that fail them. The data-set checks (class sizes, class
+imbalance, duplicate rate) judge the other sources' rows only: feedback that repeats a known
+text, or leans to one class, must not fail every future run (docs/decisions/0010).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import pandas as pd
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from flywheel import feedback
 from flywheel.config import Config, ValidateConfig
 from flywheel.errors import FlywheelError
 from flywheel.io import file_md5, read_parquet, replace_dir_atomic, write_json
@@ -69,6 +75,7 @@ class ValidationReport:
     evaluated: int
     failures: list[Failure]
     report_dir: Path
+    feedback_rows: int = 0  # held to the row checks only
 
     @property
     def result_path(self) -> Path:
@@ -107,6 +114,11 @@ class ValidationReport:
     def summary(self, examples: bool = True) -> str:
         """A readable summary: which expectation failed, how many rows, example rows."""
         lines = [self.headline]
+        if self.feedback_rows:
+            lines.append(
+                f"  {self.feedback_rows:,} feedback rows: row checks only; class sizes, imbalance "
+                f"and repeats judge the other {self.rows - self.feedback_rows:,} rows"
+            )
         for f in self.failures:
             count = f" ({f.unexpected_count:,} of {self.rows:,} rows)" if f.unexpected_count else ""
             lines.append(f"  x {f.description}{count}")
@@ -122,20 +134,34 @@ class ValidationReport:
         return "\n".join(lines)
 
 
+def judged_by_set_checks(frame: pd.DataFrame) -> pd.Series:
+    """True for the rows the data-set checks judge: all but feedback rows."""
+    if "source" not in frame.columns:
+        return pd.Series(True, index=frame.index)
+    return (frame["source"] != feedback.SOURCE).fillna(True).astype(bool)
+
+
 def add_check_columns(frame: pd.DataFrame) -> pd.DataFrame:
-    """Derived columns the suite bounds: stripped length, repeats, class sizes and imbalance."""
+    """Derived columns the suite bounds: stripped length, repeats, class sizes and imbalance.
+
+    The data-set columns (repeats, class sizes, imbalance) are null on feedback rows, which GX
+    leaves out of those checks: they are computed over the other rows only."""
     out = frame.copy()
     if ROW_ID not in out.columns:
         out[ROW_ID] = [str(i) for i in range(1, len(out) + 1)]
+    judged = judged_by_set_checks(out)
     if "text" in out.columns:
         text = out["text"].astype("string")
         out["text_stripped_len"] = text.str.strip().str.len()
-        key = text.map(normalised_key, na_action="ignore")
-        out["text_repeats"] = key.notna() & key.duplicated()
+        key = text[judged].map(normalised_key, na_action="ignore")
+        repeats = pd.Series(pd.NA, index=out.index, dtype="boolean")
+        repeats[judged] = key.notna() & key.duplicated()
+        out["text_repeats"] = repeats
     if "label" in out.columns:
-        sizes = out.groupby("label", dropna=True)["label"].transform("size")
-        out["label_rows"] = sizes
-        out["label_imbalance"] = sizes.max() / sizes if len(sizes.dropna()) else sizes
+        sizes = out[judged].groupby("label", dropna=True)["label"].transform("size")
+        out["label_rows"] = sizes.reindex(out.index)
+        imbalance = sizes.max() / sizes if len(sizes.dropna()) else sizes
+        out["label_imbalance"] = imbalance.reindex(out.index)
     return out
 
 
@@ -269,6 +295,7 @@ def run_suite(
             evaluated=len(outcome.results),
             failures=[_failure(r) for r in outcome.results if not r.success],
             report_dir=report_dir,
+            feedback_rows=int((~judged_by_set_checks(frame)).sum()),
         )
         write_json(staging / "result.json", outcome.to_json_dict())
         (staging / "summary.txt").write_text(report.summary() + "\n", encoding="utf-8")

@@ -5,12 +5,20 @@ import pandas as pd
 import pytest
 
 from flywheel import feedback
-from flywheel.config import DataConfig, EmbeddedSource, FeedbackConfig, PathSource, load_config
+from flywheel.config import (
+    DataConfig,
+    EmbeddedSource,
+    FeedbackConfig,
+    PathSource,
+    ValidateConfig,
+    load_config,
+)
 from flywheel.tasks import collect
 from flywheel.tasks.collect import SourceError, collect_frame, read_path_source
 from tests.conftest import REPO
 
 ROWS = [("loved it", "pos"), ("hated it", "neg"), ("fine, I guess", "pos")]
+RULES = ValidateConfig(labels=None)  # feedback labels: those of the other sources
 
 
 def write(path: Path, kind: str, text_col: str = "text", label_col: str = "label") -> Path:
@@ -70,8 +78,8 @@ def test_feedback_rows_join_with_source_feedback(tmp_path):
         sources=[source(write(tmp_path / "r.csv", "csv"))],
         feedback=FeedbackConfig(enabled=True, path=store),
     )
-    frame, seq = collect_frame(cfg, tmp_path)
-    assert seq == 1  # the watermark: this data holds feedback up to the store's first row
+    frame, screened = collect_frame(cfg, tmp_path, RULES, ())
+    assert screened.newest_seq == 1  # the watermark: this data holds feedback up to row 1
     assert frame["source"].value_counts().to_dict() == {"r.csv": 3, "feedback": 1}
     assert frame.iloc[-1][["text", "label", "origin"]].tolist() == ["meh", "neg", "feedback:f1"]
 
@@ -81,8 +89,8 @@ def test_absent_feedback_store_gives_no_rows(tmp_path):
         sources=[source(write(tmp_path / "r.csv", "csv"))],
         feedback=FeedbackConfig(enabled=True, path=tmp_path / "missing.db"),
     )
-    frame, seq = collect_frame(cfg, tmp_path)
-    assert (len(frame), seq) == (3, 0)
+    frame, screened = collect_frame(cfg, tmp_path, RULES, ())
+    assert (len(frame), screened.newest_seq, screened.read) == (3, 0, 0)
     assert not (tmp_path / "missing.db").exists()
 
 

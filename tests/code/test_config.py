@@ -160,3 +160,15 @@ def test_evaluate_polarity_labels_come_in_pairs():
         load_config(REPO / "params.yaml", {"evaluate.negative_label": None})
     with pytest.raises(ConfigError, match="must differ"):
         load_config(REPO / "params.yaml", {"evaluate.negative_label": "fresh"})
+
+
+def test_the_server_may_not_take_longer_texts_than_validation_allows():
+    same = {"validate.max_text_chars": 1000, "serve.max_text_chars": 1000}
+    assert load_config(REPO / "params.yaml", same).serve.max_text_chars == 1000
+    shorter = {"validate.max_text_chars": 1000, "serve.max_text_chars": 200}
+    assert load_config(REPO / "params.yaml", shorter).serve.max_text_chars == 200
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "params.yaml", {"validate.max_text_chars": 1000})
+    message = str(info.value)
+    assert "serve.max_text_chars (5,000) is over validate.max_text_chars (1,000)" in message
+    assert "lower serve.max_text_chars or raise validate.max_text_chars" in message

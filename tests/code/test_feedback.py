@@ -101,3 +101,88 @@ def test_seq_orders_by_arrival_and_reads_after_a_watermark(tmp_path):
     assert rows["text"].tolist() == ["first", "second"] and rows["seq"].tolist() == [1, 2]
     assert feedback.read(path, after_seq=1)["text"].tolist() == ["second"]
     assert feedback.read(path, after_seq=2).empty
+
+
+MASK = ("url", "email", "iban", "card", "ip", "phone")
+
+
+def test_received_text_is_cleaned_and_masked_as_the_clean_stage_does():
+    record, masked = feedback.received(
+        "<p>Mail jane@example.com&nbsp;now</p>", "pos", MASK, source="api"
+    )
+    assert record.text == "Mail <EMAIL> now" and masked == {"email": 1}
+    kept, nothing = feedback.received("Mail jane@example.com now", "pos", ())
+    assert kept.text == "Mail jane@example.com now" and not nothing  # masking is configured
+
+
+def test_an_id_is_derived_from_text_and_label_only_when_none_is_given():
+    one, _ = feedback.received("Great film!", "pos", MASK)
+    same, _ = feedback.received("  great   FILM ", "pos", MASK)  # same normalised text
+    other_label, _ = feedback.received("Great film!", "neg", MASK)
+    other_text, _ = feedback.received("Great films!", "pos", MASK)
+    assert one.id == same.id and len(one.id) == 32
+    assert len({one.id, other_label.id, other_text.id}) == 3
+    explicit, _ = feedback.received("Great film!", "pos", MASK, id="ticket-7")
+    assert explicit.id == "ticket-7"
+
+
+def test_the_same_text_and_label_is_stored_once_another_label_is_kept(tmp_path):
+    path = tmp_path / "fb.db"
+    send = [("Great film!", "pos"), ("great film", "pos"), ("Great film!", "neg")]
+    new = [feedback.add(path, [feedback.received(t, y, MASK)[0]]) for t, y in send]
+    assert new == [1, 0, 1]
+    assert sorted(feedback.read(path)["label"]) == ["neg", "pos"]
+
+
+def test_a_deleted_rows_seq_is_never_given_to_a_new_row(tmp_path):
+    path = tmp_path / "fb.db"
+    feedback.add(path, [FeedbackRecord(text=t, label="pos", id=t) for t in ("a", "b", "c")])
+    feedback.delete(path, ["c"], "tester", "wrong label")
+    feedback.add(path, [FeedbackRecord(text="d", label="pos", id="d")])
+    assert feedback.read(path)[["id", "seq"]].values.tolist() == [["a", 1], ["b", 2], ["d", 4]]
+
+
+def test_delete_is_logged_and_an_unknown_id_deletes_nothing(tmp_path):
+    path = tmp_path / "fb.db"
+    feedback.add(path, [FeedbackRecord(text=t, label="pos", id=t) for t in ("a", "b", "c")])
+    before = path.read_bytes()
+    with pytest.raises(feedback.FeedbackError, match="no feedback with id zz; nothing deleted"):
+        feedback.delete(path, ["a", "zz"], "tester", "typo")
+    would = feedback.delete(path, ["b", "a"], "tester", "dry", dry_run=True)
+    assert would["id"].tolist() == ["a", "b"] and path.read_bytes() == before
+    gone = feedback.delete(path, ["b", "a"], "tester", "personal data")
+    assert gone["seq"].tolist() == [1, 2]
+    assert feedback.read(path)["id"].tolist() == ["c"]
+    log = feedback.deletions(path)
+    assert log[["seq", "id", "user", "reason"]].values.tolist() == [
+        [1, "a", "tester", "personal data"],
+        [2, "b", "tester", "personal data"],
+    ]
+    assert log["deleted_at"].notna().all()
+
+
+def test_the_deletion_log_of_a_store_without_deletions_is_empty(tmp_path):
+    path = tmp_path / "fb.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(V1_DDL)
+    conn.close()
+    assert feedback.deletions(path).empty  # an old store: no log table yet, read-only
+    assert feedback.deletions(tmp_path / "absent.db").empty
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_export_writes_every_row_by_suffix(tmp_path, suffix):
+    import pandas as pd
+
+    path = tmp_path / "fb.db"
+    feedback.add(path, [FeedbackRecord(text='a, "quoted"\nline', label="pos", id="a")])
+    target = tmp_path / "out" / f"feedback{suffix}"
+    assert feedback.export(path, target) == 1
+    back = pd.read_csv(target) if suffix == ".csv" else pd.read_json(target, lines=True)
+    assert back[["seq", "id", "text"]].values.tolist() == [[1, "a", 'a, "quoted"\nline']]
+
+
+def test_export_refuses_an_unknown_suffix_and_writes_nothing(tmp_path):
+    with pytest.raises(feedback.FeedbackError, match=r"name the file \*\.csv or \*\.jsonl"):
+        feedback.export(tmp_path / "fb.db", tmp_path / "feedback.xlsx")
+    assert not (tmp_path / "feedback.xlsx").exists()

@@ -12,6 +12,7 @@ import pytest
 from flywheel.config import RetrainConfig
 from flywheel.tasks.monitor import Drift
 from flywheel.tasks.trigger import (
+    NO_NEW_DATA,
     STATE_FILE,
     Evidence,
     Firing,
@@ -237,3 +238,33 @@ def test_a_damaged_record_is_an_error_naming_the_file(tmp_path, content, why):
     with pytest.raises(TriggerStateError, match="last-firing.json: not a record") as error:
         last_firing(tmp_path)
     assert why in str(error.value)
+
+
+def test_drift_without_new_labelled_rows_is_an_alert_that_trains_nothing():
+    drifted = evidence(new_feedback=0, drift=calm_drift(length_psi=0.6))
+    alert = decide(drifted, RC, None, NOW)
+    assert alert.fire and crossed(alert) == ["drift"] and alert.nothing_to_train
+    assert alert.headline().startswith(
+        "drift without new labelled data: nothing new to train on (alert: drift: PSI length 0.600"
+    )
+    assert alert.markdown().startswith("# Retrain check: ALERT (no retrain)")
+    # with new labelled rows the same drift retrains; a forced retrain always does
+    with_rows = decide(replace(drifted, new_feedback=1), RC, None, NOW)
+    assert with_rows.fire and not with_rows.nothing_to_train
+    assert with_rows.headline().startswith("retrain fired: drift:")
+    forced = decide(drifted, RC, None, NOW, force=True)
+    assert forced.fire and not forced.nothing_to_train
+
+
+def test_an_alert_is_not_repeated_on_the_same_drift_window(tmp_path):
+    drifted = evidence(new_feedback=0, drift=calm_drift(length_psi=0.6))
+    first = decide(drifted, RC, None, NOW)
+    write_firing(tmp_path, Firing(first.decided_at, first.evidence.fingerprint()))
+    finish_firing(tmp_path, NO_NEW_DATA, reasons=[first.headline()])
+    recorded = last_firing(tmp_path)
+    assert recorded.outcome == "no new data" and recorded.reasons == [first.headline()]
+    ended = datetime.fromisoformat(recorded.finished_at)
+    later = ended + timedelta(minutes=RC.cooldown_minutes + 1)
+    assert decide(drifted, RC, recorded, later).blocked.startswith("same evidence")
+    newer_window = calm_drift(length_psi=0.6, first_seq=901, last_seq=1400)
+    assert decide(replace(drifted, drift=newer_window), RC, recorded, later).fire

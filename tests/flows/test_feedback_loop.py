@@ -7,32 +7,42 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
+import httpx
 import pandas as pd
 import pytest
 import yaml
 
-from flywheel import feedback
 from flywheel.config import load_config
-from flywheel.demo import feedback_demo, snippet_key, snippets, split_halves
+from flywheel.demo import feedback_demo, served, snippet_key, snippets, split_halves
 from flywheel.flows import retrain as retrain_flow
 from flywheel.flows.limits import retrain_slot
 from flywheel.flows.pipeline import pipeline
 from flywheel.flows.retrain import DECISION_ARTIFACT, OUTCOME_ARTIFACT, retrain
+from flywheel.servers import free_port
+from flywheel.tasks.monitor import Drift
 from flywheel.tasks.registry import CHAMPION, ModelRegistry
-from flywheel.tasks.trigger import decide, gather, last_firing
+from flywheel.tasks.trigger import (
+    ALREADY_CHAMPION,
+    NO_NEW_DATA,
+    NOT_PROMOTED,
+    decide,
+    gather,
+    last_firing,
+)
 from flywheel.tracking import FEEDBACK_SEQ_TAG
 from tests.conftest import run
 from tests.flows.conftest import flow_run_artifacts, small_project
+from tests.serving.test_feedback_pii import PII_TEXT, leaks
 
 SNIPPETS = 160  # about half as feedback, the rest held back
-PII_TEXT = "Write to jane.doe@example.com, the charger broke after a week"
 
 
 @pytest.fixture(scope="module")
 def looped(tmp_path_factory):
-    """A champion from the slice, one PII-bearing feedback row, then the demo."""
+    """A champion from the slice, one feedback row full of personal data sent through the real
+    server's /feedback, then the demo."""
     base = tmp_path_factory.mktemp("loop")
     root = small_project(base / "project", base / "remote")
     params = yaml.safe_load((root / "params.yaml").read_text())
@@ -41,8 +51,14 @@ def looped(tmp_path_factory):
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "p"], root)
     first = pipeline(params_path=root / "params.yaml")
-    store = root / "data" / "feedback" / "feedback.db"
-    feedback.add(store, [feedback.FeedbackRecord(text=PII_TEXT, label="rotten", id="pii")])
+    registry = ModelRegistry.of(load_config(root / "params.yaml"))
+    with served(root / "params.yaml", free_port(), "t0ken", registry.uri) as url:
+        sent = httpx.post(
+            f"{url}/feedback",
+            json={"text": PII_TEXT, "label": "rotten", "id": "pii"},
+            headers={"Authorization": "Bearer t0ken"},
+        )
+        assert sent.status_code == 201, sent.text
     report = feedback_demo(root / "params.yaml", limit=SNIPPETS)
     return root, first, report
 
@@ -68,9 +84,14 @@ def test_feedback_fires_a_retrain_whose_data_holds_the_feedback(looped):
     )
     from_feedback = prepared[prepared["source"] == "feedback"]
     assert 0 < len(from_feedback) <= sent + 1  # cleaning may drop a duplicate
-    masked = from_feedback[from_feedback["text"].str.contains("charger broke")]
-    assert masked["text"].tolist() == ["Write to <EMAIL>, the charger broke after a week"]
-    assert not prepared["text"].str.contains("jane.doe@example.com").any()
+    masked = from_feedback[from_feedback["text"].str.contains("the film was dull")]
+    assert masked["text"].tolist() == [
+        "Refund to card <CARD> please, call <PHONE> or write to <EMAIL>; the film was dull"
+    ]
+    # none of the personal data is anywhere: the store, data/, the DVC cache and remote, MLflow
+    stores = [root / "data", root / ".dvc" / "cache", root.parent / "remote", root / "mlflow"]
+    assert all(p.exists() for p in stores)
+    assert leaks([*stores, root / "reports", root / ".flywheel"]) == {}
     # the held-back half, the one both champions are scored on, is not training data
     cfg = load_config(root / "params.yaml")
     pii = cfg.clean.mask_pii
@@ -147,3 +168,39 @@ def test_a_failed_retrain_is_recorded_so_the_next_check_tries_again(looped, monk
     assert decide(crossing, cfg.retrain, failed, later).fire
     settled = replace(failed, outcome="not promoted")  # had it not failed: the same evidence
     assert decide(crossing, cfg.retrain, settled, later).blocked.startswith("same evidence")
+
+
+def test_drift_alone_with_no_new_rows_alerts_and_runs_no_pipeline(looped, monkeypatch):
+    root, _, _ = looped
+    cfg = load_config(root / "params.yaml")
+    versions = [v.version for v in ModelRegistry.of(cfg).versions()]
+
+    def drift_without_rows(cfg, force=False, busy=False):  # the real rule on such evidence
+        drift = Drift("1", 500, True, 0.9, 0.1, 0.0, 0.0, 0.0, "t0", "t1", [], [], [], {}, 1, 500)
+        evidence = replace(gather(cfg), new_feedback=0, drift=drift)
+        return decide(evidence, cfg.retrain, None, datetime.now(UTC), force, busy)
+
+    def must_not_run(**_):
+        raise AssertionError("the pipeline ran on the champion's own data")
+
+    monkeypatch.setattr(retrain_flow, "check_task", drift_without_rows)
+    monkeypatch.setattr(retrain_flow, "pipeline", must_not_run)
+    state = retrain(params_path=root / "params.yaml", if_needed=True, return_state=True)
+    result = state.result()
+    assert result.decision.fire and result.outcome == NO_NEW_DATA and result.pipeline is None
+    assert not result.promoted
+    assert last_firing(root).outcome == NO_NEW_DATA
+    artifacts = flow_run_artifacts(state.state_details.flow_run_id)
+    assert "drift without new labelled data: nothing new to train on" in (
+        artifacts[DECISION_ARTIFACT].data
+    )
+    assert [v.version for v in ModelRegistry.of(cfg).versions()] == versions
+
+
+def test_a_forced_retrain_on_unchanged_data_says_what_it_did(looped):
+    root, _, report = looped
+    result = retrain(params_path=root / "params.yaml", if_needed=False)
+    expected = ALREADY_CHAMPION if report["promoted"] else NOT_PROMOTED
+    assert result.outcome == expected and last_firing(root).outcome == expected
+    if expected == NOT_PROMOTED:
+        assert last_firing(root).reasons == result.pipeline.promotion.reasons != []

@@ -1,6 +1,6 @@
-"""Registry and promotion: the gates on hand-made scores, then registration, alias moves, the
-audit log, rollback and injected failures against a real MLflow store (sqlite in tmp) with an
-exported (untrained) MiniLM classifier."""
+"""Registry and promotion: registration, alias moves on the gates' verdict (the gates
+themselves: tests/code/test_gates.py), the audit log, rollback and injected failures against a
+real MLflow store (sqlite in tmp) with an exported (untrained) MiniLM classifier."""
 
 from __future__ import annotations
 
@@ -12,22 +12,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flywheel import tracking
+from flywheel import gates, tracking
 from flywheel.config import Config, RegistryConfig
 from flywheel.models.bundle import ClassifierBundle, Preprocessing
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
-from flywheel.tasks.evaluate import ClassMetrics, Metrics, SliceMetrics
 from flywheel.tasks.export import copy_preprocessing, export_fp32, quantize
 from flywheel.tasks.registry import (
     CHALLENGER,
     CHAMPION,
     PREVIOUS,
-    Candidate,
     ModelRegistry,
     RegistryError,
-    Scores,
     compare_versions,
-    gate_checks,
     manual_promotion,
     promote,
     rollback,
@@ -37,61 +33,27 @@ LENIENT = {"min_test_macro_f1": 0.0, "max_p95_latency_ms": 1000.0}  # an untrain
 CFG = Config.model_validate(
     {"data": {"sources": [{"kind": "embedded"}]}, "validate": {"labels": None}, "registry": LENIENT}
 )
-RC = RegistryConfig(
-    min_test_macro_f1=0.80,
-    max_macro_f1_drop=0.005,
-    max_slice_drop=0.03,
-    min_slice_rows=100,
-    max_p95_latency_ms=50,
-)
+RC = RegistryConfig()
+TRUTH = ["pos", "neg"] * 200
 
 
-def scores(macro_f1: float, slices: dict[str, tuple[int, float]] | None = None) -> Scores:
-    per_class = {"neg": ClassMetrics(macro_f1, macro_f1, macro_f1, 50)}
-    metrics = Metrics(1000, macro_f1, macro_f1, macro_f1, None, 0.05, per_class, [[1]])
-    return Scores(
-        metrics,
-        [SliceMetrics(n, rows, acc, acc, True) for n, (rows, acc) in (slices or {}).items()],
-    )
+def verdict(accuracy: float, champion: float | None = None) -> gates.Verdict:
+    """The real gates on hand-made answers: a model right on the first `accuracy` share of
+    TRUTH, against a champion right on its first `champion` share."""
+
+    def answers(share: float) -> list[str]:
+        right = int(share * len(TRUTH))
+        return TRUTH[:right] + ["neg" if t == "pos" else "pos" for t in TRUTH[right:]]
+
+    paired = None
+    if champion is not None:
+        paired = gates.compare(TRUTH, answers(accuracy), answers(champion), {}, RC, 0)
+    return gates.judge(gates.Candidate("?", accuracy, 10.0), paired, RC)
 
 
-def candidate(macro_f1: float, slices=None, parity=True, p95=10.0, version="2") -> Candidate:
-    return Candidate(version, scores(macro_f1, slices), parity, p95)
-
-
-def failed(checks) -> list[str]:
-    return [c.name for c in checks if not c.passed]
-
-
-# --- gates ----------------------------------------------------------------------------------
-
-
-def test_first_model_is_judged_on_the_absolute_gates_only():
-    assert failed(gate_checks(candidate(0.81), None, RC)) == []
-    assert failed(gate_checks(candidate(0.79), None, RC)) == ["min_test_macro_f1"]
-    assert failed(gate_checks(candidate(0.9, parity=False), None, RC)) == ["parity"]
-    assert failed(gate_checks(candidate(0.9, p95=50.1), None, RC)) == ["max_p95_latency_ms"]
-
-
-def test_better_passes_worse_fails_and_a_tie_within_the_margin_passes():
-    champion = scores(0.85)
-    assert failed(gate_checks(candidate(0.86), champion, RC)) == []
-    assert failed(gate_checks(candidate(0.86, parity=False, p95=60), champion, RC)) == [
-        "parity",
-        "max_p95_latency_ms",
-    ]
-    assert failed(gate_checks(candidate(0.846), champion, RC)) == []  # -0.004: within 0.005
-    assert failed(gate_checks(candidate(0.844), champion, RC)) == ["max_macro_f1_drop"]
-
-
-def test_a_slice_regression_fails_even_when_the_overall_score_improves():
-    champion = scores(0.85, {"length=0-59": (200, 0.90), "source=feedback": (40, 0.9)})
-    ok = candidate(0.86, {"length=0-59": (200, 0.875), "source=feedback": (40, 0.5)})
-    assert failed(gate_checks(ok, champion, RC)) == []  # -2.5 pts; the 40-row slice not judged
-    worse = candidate(0.86, {"length=0-59": (200, 0.86)})
-    checks = gate_checks(worse, champion, RC)
-    assert failed(checks) == ["slice length=0-59"]
-    assert "0.8600 vs champion 0.9000" in next(c.detail for c in checks if not c.passed)
+def decide(reg: ModelRegistry, version: str, accuracy: float, champion=None, **kw):
+    scores = {"test_macro_f1": accuracy, "test_accuracy": accuracy}
+    return promote(reg, verdict(accuracy, champion), version, scores, {}, RC, **kw)
 
 
 # --- registry against a real MLflow store ----------------------------------------------------
@@ -141,7 +103,7 @@ def test_a_registered_version_loads_by_alias_and_predicts_from_raw_text(
     info = registry.version("1")
     assert info.tags["flywheel.data_version"] == "data123"
     assert info.run_id == registry.run.run_id
-    decision = promote(registry, candidate(0.9, version="1"), None, RC, "first", "test")
+    decision = decide(registry, "1", 0.9, reason="first", actor="test")
     assert decision.promoted and decision.champion_before is None
     assert registry.alias(CHAMPION) == "1"
 
@@ -160,17 +122,20 @@ def test_a_registered_version_loads_by_alias_and_predicts_from_raw_text(
 def test_alias_moves_audit_log_and_rollback(registry, export_dir):
     for _ in range(3):
         register(registry, export_dir)
-    assert promote(registry, candidate(0.85, version="1"), None, RC, "first", "ci").promoted
-    better = promote(registry, candidate(0.87, version="2"), scores(0.85), RC, "retrain", "ci")
+    assert decide(registry, "1", 0.85, reason="first", actor="ci").promoted
+    better = decide(registry, "2", 0.87, 0.85, reason="retrain", actor="ci")
     assert better.promoted and better.champion_before == "1"
     assert (registry.alias(CHAMPION), registry.alias(PREVIOUS)) == ("2", "1")
+    assert registry.history()[1].estimates[2].startswith("pass: overall accuracy: +2.0 pts [")
 
-    worse = promote(registry, candidate(0.80, version="3"), scores(0.87), RC, "retrain", "ci")
+    worse = decide(registry, "3", 0.81, 0.87, reason="retrain", actor="ci")
     assert not worse.promoted
     assert (registry.alias(CHAMPION), registry.alias(CHALLENGER)) == ("2", "3")
     tags = registry.version("3").tags
     assert tags["flywheel.promotion"] == "rejected"
-    assert "test macro-F1 0.8000 vs champion 0.8700" in tags["flywheel.promotion.reasons"]
+    assert "overall accuracy: -6.0 pts [" in tags["flywheel.promotion.reasons"]
+    assert tags["flywheel.gate.overall.accuracy"].startswith("FAIL: overall accuracy: -6.0 pts")
+    assert tags["flywheel.gate.overall.accuracy"].endswith("400 rows: worse (a significant loss)")
 
     rollback(registry, "bad feedback", "ops")
     assert (registry.alias(CHAMPION), registry.alias(PREVIOUS)) == ("1", "2")
@@ -179,9 +144,7 @@ def test_alias_moves_audit_log_and_rollback(registry, export_dir):
     assert registry.version("2").tags["flywheel.promotion.reasons"] == "bad feedback"
     assert registry.version("1").tags["flywheel.promotion"] == "promoted"
 
-    forced = promote(
-        registry, candidate(0.5, version="3"), scores(0.85), RC, "hotfix", "ops", force=True
-    )
+    forced = decide(registry, "3", 0.5, 0.85, reason="hotfix", actor="ops", force=True)
     assert forced.promoted and forced.forced
     assert registry.alias(CHALLENGER) is None  # a promoted challenger is no longer one
     assert {v.version: v.aliases for v in registry.versions()} == {
@@ -215,7 +178,7 @@ def test_version_refs_and_missing_previous_are_clear_errors(registry, export_dir
         registry.version("7")
     with pytest.raises(RegistryError, match="neither a version number nor an alias"):
         registry.version("champ")
-    promote(registry, candidate(0.9, version="1"), None, RC, "first", "ci")
+    decide(registry, "1", 0.9, reason="first", actor="ci")
     with pytest.raises(RegistryError, match="no `previous` version to roll back to"):
         rollback(registry, "why", "ops")
 
@@ -235,7 +198,7 @@ def test_compare_scores_each_version_on_the_same_texts(registry, export_dir, tmp
     shutil.copytree(export_dir, int8)
     quantize(export_dir / MODEL_FILE, int8 / MODEL_FILE, per_channel=False)
     register(registry, int8)
-    result = compare_versions(registry, "1", "2", FRAME, limit=3)
+    result = compare_versions(registry, CFG, "1", "2", FRAME, limit=3)
     direct = [OnnxPredictor(d).predict_proba(FRAME["text"].tolist()) for d in (export_dir, int8)]
     labels = [np.asarray(LABELS)[p.argmax(1)] for p in direct]
     accuracy = [float((lab == FRAME["label"].to_numpy()).mean()) for lab in labels]
@@ -243,17 +206,23 @@ def test_compare_scores_each_version_on_the_same_texts(registry, export_dir, tmp
     assert result.disagree == int((labels[0] != labels[1]).sum())
     assert len(result.disagreements) == min(3, result.disagree)
     assert set(result.per_class) == set(LABELS) and "source=s" in result.slices
+    overall = next(c for c in result.verdict.checks if c.name == "overall accuracy")
+    assert f"{100 * (accuracy[1] - accuracy[0]):+.1f} pts [" in overall.detail
+    assert "60 rows" in overall.detail
 
 
 def test_manual_promotion_rescores_the_champion_and_ignores_its_stored_numbers(
     registry, export_dir
 ):
     register(registry, export_dir, **{"flywheel.test.macro_f1": "0.999"})  # stale, flattering
-    promote(registry, candidate(0.9, version="1"), None, RC, "first", "ci")
+    decide(registry, "1", 0.9, reason="first", actor="ci")
     register(registry, export_dir)
     decision = manual_promotion(registry, CFG, "2", FRAME, "same model")
     assert decision.promoted, decision.reasons  # a tie with the re-scored champion
     assert decision.champion_scores["test_macro_f1"] < 0.999
+    assert "overall accuracy: +0.0 pts [+0.0, +0.0], 60 rows: not worse than -2 pts" in (
+        decision.checks[2].detail
+    )
     assert registry.aliases() == {CHAMPION: "2", PREVIOUS: "1"}
 
 
@@ -262,7 +231,7 @@ def test_a_champion_that_cannot_be_rescored_fails_the_gates_unless_forced(
 ):
     register(registry, export_dir)
     register(registry, export_dir)
-    promote(registry, candidate(0.9, version="1"), None, RC, "first", "ci")
+    decide(registry, "1", 0.9, reason="first", actor="ci")
     real = registry.load
 
     def champion_gone(version):
@@ -286,7 +255,7 @@ def test_a_champion_that_cannot_be_rescored_fails_the_gates_unless_forced(
 
 def test_a_partial_upload_registers_nothing(registry, export_dir, monkeypatch):
     register(registry, export_dir)
-    promote(registry, candidate(0.9, version="1"), None, RC, "first", "ci")
+    decide(registry, "1", 0.9, reason="first", actor="ci")
     real = registry.client.log_model_artifacts
 
     def partial(model_id, local_dir, artifact_path=None):
@@ -302,7 +271,7 @@ def test_a_partial_upload_registers_nothing(registry, export_dir, monkeypatch):
 @pytest.mark.parametrize("step", ["save_model", "log_model_artifacts", "create_model_version"])
 def test_a_failure_during_registration_leaves_no_version(registry, export_dir, monkeypatch, step):
     register(registry, export_dir)
-    promote(registry, candidate(0.9, version="1"), None, RC, "first", "ci")
+    decide(registry, "1", 0.9, reason="first", actor="ci")
 
     def boom(*args, **kwargs):
         raise OSError(f"injected failure in {step}")
@@ -319,7 +288,7 @@ def test_a_failure_during_registration_leaves_no_version(registry, export_dir, m
 def test_a_failed_alias_move_puts_every_alias_back(registry, export_dir, monkeypatch, fail_on):
     for _ in range(2):
         register(registry, export_dir)
-    promote(registry, candidate(0.85, version="1"), None, RC, "first", "ci")
+    decide(registry, "1", 0.85, reason="first", actor="ci")
     real = getattr(registry.client, fail_on)
     calls = []
 
@@ -331,7 +300,7 @@ def test_a_failed_alias_move_puts_every_alias_back(registry, export_dir, monkeyp
 
     monkeypatch.setattr(registry.client, fail_on, second_call_fails)
     with pytest.raises(ConnectionError):
-        promote(registry, candidate(0.9, version="2"), scores(0.85), RC, "retrain", "ci")
+        decide(registry, "2", 0.9, 0.85, reason="retrain", actor="ci")
     monkeypatch.undo()
     assert registry.alias(CHAMPION) == "1" and registry.alias(PREVIOUS) is None
     assert [(e.alias, e.to_version) for e in registry.history()] == [(CHAMPION, "1")]
@@ -345,8 +314,8 @@ def test_a_failed_alias_move_puts_every_alias_back(registry, export_dir, monkeyp
 def test_a_failed_rollback_leaves_aliases_and_tags_as_they_were(registry, export_dir, monkeypatch):
     for _ in range(2):
         register(registry, export_dir)
-    promote(registry, candidate(0.85, version="1"), None, RC, "first", "ci")
-    promote(registry, candidate(0.87, version="2"), scores(0.85), RC, "retrain", "ci")
+    decide(registry, "1", 0.85, reason="first", actor="ci")
+    decide(registry, "2", 0.87, 0.85, reason="retrain", actor="ci")
     tags_before = {v: registry.version(v).tags for v in ("1", "2")}
 
     def store_went_away(*args, **kwargs):
@@ -363,14 +332,14 @@ def test_a_failed_rollback_leaves_aliases_and_tags_as_they_were(registry, export
 def test_a_failed_version_tag_write_moves_nothing(registry, export_dir, monkeypatch):
     for _ in range(2):
         register(registry, export_dir)
-    promote(registry, candidate(0.85, version="1"), None, RC, "first", "ci")
+    decide(registry, "1", 0.85, reason="first", actor="ci")
 
     def boom(*args, **kwargs):
         raise ConnectionError("injected: tag write failed")
 
     monkeypatch.setattr(registry.client, "set_model_version_tag", boom)
     with pytest.raises(ConnectionError):
-        promote(registry, candidate(0.9, version="2"), scores(0.85), RC, "retrain", "ci")
+        decide(registry, "2", 0.9, 0.85, reason="retrain", actor="ci")
     monkeypatch.undo()
     assert registry.aliases() == {CHAMPION: "1"}
     assert len(registry.history()) == 1

@@ -128,7 +128,7 @@ def test_feedback_is_stored_once_per_id_and_takes_the_logged_prediction(api, tmp
     }
     first = api.post("/feedback", json=payload)
     assert first.status_code == 201
-    assert first.json() == {"id": "ticket-1", "created": True, "model_version": "1"}
+    assert first.json() == {"id": "ticket-1", "created": True, "model_version": "1", "masked": {}}
     again = api.post("/feedback", json=payload)
     assert again.status_code == 200 and again.json()["created"] is False
     stored = feedback.read(tmp_path / "feedback.db")
@@ -144,6 +144,24 @@ def test_feedback_is_stored_once_per_id_and_takes_the_logged_prediction(api, tmp
     assert without_id.status_code == 201 and len(without_id.json()["id"]) == 32
 
 
+def test_feedback_without_id_is_stored_once_per_text_and_label(api, tmp_path):
+    first = api.post("/feedback", json={"text": "Dull and far too long.", "label": "rotten"})
+    assert first.status_code == 201 and first.json()["created"] is True
+    # the same text (up to case, spacing and punctuation) and label: a repeat, stored once
+    again = api.post("/feedback", json={"text": "dull and  far too long", "label": "rotten"})
+    assert again.status_code == 200 and again.json() == first.json() | {"created": False}
+    # another label is kept: a conflict the clean stage resolves
+    other = api.post("/feedback", json={"text": "Dull and far too long.", "label": "fresh"})
+    assert other.status_code == 201 and other.json()["id"] != first.json()["id"]
+    # a client id stays the client's, even for a text already stored
+    own = api.post(
+        "/feedback", json={"id": "t-9", "text": "Dull and far too long.", "label": "rotten"}
+    )
+    assert own.status_code == 201 and own.json()["id"] == "t-9"
+    stored = feedback.read(tmp_path / "feedback.db")
+    assert stored["label"].tolist() == ["rotten", "fresh", "rotten"]
+
+
 BAD_FEEDBACK = {
     "unknown label": ({"text": "a", "label": "meh"}, 422, "label: unknown label 'meh'"),
     "unknown predicted label": (
@@ -152,6 +170,7 @@ BAD_FEEDBACK = {
         "predicted_label: unknown label 'pos' (labels: fresh, rotten)",
     ),
     "blank text": ({"text": "  ", "label": "fresh"}, 422, "text is empty"),
+    "markup only": ({"text": "<p><br></p>", "label": "fresh"}, 422, "empty after cleaning"),
     "number as label": ({"text": "a", "label": 1}, 422, "label: Input should be a valid string"),
     "missing label": ({"text": "a"}, 422, "label: Field required"),
     "bad id": ({"id": "a b", "text": "a", "label": "fresh"}, 422, "id: String should match"),
