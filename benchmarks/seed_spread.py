@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/seed_spread.py                 # seeds 42 1 2 (~20 min, 2 cores)
     .venv/bin/python benchmarks/seed_spread.py --seeds 42 1 2 3
+    .venv/bin/python benchmarks/seed_spread.py --reuse   # the gates again on the last answers
 
 Trains the default configuration (params.yaml) once per seed on the prepared default data (the
 split is fixed: only the training seed changes), scores each model on the test split, and then
@@ -48,6 +49,12 @@ def prepared_splits() -> dict[str, pd.DataFrame]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", nargs="+", type=int, default=[42, 1, 2])
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help=f"reuse each seed's answers and figures saved in {WORK} (no training): for a "
+        "change of the gates or their settings",
+    )
     args = parser.parse_args()
     if len(args.seeds) < 2:
         raise SystemExit("give at least two seeds")
@@ -59,6 +66,11 @@ def main() -> None:
     base = load_config(ROOT / "params.yaml")
     answers, runs = {}, []
     for seed in args.seeds:
+        saved = WORK / f"run-{seed}.json"
+        if args.reuse and saved.is_file():
+            runs.append(json.loads(saved.read_text()))
+            answers[seed] = json.loads((WORK / f"answers-{seed}.json").read_text())
+            continue
         cfg = load_config(
             ROOT / "params.yaml",
             {
@@ -86,7 +98,8 @@ def main() -> None:
             }
         )
         print(json.dumps(runs[-1]), flush=True)
-        (WORK / f"answers-{seed}.json").write_text(json.dumps(answers[seed]))  # for inspection
+        (WORK / f"answers-{seed}.json").write_text(json.dumps(answers[seed]))
+        saved.write_text(json.dumps(runs[-1]))
 
     pairs = []
     for a, b in itertools.permutations(args.seeds, 2):
@@ -130,12 +143,8 @@ def summarise(runs: list[dict], pairs: list[dict]) -> list[dict]:
             for e in p["estimates"]
             if e["slice"] == slice_ and e["metric"] == metric
         ]
-        judged = any(
-            e["verdict"] != gates.NOT_JUDGED
-            for p in pairs
-            for e in p["estimates"]
-            if e["slice"] == slice_ and e["metric"] == metric
-        )
+        mine = [e for p in pairs for e in p["estimates"] if e["slice"] == slice_]
+        judged = any(e["verdict"] != gates.NOT_JUDGED for e in mine)
         out.append(
             {
                 "slice": slice_,
@@ -145,6 +154,7 @@ def summarise(runs: list[dict], pairs: list[dict]) -> list[dict]:
                 "std": round(float(values.std(ddof=1)), 4),
                 "range": round(float(values.max() - values.min()), 4),
                 "deepest_low": round(float(min(lows)), 4),
+                "margin": mine[0]["margin"],
                 "judged": judged,
             }
         )
@@ -157,20 +167,22 @@ def markdown(record: dict) -> str:
         f"{record['test_rows']:,} rows; default training settings.",
         "",
         "| slice | metric | rows | mean | std (seeds) | range | deepest 95 % low of a pair | "
-        "judged |",
-        "|---|---|---|---|---|---|---|---|",
+        "margin | judged |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in record["summary"]:
         lines.append(
             f"| {s['slice']} | {s['metric']} | {s['rows']:,} | {s['mean']:.4f} | "
             f"{100 * s['std']:.2f} pts | {100 * s['range']:.2f} pts | "
-            f"{100 * s['deepest_low']:+.2f} pts | {'yes' if s['judged'] else 'no'} |"
+            f"{100 * s['deepest_low']:+.2f} pts | -{100 * s['margin']:.2f} pts | "
+            f"{'yes' if s['judged'] else 'no'} |"
         )
     passed = sum(p["passed"] for p in record["pairs"])
+    rc = record["settings"]["registry"]
+    slices = rc["slice_margin"] if rc["slice_margin"] is not None else "scaled by sqrt(rows)"
     lines += [
         "",
-        f"Seed pairs passing the gates at margin {record['settings']['registry']['margin']:g} / "
-        f"slice margin {record['settings']['registry']['slice_margin']:g}: "
+        f"Seed pairs passing the gates (margin {rc['margin']:g}, slice margin {slices}): "
         f"{passed} of {len(record['pairs'])}.",
     ]
     for p in record["pairs"]:

@@ -355,7 +355,11 @@ def stage(
     name: Annotated[StageName, typer.Argument(help="collect, validate or prepare.")],
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
-    """Run one stage on params.yaml without Prefect (what dvc.yaml calls)."""
+    """Run one stage on params.yaml without Prefect (what dvc.yaml calls).
+
+    It holds the project's run lock like `flywheel run`, so `dvc repro` never changes data/
+    under a running pipeline (it waits for it)."""
+    from flywheel.flows.limits import run_lock
     from flywheel.tasks.clean import prepare
     from flywheel.tasks.collect import collect
     from flywheel.tasks.validate import validate
@@ -363,6 +367,8 @@ def stage(
     with user_errors(params):
         cfg = load_config(params)
         raw_path = cfg.resolve(cfg.data.raw_path)
+        lock = run_lock(cfg.root, cfg.registry.model_name, f"flywheel stage {name.value}")
+    with user_errors(params), lock:
         if name is StageName.collect:
             result = collect(cfg)
             typer.echo(f"collect: {result.rows:,} rows -> {result.raw_path}")

@@ -6,6 +6,7 @@ them and moves aliases on their verdict. The rule and its defaults: docs/decisio
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -24,6 +25,9 @@ BETTER, NOT_WORSE, UNDECIDED, WORSE, NOT_JUDGED = (
     "not judged",
 )
 CHUNK = 250  # bootstrap resamples per matrix product (memory: CHUNK x rows floats)
+# Resamples beyond each end of the widest (Bonferroni) interval: fewer, and its ends would be
+# set by a handful of draws (2,000 resamples put a 99.8 % end on the 4th most extreme one).
+TAIL_DRAWS = 20
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,8 @@ class Estimate:
     high: float
     verdict: str  # BETTER, NOT_WORSE, UNDECIDED, WORSE or NOT_JUDGED
     margin: float  # how much worse may still count as not worse (a fraction)
-    adjusted: tuple[float, float] | None = None  # the interval corrected for multiple tests
+    adjusted: tuple[float, float] | None = None  # the interval corrected for multiple tests ...
+    adjusted_level: float | None = None  # ... and its confidence (e.g. 0.996)
 
     @property
     def difference(self) -> float:
@@ -72,12 +77,19 @@ class Estimate:
         return f"{where} {self.metric}: {figures}: {self.verdict_text()}"
 
     def verdict_text(self) -> str:
-        margin = f"{100 * self.margin:g} pts"
+        margin = f"{100 * self.margin:.3g} pts"
+        significance = ""
+        if self.adjusted is not None and self.adjusted_level is not None:
+            low, high = self.adjusted
+            significance = (
+                f"[{100 * low:+.1f}, {100 * high:+.1f}] at {self.adjusted_level:.1%}, corrected "
+                "for the number of estimates judged"
+            )
         return {
-            BETTER: "better",
+            BETTER: f"better ({significance})",
             NOT_WORSE: f"not worse than -{margin}",
             UNDECIDED: f"may be worse by more than {margin} (not shown to be within the margin)",
-            WORSE: "worse (a significant loss)",
+            WORSE: f"worse (a significant loss: {significance})",
             NOT_JUDGED: "reported, not judged (too few rows)",
         }[self.verdict]
 
@@ -92,6 +104,8 @@ class Estimate:
             "high": round(self.high, 6),
             "verdict": self.verdict,
             "margin": self.margin,
+            "adjusted": [round(v, 6) for v in self.adjusted] if self.adjusted else None,
+            "adjusted_level": self.adjusted_level,
         }
 
 
@@ -112,39 +126,35 @@ class Paired:
         return [e for e in self.estimates if e.judged]
 
 
-def _codes(values: Sequence[str], labels: Sequence[str]) -> np.ndarray:
-    index = {label: i for i, label in enumerate(labels)}
-    return np.fromiter((index.get(v, -1) for v in values), dtype=np.int64, count=len(values))
-
-
 def _scores(weights: np.ndarray, truth: np.ndarray, predicted: np.ndarray, k: int) -> np.ndarray:
-    """Accuracy and macro-F1 (over the `k` labels present in the truth) for each row of
-    `weights` (how many times each row is drawn): shape (resamples, 2)."""
+    """Accuracy and macro-F1 over the `k` labels (scikit-learn's, zero_division=0) for each row
+    of `weights` (how many times each row is drawn): shape (resamples, 2)."""
     n = len(truth)
-    true_1h = np.eye(k + 1)[truth][:, :k]  # predicted code -1 (a label outside the truth): no class
-    pred_1h = np.eye(k + 1)[predicted][:, :k]
-    hit_1h = true_1h * pred_1h
+    true_1h, pred_1h = np.eye(k)[truth], np.eye(k)[predicted]
     correct = (truth == predicted).astype(float)
-    tp, in_truth, in_pred = weights @ hit_1h, weights @ true_1h, weights @ pred_1h
-    denominator = in_truth + in_pred
+    tp, in_truth, in_pred = weights @ (true_1h * pred_1h), weights @ true_1h, weights @ pred_1h
+    denominator = in_truth + in_pred  # 2 TP + FP + FN
     f1 = np.divide(2 * tp, denominator, out=np.zeros_like(tp), where=denominator > 0)
-    present = in_truth > 0  # a label a resample happens to miss is not averaged
-    macro = np.where(present, f1, 0).sum(axis=1) / np.maximum(present.sum(axis=1), 1)
-    return np.stack([(weights @ correct) / n, macro], axis=1)
+    return np.stack([(weights @ correct) / n, f1.mean(axis=1)], axis=1)
 
 
 def bootstrap(
     truth: Sequence[str],
     candidate: Sequence[str],
     champion: Sequence[str],
+    labels: Sequence[str],
     resamples: int,
     seed: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Paired bootstrap: the same resampled rows score both models. Returns the candidate's and
-    the champion's (accuracy, macro-F1) and the resampled differences, shape (resamples, 2)."""
-    labels = sorted(set(truth))
-    y = _codes(truth, labels)
-    a, b = _codes(candidate, labels), _codes(champion, labels)
+    """Paired bootstrap: the same resampled rows score both models. Macro-F1 averages over
+    `labels` (which must hold every label of the truth and the answers). Returns the
+    candidate's and the champion's (accuracy, macro-F1) and the resampled differences, shape
+    (resamples, 2)."""
+    codes = {label: i for i, label in enumerate(labels)}
+    missing = sorted({*truth, *candidate, *champion} - set(codes))
+    if missing:
+        raise ValueError(f"labels {missing} are not in the label set {list(labels)}")
+    y, a, b = (np.array([codes[v] for v in values]) for values in (truth, candidate, champion))
     k, n = len(labels), len(y)
     everything = np.ones((1, n))
     rng = np.random.default_rng(seed)
@@ -162,6 +172,14 @@ def exact_mcnemar(only_candidate: int, only_champion: int) -> float:
 
     n = only_candidate + only_champion
     return 1.0 if n == 0 else float(binomtest(only_candidate, n, 0.5).pvalue)
+
+
+def slice_margin(rc: RegistryConfig, rows: int, total: int) -> float:
+    """The non-inferiority margin of a slice of `rows` of `total` test rows: registry.slice_margin,
+    or (null) the overall margin scaled as the interval widens, by sqrt(total / rows)."""
+    if rc.slice_margin is not None:
+        return rc.slice_margin
+    return rc.margin * math.sqrt(total / rows)
 
 
 def _verdict(low: float, adjusted: tuple[float, float], margin: float) -> str:
@@ -206,37 +224,38 @@ def compare(
             f"{', '.join(sorted(candidate_labels))}; champion: "
             f"{', '.join(sorted(champion_labels))}): they cannot be compared"
         )
-    groups = {OVERALL: np.ones(len(truth), dtype=bool), **dict(slices)}
-    raw = []
-    for offset, (name, mask) in enumerate(groups.items()):
-        rows = np.flatnonzero(mask)
-        if len(rows) == 0:
-            continue
+    labels = sorted({*truth, *candidate, *champion, *(candidate_labels or ())})
+    groups = {
+        name: rows
+        for name, mask in {OVERALL: np.ones(len(truth), dtype=bool), **dict(slices)}.items()
+        if len(rows := np.flatnonzero(mask))
+    }
+    judged = {name: name == OVERALL or len(r) >= rc.min_slice_rows for name, r in groups.items()}
+    alpha = 1 - rc.confidence
+    tail = alpha / (2 * max(1, len(METRICS) * sum(judged.values())))  # Bonferroni, each end
+    resamples = max(rc.bootstrap_resamples, math.ceil(TAIL_DRAWS / tail))
+    estimates = []
+    for offset, (name, rows) in enumerate(groups.items()):
         ours, theirs, resampled = bootstrap(
             [truth[i] for i in rows],
             [candidate[i] for i in rows],
             [champion[i] for i in rows],
-            rc.bootstrap_resamples,
+            labels,
+            resamples,
             seed + offset,
         )
-        judged = name == OVERALL or len(rows) >= rc.min_slice_rows
-        raw.append((name, len(rows), ours, theirs, resampled, judged))
-    tests = max(1, len(METRICS) * sum(r[-1] for r in raw))
-    alpha = 1 - rc.confidence
-    estimates = []
-    for name, rows, ours, theirs, resampled, judged in raw:
-        margin = rc.margin if name == OVERALL else rc.slice_margin
+        margin = slice_margin(rc, len(rows), len(truth)) if name != OVERALL else rc.margin
         interval = np.quantile(resampled, [alpha / 2, 1 - alpha / 2], axis=0)
-        wide = np.quantile(resampled, [alpha / (2 * tests), 1 - alpha / (2 * tests)], axis=0)
+        wide = np.quantile(resampled, [tail, 1 - tail], axis=0)
         for j, metric in enumerate(METRICS):
             low, high = float(interval[0, j]), float(interval[1, j])
             adjusted = (float(wide[0, j]), float(wide[1, j]))
-            verdict = _verdict(low, adjusted, margin) if judged else NOT_JUDGED
+            verdict = _verdict(low, adjusted, margin) if judged[name] else NOT_JUDGED
             estimates.append(
                 Estimate(
                     name,
                     metric,
-                    rows,
+                    len(rows),
                     float(ours[j]),
                     float(theirs[j]),
                     low,
@@ -244,6 +263,7 @@ def compare(
                     verdict,
                     margin,
                     adjusted,
+                    1 - 2 * tail,
                 )
             )
     right_a = np.array([t == c for t, c in zip(truth, candidate, strict=True)])
@@ -252,7 +272,7 @@ def compare(
     return Paired(
         estimates,
         rc.confidence,
-        rc.bootstrap_resamples,
+        resamples,
         seed,
         (only_a, only_b),
         exact_mcnemar(only_a, only_b),

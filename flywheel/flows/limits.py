@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict
 from pathlib import Path
@@ -126,11 +126,20 @@ def server_slot(name: str, what: str, wait: bool, timeout_seconds: float | None)
                 raise LockBusy(f"{message}; asked not to wait, so this one stops", holder) from None
             log.warning("%s: waiting for it to finish", message)
             stack.enter_context(slot(timeout_seconds=timeout_seconds))
-        Variable.set(name, asdict(Holder.me(what)), overwrite=True)
+        _best_effort(lambda: Variable.set(name, asdict(Holder.me(what)), overwrite=True))
         try:
             yield
         finally:
-            Variable.unset(name)
+            _best_effort(lambda: Variable.unset(name))
+
+
+def _best_effort(step: Callable[[], object]) -> None:
+    """Record or clear who holds the server slot: only to name the holder to a waiting run, so
+    a failure must neither stop this run nor hide the exception it is ending with."""
+    try:
+        step()
+    except Exception as exc:
+        log.warning("run lock: could not record the holder on the Prefect server: %s", exc)
 
 
 def _locked(exc: BaseException) -> bool:

@@ -572,8 +572,10 @@ def promote(
         return decision([], False)
     tags |= gate_tags(verdict.checks)
     previous_tags = registry.version(v).tags
+    stale = [k for k in previous_tags if k.startswith(GATE_TAG_PREFIX) and k not in tags]
     registry.set_tags(v, tags)  # before the move: a moved alias always has its reasons
     try:
+        registry.delete_tags(v, stale)  # an earlier decision's gates that this one did not run
         entries = registry.move(
             moves,
             why,
@@ -584,7 +586,8 @@ def promote(
         )
     except BaseException:
         registry.delete_tags(v, [k for k in tags if k not in previous_tags])
-        registry.set_tags(v, {k: previous_tags[k] for k in tags if k in previous_tags})
+        restored = {*tags, *stale}
+        registry.set_tags(v, {k: previous_tags[k] for k in restored if k in previous_tags})
         raise
     return decision(entries, promoted)
 
@@ -796,7 +799,6 @@ class Registered:
     version: str
     report: EvaluationReport  # the ONNX model on the test split
     report_dir: Path
-    parity_passed: bool
     p95_ms: float
     run_id: str
 
@@ -865,7 +867,6 @@ def register_task(
         info.version,
         report,
         folder,
-        exported.parity_passed,
         exported.latency.p95_ms,
         run.run_id,
     )

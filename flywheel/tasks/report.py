@@ -99,7 +99,7 @@ def summary_markdown(result: PipelineResult) -> str:
         lines.append("- not promoted: a one-off data run is registered only")
     else:
         lines.append(f"- {decision.summary()}")
-        if decision.paired is not None:
+        if decision.paired is not None and decision.paired.estimates:
             pair = decision.paired
             lines.append(
                 f"- candidate - champion on the same {pair.estimates[0].rows:,} test texts: "

@@ -43,6 +43,7 @@ from flywheel import feedback
 from flywheel.config import Config, RetrainConfig
 from flywheel.errors import FlywheelError
 from flywheel.io import write_json
+from flywheel.tasks.collect import screen_feedback
 from flywheel.tasks.monitor import Drift, MonitorError, monitor
 from flywheel.tasks.registry import CHAMPION, ModelRegistry
 from flywheel.tracking import FEEDBACK_SEQ_TAG
@@ -65,6 +66,9 @@ class Evidence:
     feedback_scored: int
     drift: Drift | None
     drift_note: str | None = None  # why there is no drift figure
+    # of the new rows, those the next collect would take (not quarantined, not repeats);
+    # None: not screened (then every new row counts)
+    usable_feedback: int | None = None
 
     @property
     def newest_prediction(self) -> int:
@@ -137,9 +141,12 @@ class TriggerDecision:
 
     @property
     def nothing_to_train(self) -> bool:
-        """Fired (on drift) with no feedback row newer than the champion's data: retraining
-        would train on the champion's own data again, so the firing is an alert only."""
-        return self.fire and not self.forced and self.evidence.new_feedback == 0
+        """Fired (on drift) with no feedback row newer than the champion's data that the next
+        collect would take (quarantined rows and repeats do not count): retraining would train
+        on the champion's own data again, so the firing is an alert only."""
+        e = self.evidence
+        usable = e.new_feedback if e.usable_feedback is None else e.usable_feedback
+        return self.fire and not self.forced and usable == 0
 
     def headline(self) -> str:
         if self.evidence.champion is None:
@@ -147,9 +154,12 @@ class TriggerDecision:
         if self.fire and self.forced:
             return "retrain forced (flywheel retrain without --if-needed)"
         if self.nothing_to_train:
+            e = self.evidence
+            unusable = e.new_feedback - (e.usable_feedback or 0)
+            held = f"; {unusable:,} new feedback rows quarantined or repeats" if unusable else ""
             return (
-                f"{NOTHING_TO_TRAIN} (alert: {'; '.join(self.reasons)}); send labelled "
-                "feedback to /feedback or add labelled data, then retrain"
+                f"{NOTHING_TO_TRAIN} (alert: {'; '.join(self.reasons)}{held}); send labelled "
+                "feedback to /feedback, or add labelled rows to a source and `flywheel run`"
             )
         if self.fire:
             return "retrain fired: " + "; ".join(self.reasons)
@@ -286,6 +296,8 @@ def gather(cfg: Config) -> Evidence:
         return Evidence(None, 0, newest, 0, None, 0, None, "no champion")
     watermark = int(registry.version(champion).tags.get(FEEDBACK_SEQ_TAG) or 0)
     new = everything[everything["seq"] > watermark]
+    screened = screen_feedback(cfg)
+    usable = int(((screened["seq"] > watermark) & (screened["status"] == feedback.ACCEPTED)).sum())
     scored = new.tail(SCORED_FEEDBACK)
     accuracy = feedback_accuracy(registry, champion, scored)
     drift, note = None, None
@@ -293,7 +305,9 @@ def gather(cfg: Config) -> Evidence:
         drift, _ = monitor(cfg, champion)
     except MonitorError as exc:
         note = str(exc)
-    return Evidence(champion, watermark, newest, len(new), accuracy, len(scored), drift, note)
+    return Evidence(
+        champion, watermark, newest, len(new), accuracy, len(scored), drift, note, usable
+    )
 
 
 def last_firing(root: Path) -> Firing | None:

@@ -172,3 +172,11 @@ def test_the_server_may_not_take_longer_texts_than_validation_allows():
     message = str(info.value)
     assert "serve.max_text_chars (5,000) is over validate.max_text_chars (1,000)" in message
     assert "lower serve.max_text_chars or raise validate.max_text_chars" in message
+
+
+def test_a_retired_gate_key_says_what_replaced_it(tmp_path):
+    params = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text()
+    params.write_text(text.replace("  margin: 0.02", "  max_macro_f1_drop: 0.005\n  margin: 0.02"))
+    with pytest.raises(ConfigError, match=r"registry.max_macro_f1_drop: no longer a setting"):
+        load_config(params)

@@ -268,3 +268,12 @@ def test_an_alert_is_not_repeated_on_the_same_drift_window(tmp_path):
     assert decide(drifted, RC, recorded, later).blocked.startswith("same evidence")
     newer_window = calm_drift(length_psi=0.6, first_seq=901, last_seq=1400)
     assert decide(replace(drifted, drift=newer_window), RC, recorded, later).fire
+
+
+def test_quarantined_or_repeated_feedback_is_not_new_data():
+    drifted = evidence(new_feedback=7, usable_feedback=0, drift=calm_drift(length_psi=0.6))
+    alert = decide(drifted, RC, None, NOW)
+    assert alert.nothing_to_train
+    assert "; 7 new feedback rows quarantined or repeats)" in alert.headline()
+    usable = decide(replace(drifted, usable_feedback=2), RC, None, NOW)
+    assert usable.fire and not usable.nothing_to_train
