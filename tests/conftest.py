@@ -7,6 +7,8 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -35,6 +37,19 @@ def labelled_frame(n_per_class: int = 30, labels: tuple[str, ...] = ("pos", "neg
     frame = pd.DataFrame(rows).astype("string")
     frame["origin"] = [f"sample.csv:{i}" for i in range(1, len(frame) + 1)]
     return frame
+
+
+@contextmanager
+def holding(code: str, *args: str) -> Iterator[subprocess.Popen[str]]:
+    """Another process that runs `code` (which takes a lock, prints "holding" and sleeps) with
+    `args`; SIGKILLed at the end, as a crashed holder would be."""
+    proc = subprocess.Popen([sys.executable, "-c", code, *args], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "holding"
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
 
 
 def run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -177,6 +177,8 @@ def test_the_server_may_not_take_longer_texts_than_validation_allows():
 def test_a_retired_gate_key_says_what_replaced_it(tmp_path):
     params = tmp_path / "params.yaml"
     text = (REPO / "params.yaml").read_text()
-    params.write_text(text.replace("  margin: 0.02", "  max_macro_f1_drop: 0.005\n  margin: 0.02"))
+    old = "  model_name: flywheel-classifier\n"
+    assert old in text
+    params.write_text(text.replace(old, old + "  max_macro_f1_drop: 0.005\n"))
     with pytest.raises(ConfigError, match=r"registry.max_macro_f1_drop: no longer a setting"):
         load_config(params)

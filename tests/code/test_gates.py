@@ -52,6 +52,16 @@ def pick(rng, mask, condition, count) -> np.ndarray:
     return rng.choice(rows, count, replace=False)
 
 
+def reanswer(split, mask=None, broken: int = 0, fixed: int = 0, answers=None) -> list[str]:
+    """The champion's answers (or `answers`) with `broken` of its right answers made wrong and
+    `fixed` of its wrong ones made right, at random rows of `mask` (default: all rows)."""
+    truth, champion, _, rng = split
+    right = np.array([t == c for t, c in zip(truth, champion, strict=True)])
+    mask = np.ones(ROWS, dtype=bool) if mask is None else mask
+    out = change(truth, answers or champion, pick(rng, mask, right, broken), make_right=False)
+    return change(truth, out, pick(rng, mask, ~right, fixed), make_right=True)
+
+
 def judge(truth, candidate, champion, slices, rc=RC, **candidate_kw):
     paired = gates.compare(truth, candidate, champion, slices, rc, seed=42)
     scores = dict(macro_f1=0.85, p95_ms=5.0) | candidate_kw
@@ -59,11 +69,10 @@ def judge(truth, candidate, champion, slices, rc=RC, **candidate_kw):
 
 
 def test_a_candidate_truly_worse_by_3_points_on_one_slice_is_rejected(split):
-    truth, champion, slices, rng = split
-    right = np.array([t == c for t, c in zip(truth, champion, strict=True)])
+    truth, champion, slices, _ = split
     short = slices["length=0-59"]
-    broken = pick(rng, short, right, round(0.03 * short.sum()))  # 3 points of that slice
-    candidate = change(truth, champion, broken, make_right=False)
+    broken = round(0.03 * short.sum())  # 3 points of that slice
+    candidate = reanswer(split, short, broken=broken)
     verdict, paired = judge(truth, candidate, champion, slices)
     assert not verdict.passed
     failed = {c.name: c.detail for c in verdict.checks if not c.passed}
@@ -72,16 +81,13 @@ def test_a_candidate_truly_worse_by_3_points_on_one_slice_is_rejected(split):
     assert text.startswith("length=0-59 slice accuracy: -3.0 pts [")
     assert f"{short.sum():,} rows: worse (a significant loss: [-" in text
     assert text.endswith("corrected for the number of estimates judged)")
-    assert paired.discordant == (0, len(broken))
+    assert paired.discordant == (0, broken)
 
 
 def test_two_equally_good_models_differing_by_noise_are_not_rejected(split):
-    truth, champion, slices, rng = split
-    right = np.array([t == c for t, c in zip(truth, champion, strict=True)])
-    everything = np.ones(ROWS, dtype=bool)
+    truth, champion, slices, _ = split
     # 40 answers flipped each way: the same accuracy, 80 texts answered differently
-    candidate = change(truth, champion, pick(rng, everything, right, 40), make_right=False)
-    candidate = change(truth, candidate, pick(rng, everything, ~right, 40), make_right=True)
+    candidate = reanswer(split, broken=40, fixed=40)
     verdict, paired = judge(truth, candidate, champion, slices)
     assert verdict.passed, verdict.reasons
     overall = next(e for e in paired.estimates if e.slice == gates.OVERALL)
@@ -92,12 +98,10 @@ def test_two_equally_good_models_differing_by_noise_are_not_rejected(split):
 
 
 def test_better_on_feedback_with_a_small_insignificant_dip_elsewhere_is_promoted(split):
-    truth, champion, slices, rng = split
-    right = np.array([t == c for t, c in zip(truth, champion, strict=True)])
+    truth, champion, slices, _ = split
     movie, feedback = slices["source=rotten_tomatoes"], slices["source=feedback"]
-    candidate = change(truth, champion, pick(rng, feedback, ~right, 12), make_right=True)
-    candidate = change(truth, candidate, pick(rng, movie, right, 26), make_right=False)
-    candidate = change(truth, candidate, pick(rng, movie, ~right, 20), make_right=True)
+    candidate = reanswer(split, feedback, fixed=12)
+    candidate = reanswer(split, movie, broken=26, fixed=20, answers=candidate)
     verdict, paired = judge(truth, candidate, champion, slices)
     assert verdict.passed, verdict.reasons
     by_name = {c.name: c.detail for c in verdict.checks}
@@ -121,11 +125,8 @@ def test_better_on_feedback_with_a_small_insignificant_dip_elsewhere_is_promoted
 def test_a_loss_the_interval_cannot_rule_out_fails_non_inferiority(split):
     """Not significantly worse, but the interval reaches below -margin: not shown to be within
     the margin, so not promoted."""
-    truth, champion, slices, rng = split
-    right = np.array([t == c for t, c in zip(truth, champion, strict=True)])
-    everything = np.ones(ROWS, dtype=bool)
-    candidate = change(truth, champion, pick(rng, everything, right, 150), make_right=False)
-    candidate = change(truth, candidate, pick(rng, everything, ~right, 137), make_right=True)
+    truth, champion, _, _ = split
+    candidate = reanswer(split, broken=150, fixed=137)
     verdict, paired = judge(truth, candidate, champion, {})
     overall = next(e for e in paired.estimates if e.metric == "accuracy")
     assert overall.verdict == gates.UNDECIDED and overall.high > 0 > -0.03 > overall.low
@@ -135,11 +136,9 @@ def test_a_loss_the_interval_cannot_rule_out_fails_non_inferiority(split):
 def test_a_noisy_3_point_loss_on_one_slice_is_rejected(split):
     """Answers differ both ways on the slice (66 texts), netting 3 points worse: not
     significant after the correction, but not shown to be within the slice's margin."""
-    truth, champion, slices, rng = split
-    right = np.array([t == c for t, c in zip(truth, champion, strict=True)])
+    truth, champion, slices, _ = split
     short = slices["length=0-59"]  # 467 rows: margin 3 x sqrt(1,400 / 467) = 5.19 points
-    candidate = change(truth, champion, pick(rng, short, right, 40), make_right=False)
-    candidate = change(truth, candidate, pick(rng, short, ~right, 26), make_right=True)
+    candidate = reanswer(split, short, broken=40, fixed=26)
     verdict, _ = judge(truth, candidate, champion, slices)
     failed = {c.name: c.detail for c in verdict.checks if not c.passed}
     assert set(failed) >= {"length=0-59 accuracy"}
@@ -151,11 +150,8 @@ def test_a_noisy_3_point_loss_on_one_slice_is_rejected(split):
 
 def test_equal_models_disagreeing_on_10_percent_pass_on_demo_sized_slices(split):
     """As two trainings of one recipe do: 140 texts answered differently, half each way."""
-    truth, champion, slices, rng = split
-    right = np.array([t == c for t, c in zip(truth, champion, strict=True)])
-    everything = np.ones(ROWS, dtype=bool)
-    candidate = change(truth, champion, pick(rng, everything, right, 70), make_right=False)
-    candidate = change(truth, candidate, pick(rng, everything, ~right, 70), make_right=True)
+    truth, champion, slices, _ = split
+    candidate = reanswer(split, broken=70, fixed=70)
     verdict, paired = judge(truth, candidate, champion, slices)
     assert verdict.passed, verdict.reasons
     assert paired.discordant == (70, 70)

@@ -5,8 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from flywheel.locks import LockBusy, ensure_free, hold, read_holder, registry_lock
+from tests.conftest import holding
 
 HOLDER = """
 import sys, time
@@ -29,15 +28,8 @@ with hold(Path(sys.argv[1]), "flow run 'first-run' (1234)", guards="pipeline run
 def held(tmp_path):
     """A lock file held by another process until the test ends; yields (path, process)."""
     path = tmp_path / ".flywheel" / "run.lock"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(path)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout.readline().strip() == "holding"
+    with holding(HOLDER, str(path)) as proc:
         yield path, proc
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 def test_asked_not_to_wait_it_stops_naming_the_holder(held):

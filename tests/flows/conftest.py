@@ -31,17 +31,25 @@ EXPORT = {
 REGISTRY = {"min_test_macro_f1": 0.0, "max_p95_latency_ms": 1000.0}
 
 
-def small_project(root: Path, remote: Path) -> Path:
-    """A committed project whose only source is a balanced 600-row slice of the default data."""
+def small_project(
+    root: Path,
+    remote: Path,
+    rows_per_label: int = ROWS_PER_LABEL,
+    sample_seed: int = 0,
+    **sections: dict[str, Any],
+) -> Path:
+    """A committed project whose only source is a balanced slice of the default data
+    (`rows_per_label` per label), with the small-run settings TRAIN, EXPORT and REGISTRY;
+    `sections` replace those (registry={} keeps params.yaml's gates) or set others (split)."""
     make_project(root, remote)
     frame = read_embedded(EmbeddedSource(kind="embedded"))
-    frame = frame.groupby("label").sample(ROWS_PER_LABEL, random_state=0)
+    frame = frame.groupby("label").sample(rows_per_label, random_state=sample_seed)
     frame[["text", "label"]].to_csv(root / "data" / "sources" / "slice.csv", index=False)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["data"]["sources"] = [{"kind": "path", "path": "data/sources/slice.csv"}]
-    params["train"].update(TRAIN)
-    params["export"].update(EXPORT)
-    params["registry"].update(REGISTRY)
+    small = {"train": TRAIN, "export": EXPORT, "registry": REGISTRY}
+    for name, values in (small | sections).items():
+        params[name].update(values)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "add", "-A"], root)
     run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "p"], root)

@@ -4,8 +4,6 @@ a Prefect server; a run asked not to wait stops at once, naming the run that hol
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 import threading
 import time
 
@@ -19,6 +17,7 @@ from flywheel.cli import app
 from flywheel.flows.limits import ensure_limit, run_limit, run_lock
 from flywheel.flows.pipeline import pipeline
 from flywheel.locks import LockBusy
+from tests.conftest import holding
 
 MODEL = "flywheel-classifier"
 
@@ -91,15 +90,8 @@ with run_lock(Path(sys.argv[1]), "flywheel-classifier", what, server=False):
 @pytest.fixture
 def holder(project):
     """Another process holds the project's run lock (as a running pipeline would)."""
-    proc = subprocess.Popen(
-        [sys.executable, "-c", HOLDER, str(project)], stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proc.stdout.readline().strip() == "holding"
+    with holding(HOLDER, str(project)) as proc:
         yield project, proc
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait(timeout=30)
 
 
 def test_locally_a_killed_run_does_not_keep_the_lock(holder):

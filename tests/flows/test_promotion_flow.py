@@ -9,12 +9,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from flywheel.config import EmbeddedSource, load_config
+from flywheel.config import load_config
 from flywheel.flows.pipeline import pipeline
-from flywheel.tasks.collect import read_embedded
 from flywheel.tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, ModelRegistry
-from tests.conftest import REPO, make_project, run
-from tests.flows.conftest import EXPORT, TRAIN, flow_run_artifacts
+from tests.conftest import REPO
+from tests.flows.conftest import TRAIN, flow_run_artifacts, small_project
 
 pytestmark = pytest.mark.slow
 
@@ -27,20 +26,17 @@ SPLIT = {"train": 0.4, "val": 0.1, "test": 0.5}
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
     base = tmp_path_factory.mktemp("gated")
-    root = make_project(base / "project", base / "remote")
-    frame = read_embedded(EmbeddedSource(kind="embedded"))
-    frame = frame.groupby("label").sample(ROWS_PER_LABEL, random_state=1)
-    frame[["text", "label"]].to_csv(root / "data" / "sources" / "slice.csv", index=False)
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    params["data"]["sources"] = [{"kind": "path", "path": "data/sources/slice.csv"}]
-    params["split"].update(SPLIT)
-    params["train"].update(TRAIN, max_length=48)
-    params["export"].update(EXPORT)
+    root = small_project(
+        base / "project",
+        base / "remote",
+        ROWS_PER_LABEL,
+        sample_seed=1,
+        split=SPLIT,
+        train=TRAIN | {"max_length": 48},
+        registry={},  # the gates exactly as shipped
+    )
     defaults = yaml.safe_load((REPO / "params.yaml").read_text())["registry"]
-    assert params["registry"] == defaults  # the gates exactly as shipped
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    run(["git", "add", "-A"], root)
-    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qm", "p"], root)
+    assert yaml.safe_load((root / "params.yaml").read_text())["registry"] == defaults
     return root
 
 
