@@ -177,7 +177,7 @@ def test_drift_alone_with_no_new_rows_alerts_and_runs_no_pipeline(looped, monkey
 
     def drift_without_rows(cfg, force=False, busy=False):  # the real rule on such evidence
         drift = Drift("1", 500, True, 0.9, 0.1, 0.0, 0.0, 0.0, "t0", "t1", [], [], [], {}, 1, 500)
-        evidence = replace(gather(cfg), new_feedback=0, drift=drift)
+        evidence = replace(gather(cfg), new_feedback=0, usable_feedback=0, drift=drift)
         return decide(evidence, cfg.retrain, None, datetime.now(UTC), force, busy)
 
     def must_not_run(**_):

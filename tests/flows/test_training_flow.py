@@ -260,7 +260,7 @@ def test_models_cli_lists_compares_promotes_and_rolls_back(trained):
     refused = models(
         "promote", "2", "--reason", "too strict", "--set", "registry.min_test_macro_f1=1.0", code=1
     )
-    assert "FAIL  test macro-F1" in refused and "version 2 is not promoted" in refused
+    assert "FAIL: test macro-F1" in refused and "version 2 is not promoted" in refused
     assert registry.alias(CHAMPION) == "1"
     promoted = models("promote", "2", "--reason", "identical model: a tie")
     assert "version 2 is champion (all gates passed; champion was 1)" in promoted
@@ -293,7 +293,7 @@ def test_models_cli_lists_compares_promotes_and_rolls_back(trained):
     assert decision.champion_scores["test_macro_f1"] == pytest.approx(
         result.registered.report.metrics.macro_f1, abs=1e-6
     )  # version 1 is the same model: re-scored, it scores what it was registered with
-    assert (root / "reports" / "evaluation" / "champion" / "report.json").is_file()
+    assert decision.paired.discordant == (0, 0)  # the same answers, text by text
     assert registry.aliases() == {CHAMPION: "3", PREVIOUS: "1"}
 
 
