@@ -492,10 +492,8 @@ def models_compare(
         f"paired-bootstrap intervals of v{result.b} - v{result.a}, {pair.resamples:,} "
         f"resamples; exact McNemar p = {pair.mcnemar_p:.3g})"
     )
-    for check in verdict.checks:
-        typer.echo(f"  {'pass' if check.passed else 'FAIL'}  {check.detail}")
-    for note in verdict.notes:
-        typer.echo(f"  note  {note}")
+    for line in verdict.lines():
+        typer.echo(f"  {line}")
     outcome = "would pass" if verdict.passed else "would fail: " + "; ".join(verdict.reasons)
     typer.echo(f"  => v{result.b} {outcome}")
     shown = len(result.disagreements)

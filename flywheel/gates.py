@@ -38,6 +38,14 @@ class Check:
     passed: bool
     detail: str
 
+    def line(self) -> str:
+        return f"{'pass' if self.passed else 'FAIL'}: {self.detail}"
+
+
+def lines(checks: Sequence[Check], notes: Sequence[str] = ()) -> list[str]:
+    """Every gate with its figures and verdict, then what was reported but not judged."""
+    return [c.line() for c in checks] + [f"note: {n}" for n in notes]
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -286,7 +294,7 @@ class Candidate:
 
     version: str
     macro_f1: float  # on the current test split
-    p95_ms: float  # single-text latency
+    p95_ms: float | None  # single-text latency; None: not measured (that gate is not run)
 
 
 @dataclass(frozen=True)
@@ -305,6 +313,9 @@ class Verdict:
     def reasons(self) -> list[str]:
         return [c.detail for c in self.checks if not c.passed]
 
+    def lines(self) -> list[str]:
+        return lines(self.checks, self.notes)
+
 
 def judge(candidate: Candidate, paired: Paired | None, rc: RegistryConfig) -> Verdict:
     """The promotion rule: the absolute floor and latency bound; with a champion, no judged
@@ -315,13 +326,16 @@ def judge(candidate: Candidate, paired: Paired | None, rc: RegistryConfig) -> Ve
             "min_test_macro_f1",
             candidate.macro_f1 >= rc.min_test_macro_f1,
             f"test macro-F1 {candidate.macro_f1:.4f} vs minimum {rc.min_test_macro_f1:.4f}",
-        ),
-        Check(
-            "max_p95_latency_ms",
-            candidate.p95_ms <= rc.max_p95_latency_ms,
-            f"p95 latency {candidate.p95_ms:.1f} ms vs bound {rc.max_p95_latency_ms:.1f} ms",
-        ),
+        )
     ]
+    if candidate.p95_ms is not None:
+        checks.append(
+            Check(
+                "max_p95_latency_ms",
+                candidate.p95_ms <= rc.max_p95_latency_ms,
+                f"p95 latency {candidate.p95_ms:.1f} ms vs bound {rc.max_p95_latency_ms:.1f} ms",
+            )
+        )
     if paired is None:
         return Verdict(checks)
     if paired.label_problem is not None:

@@ -232,13 +232,15 @@ def collect_frame(
     return pd.concat([raw, rows], ignore_index=True), summary
 
 
-def screen_feedback(cfg: Config) -> pd.DataFrame:
-    """Every feedback row with what the next collect would do with it (`status`, `reason`);
-    reads the other sources only when validate.labels is null (their labels are the set)."""
+def screen_feedback(cfg: Config, stored: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Every feedback row (`stored`, as feedback.read gives them; default: read the store) with
+    what the next collect would do with it (`status`, `reason`); reads the other sources only
+    when validate.labels is null (their labels are the set)."""
     rules = cfg.validate_
     known = () if rules.labels is not None else set(read_sources(cfg.data, cfg.root)["label"])
-    store = feedback.read(cfg.resolve(cfg.data.feedback.path))
-    return feedback.screen(store, rules, cfg.clean.mask_pii, known)
+    if stored is None:
+        stored = feedback.read(cfg.resolve(cfg.data.feedback.path))
+    return feedback.screen(stored, rules, cfg.clean.mask_pii, known)
 
 
 def collect(cfg: Config) -> CollectResult:

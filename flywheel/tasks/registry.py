@@ -495,9 +495,7 @@ class Decision:
 
     def gate_lines(self) -> list[str]:
         """Every gate with its figures and verdict, then what was reported but not judged."""
-        return [f"{'pass' if c.passed else 'FAIL'}: {c.detail}" for c in self.checks] + [
-            f"note: {n}" for n in self.notes
-        ]
+        return gates.lines(self.checks, self.notes)
 
     def summary(self) -> str:
         if self.already_champion:
@@ -513,9 +511,7 @@ class Decision:
 def gate_tags(checks: Sequence[Check]) -> dict[str, str]:
     """Each gate's verdict as a version tag, e.g. flywheel.gate.overall.accuracy."""
     return {
-        GATE_TAG_PREFIX + metric_name(c.name.replace("=", "_")).replace(" ", "."): (
-            f"{'pass' if c.passed else 'FAIL'}: {c.detail}"
-        )[:5000]
+        GATE_TAG_PREFIX + metric_name(c.name.replace("=", "_")).replace(" ", "."): c.line()[:5000]
         for c in checks
     }
 
@@ -582,7 +578,7 @@ def promote(
             actor,
             metrics,
             rc.model_dump(exclude={"model_name"}),
-            decision([], promoted).gate_lines(),
+            verdict.lines(),
         )
     except BaseException:
         registry.delete_tags(v, [k for k in tags if k not in previous_tags])
@@ -751,7 +747,7 @@ def compare_versions(
     keys = ("accuracy", "macro_f1", "weighted_f1", "roc_auc", "ece")
     slices_b = {s.slice: s for s in sb.scores.slices}
     verdict = gates.judge(
-        gates.Candidate(sb.version, sb.scores.metrics.macro_f1, 0.0),
+        gates.Candidate(sb.version, sb.scores.metrics.macro_f1, None),  # latency not measured
         paired(sb, sa, frame, cfg),
         cfg.registry,
     )
@@ -775,7 +771,7 @@ def compare_versions(
             {"text": texts[i], "label": str(frame["label"].iloc[i]), "a": pred_a[i], "b": pred_b[i]}
             for i in differ[:limit]
         ],
-        replace(verdict, checks=[c for c in verdict.checks if c.name != "max_p95_latency_ms"]),
+        verdict,
     )
 
 

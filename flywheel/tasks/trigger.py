@@ -296,7 +296,7 @@ def gather(cfg: Config) -> Evidence:
         return Evidence(None, 0, newest, 0, None, 0, None, "no champion")
     watermark = int(registry.version(champion).tags.get(FEEDBACK_SEQ_TAG) or 0)
     new = everything[everything["seq"] > watermark]
-    screened = screen_feedback(cfg)
+    screened = screen_feedback(cfg, everything)
     usable = int(((screened["seq"] > watermark) & (screened["status"] == feedback.ACCEPTED)).sum())
     scored = new.tail(SCORED_FEEDBACK)
     accuracy = feedback_accuracy(registry, champion, scored)
