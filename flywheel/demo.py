@@ -31,8 +31,8 @@ from flywheel import feedback
 from flywheel.config import Config, ConfigError, load_config
 from flywheel.errors import FlywheelError
 from flywheel.io import write_json
-from flywheel.pii import mask_pii
-from flywheel.text import clean_text, normalised_key
+from flywheel.pii import clean_and_mask
+from flywheel.text import normalised_key
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,7 @@ class Halves:
 def snippet_key(text: str, pii: Sequence[str] = ()) -> str:
     """What makes two snippets the same text: the clean stage's key (cleaned, the `pii` kinds
     masked, normalised)."""
-    return normalised_key(mask_pii(clean_text(text), pii)[0])
+    return normalised_key(clean_and_mask(text, pii)[0])
 
 
 def split_halves(

@@ -47,8 +47,8 @@ import pandas as pd
 from flywheel import stores
 from flywheel.config import ValidateConfig
 from flywheel.errors import FlywheelError
-from flywheel.pii import mask_pii
-from flywheel.text import clean_text, normalised_key
+from flywheel.pii import clean_and_mask
+from flywheel.text import normalised_key
 
 SCHEMA_VERSION = 3
 SOURCE = "feedback"  # the `source` of feedback rows in the collected data
@@ -129,11 +129,6 @@ class FeedbackRecord:
     prediction_id: str | None = None
 
 
-def cleaned(text: str, mask: Sequence[str]) -> tuple[str, Counter[str]]:
-    """A text as the clean stage makes it: normalised, then the `mask` PII kinds masked."""
-    return mask_pii(clean_text(text), mask)
-
-
 def derived_id(text: str, label: str) -> str:
     """The id of feedback sent without one: the same (normalised) text and label, the same id."""
     return hashlib.sha256(f"{normalised_key(text)}\x1f{label.strip()}".encode()).hexdigest()[:32]
@@ -144,7 +139,7 @@ def received(
 ) -> tuple[FeedbackRecord, Counter[str]]:
     """A record as the store keeps what a user sent (text cleaned and PII-masked, id derived
     when none is given), and the PII kinds masked in it. The text may come out empty."""
-    text, masked = cleaned(text, mask)
+    text, masked = clean_and_mask(text, mask)
     record = FeedbackRecord(text=text, label=label, id=id or derived_id(text, label), **fields)
     return record, masked
 
@@ -236,7 +231,7 @@ def screen(
     for text, label in zip(frame["text"], frame["label"], strict=True):
         text = "" if pd.isna(text) else str(text)
         label = "" if pd.isna(label) else str(label)
-        as_cleaned = cleaned(text, mask)[0]
+        as_cleaned = clean_and_mask(text, mask)[0]
         key, reason = normalised_key(as_cleaned), None
         if not as_cleaned:
             reason = "empty (nothing left after cleaning)"

@@ -12,8 +12,10 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+
+from flywheel.text import clean_text
 
 # Words that make the number after them a product version, not an IPv4 address: "v1.2.3.4".
 _VERSION_BEFORE = re.compile(r"\b(?:version|ver|v|build|model|release|firmware)\.?\s*$", re.I)
@@ -162,6 +164,12 @@ PII_RULES = (
         _phone_ok,
     ),
 )
+
+
+def clean_and_mask(text: str, kinds: Sequence[str]) -> tuple[str, Counter[str]]:
+    """A text as the clean stage, the model and serving see it: normalised (text.clean_text),
+    then the `kinds` of personal data masked; with what was masked."""
+    return mask_pii(clean_text(text), kinds)
 
 
 def mask_pii(text: str, kinds: list[str] | tuple[str, ...]) -> tuple[str, Counter[str]]:

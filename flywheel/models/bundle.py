@@ -20,8 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from flywheel.pii import mask_pii
-from flywheel.text import clean_text
+from flywheel.pii import clean_and_mask
 
 if TYPE_CHECKING:
     from flywheel.config import Config
@@ -45,7 +44,7 @@ class Preprocessing:
 
     def normalise(self, text: str) -> str:
         """Raw text as the model sees it: cleaned, PII-masked."""
-        return mask_pii(clean_text(text), self.mask_pii)[0]
+        return clean_and_mask(text, self.mask_pii)[0]
 
     def encode(self, tokenizer: Any, texts: Sequence[str]) -> dict[str, list[list[int]]]:
         """Token ids per text (normalised, truncated, not padded: batches pad dynamically).

@@ -21,10 +21,10 @@ from prefect.cache_policies import NO_CACHE
 from flywheel.config import CleanConfig, Config, SplitConfig
 from flywheel.errors import FlywheelError
 from flywheel.io import read_parquet, replace_dir_atomic, write_json
-from flywheel.pii import mask_pii
+from flywheel.pii import clean_and_mask
 from flywheel.tasks.collect import CollectResult
 from flywheel.tasks.validate import ValidationReport, require_validated
-from flywheel.text import clean_text, normalised_key
+from flywheel.text import normalised_key
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def clean_frame(raw: pd.DataFrame, cfg: CleanConfig) -> tuple[pd.DataFrame, Clea
     pii: Counter[str] = Counter()
     texts = []
     for text in frame["text"].astype(str):
-        masked, counts = mask_pii(clean_text(text), cfg.mask_pii)
+        masked, counts = clean_and_mask(text, cfg.mask_pii)
         pii.update(counts)
         texts.append(masked)
     frame["text"] = pd.array(texts, dtype="string")
