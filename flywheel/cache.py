@@ -95,7 +95,7 @@ SPEED_ONLY = frozenset({"train.threads", "evaluate.batch_size"})  # how fast, no
 # and every flywheel module those import, with the packages' __init__.py.
 CODE: dict[Stage, tuple[str, ...]] = {
     Stage.VALIDATE: ("flywheel/tasks/validate.py",),
-    Stage.PREPARE: ("flywheel/tasks/clean.py",),
+    Stage.PREPARE: ("flywheel/tasks/prepare.py",),
     Stage.BASELINE: ("flywheel/tasks/baseline.py",),
     Stage.TRAIN: ("flywheel/tasks/train.py",),
     Stage.EVALUATE: ("flywheel/tasks/evaluate.py",),

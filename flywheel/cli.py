@@ -195,7 +195,7 @@ def run(
             raise ConfigError("--force runs every model stage; use it or --force-from, not both")
         stage = ORDER[0] if force else parse_stage(force_from) if force_from else None
         if dry_run:
-            from flywheel.tasks.plan import preview
+            from flywheel.flows.plan import preview
 
             data_version, plan = preview(params.resolve(), overrides, profile, stage, data_only)
             typer.echo("collect and version always run; the data version would be " + data_version)
@@ -327,7 +327,7 @@ def validate_file(
     the label set is inferred from the file unless --labels is given.
     """
     from flywheel.config import PathSource
-    from flywheel.tasks.collect import read_path_source
+    from flywheel.sources import read_path_source
     from flywheel.tasks.validate import run_suite
 
     with user_errors(params):
@@ -360,8 +360,8 @@ def stage(
     It holds the project's run lock like `flywheel run`, so `dvc repro` never changes data/
     under a running pipeline (it waits for it)."""
     from flywheel.flows.limits import run_lock
-    from flywheel.tasks.clean import prepare
     from flywheel.tasks.collect import collect
+    from flywheel.tasks.prepare import prepare
     from flywheel.tasks.validate import validate
 
     with user_errors(params):
@@ -708,7 +708,7 @@ def monitor(
     training vocabulary. Prints each figure with the retrain bound it is judged against and
     writes drift.json, drift.md, drift.png and drift.html (self-contained) to the report folder.
     """
-    from flywheel.tasks import monitor as drift_monitor
+    from flywheel import drift as drift_monitor
 
     with user_errors(params):
         cfg = load_config(params)
@@ -877,7 +877,7 @@ def feedback_list(
 ) -> None:
     """Stored feedback, newest first: seq, id, time, label, predicted label, source, text."""
     from flywheel import feedback
-    from flywheel.tasks.collect import screen_feedback
+    from flywheel.sources import screen_feedback
 
     with user_errors(params):
         cfg = load_config(params)
@@ -901,7 +901,7 @@ def feedback_show(
     """One row in full (every field, the whole text) and what the next run does with it; for a
     deleted row, when, by whom and why it was deleted."""
     from flywheel import feedback
-    from flywheel.tasks.collect import screen_feedback
+    from flywheel.sources import screen_feedback
 
     with user_errors(params):
         cfg = load_config(params)

@@ -27,12 +27,12 @@ from flywheel import tracking
 from flywheel.cache import DATA_STAGES, Plan, Stage
 from flywheel.config import DEFAULT_PARAMS, Config, changes_data, load_config, with_run_outputs
 from flywheel.flows.limits import run_lock
+from flywheel.flows.plan import model_stages, plan_task
 from flywheel.tasks.baseline import BaselineReport, baseline_task
-from flywheel.tasks.clean import PrepareResult, prepare_task
 from flywheel.tasks.collect import CollectResult, collect_task
 from flywheel.tasks.evaluate import EvaluateResult, evaluate_task
 from flywheel.tasks.export import ExportResult, export_task
-from flywheel.tasks.plan import model_stages, plan_task
+from flywheel.tasks.prepare import PrepareResult, prepare_task
 from flywheel.tasks.registry import Decision, Registered, promote_task, register_task
 from flywheel.tasks.report import report_failure, report_task
 from flywheel.tasks.train import TrainResult, train_task

@@ -2,7 +2,7 @@
 pipeline with the feedback merged into the data.
 
     retrain slot (flows/limits.py: one retrain at a time; a second one records that and stops)
-    check (tasks/trigger.py: feedback count, feedback accuracy, drift; cool-down, same evidence)
+    check (trigger.py: feedback count, feedback accuracy, drift; cool-down, same evidence)
       -> decision artifact (fired or not, and why)
       -> fired on drift alone, no feedback newer than the champion's data: an alert, the outcome
          "no new data", no pipeline (it would train on the champion's own data again)
@@ -21,23 +21,26 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
 
 from flywheel.config import DEFAULT_PARAMS, ConfigError, load_config
 from flywheel.flows.limits import retrain_slot
 from flywheel.flows.pipeline import PipelineResult, pipeline
-from flywheel.tasks.trigger import (
+from flywheel.trigger import (
     ALREADY_CHAMPION,
     FAILED,
     NO_NEW_DATA,
     NOT_PROMOTED,
     PROMOTED,
     TriggerDecision,
-    check_task,
+    check,
     finish_firing,
     start_firing,
 )
+
+check_task = task(name="retrain-check", cache_policy=NO_CACHE)(check)
 
 DECISION_ARTIFACT = "flywheel-retrain-decision"
 OUTCOME_ARTIFACT = "flywheel-retrain-outcome"

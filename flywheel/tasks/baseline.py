@@ -22,8 +22,8 @@ from flywheel import tracking
 from flywheel.config import Config
 from flywheel.io import read_parquet
 from flywheel.models.bundle import Preprocessing
-from flywheel.tasks.clean import PrepareResult
 from flywheel.tasks.evaluate import EvaluationReport, check_polarity_labels, evaluate_model
+from flywheel.tasks.prepare import PrepareResult
 
 
 class BaselineModel:

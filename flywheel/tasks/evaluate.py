@@ -25,7 +25,7 @@ from flywheel.config import Config, ConfigError
 from flywheel.errors import FlywheelError
 from flywheel.io import read_parquet, replace_dir_atomic
 from flywheel.slices import slice_masks
-from flywheel.tasks.clean import PrepareResult
+from flywheel.tasks.prepare import PrepareResult
 
 if TYPE_CHECKING:
     from flywheel.tasks.baseline import BaselineReport

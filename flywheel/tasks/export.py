@@ -42,8 +42,8 @@ from flywheel.models import profile
 from flywheel.models.bundle import ClassifierBundle
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
 from flywheel.slices import slice_masks
-from flywheel.tasks.clean import PrepareResult
 from flywheel.tasks.evaluate import MetricInputError, label_ids, label_scores
+from flywheel.tasks.prepare import PrepareResult
 from flywheel.tasks.train import TrainResult
 
 log = logging.getLogger(__name__)

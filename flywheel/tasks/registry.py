@@ -58,8 +58,8 @@ from flywheel.tasks.evaluate import (
 if TYPE_CHECKING:
     from mlflow.entities.model_registry import ModelVersion
 
-    from flywheel.tasks.clean import PrepareResult
     from flywheel.tasks.export import ExportResult
+    from flywheel.tasks.prepare import PrepareResult
 
 log = logging.getLogger(__name__)
 

@@ -29,7 +29,7 @@ from flywheel import runtime, tracking
 from flywheel.config import Config
 from flywheel.io import read_parquet, recover_dir, replace_dir_atomic
 from flywheel.models.bundle import BUNDLE_FILE, ClassifierBundle, Preprocessing
-from flywheel.tasks.clean import PrepareResult
+from flywheel.tasks.prepare import PrepareResult
 
 log = logging.getLogger(__name__)
 

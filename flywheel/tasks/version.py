@@ -23,8 +23,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel.config import Config
 from flywheel.io import file_md5
-from flywheel.tasks.clean import PrepareResult
-from flywheel.tasks.retries import retry_on_io
+from flywheel.retries import retry_on_io
+from flywheel.tasks.prepare import PrepareResult
 
 log = logging.getLogger(__name__)
 

@@ -4,7 +4,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flywheel.config import CleanConfig, SplitConfig
-from flywheel.tasks.clean import clean_frame, split_frame, split_of
+from flywheel.tasks.prepare import clean_frame, split_frame, split_of
 from flywheel.text import clean_text, normalised_key
 
 

@@ -5,6 +5,7 @@ import pandas as pd
 import pytest
 
 from flywheel import feedback
+from flywheel import sources as collect
 from flywheel.config import (
     DataConfig,
     EmbeddedSource,
@@ -13,8 +14,8 @@ from flywheel.config import (
     ValidateConfig,
     load_config,
 )
-from flywheel.tasks import collect
-from flywheel.tasks.collect import SourceError, collect_frame, read_path_source
+from flywheel.sources import SourceError, collect_frame, read_path_source
+from flywheel.tasks.collect import collect as collect_stage
 from tests.conftest import REPO
 
 ROWS = [("loved it", "pos"), ("hated it", "neg"), ("fine, I guess", "pos")]
@@ -148,7 +149,7 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(tmp_path, case):
         },
     )
     with pytest.raises(SourceError) as info:
-        collect.collect(cfg)
+        collect_stage(cfg)
     assert phrase in str(info.value)
     assert str(path) in str(info.value)
     assert not (tmp_path / "out").exists()

@@ -14,7 +14,8 @@ from flywheel import feedback
 from flywheel.config import ValidateConfig, load_config
 from flywheel.feedback import FeedbackRecord
 from flywheel.io import read_parquet
-from flywheel.tasks.collect import collect, screen_feedback
+from flywheel.sources import screen_feedback
+from flywheel.tasks.collect import collect
 from flywheel.tasks.report import summary_markdown
 from flywheel.tasks.validate import run_suite
 from tests.conftest import REPO, labelled_frame

@@ -10,12 +10,12 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from flywheel import drift as stage
 from flywheel import predictions
 from flywheel.cli import app
 from flywheel.config import RetrainConfig, load_config
+from flywheel.drift import MonitorError, drift, label_shift, psi
 from flywheel.models.profile import Histogram, ReferenceProfile
-from flywheel.tasks import monitor as stage
-from flywheel.tasks.monitor import MonitorError, drift, label_shift, psi
 from tests.conftest import REPO
 
 RC = RetrainConfig()  # max_psi 0.25, max_label_shift 0.2, max_oov_drift 0.1

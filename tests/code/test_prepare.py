@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from flywheel.config import load_config
-from flywheel.tasks.clean import EmptySplitError, prepare
+from flywheel.tasks.prepare import EmptySplitError, prepare
 from flywheel.tasks.validate import DataNotValidatedError, DataValidationError, validate
 from tests.conftest import REPO, labelled_frame
 

@@ -1,6 +1,6 @@
 import pytest
 
-from flywheel.tasks.retries import retry_on_io
+from flywheel.retries import retry_on_io
 
 
 class FailedState:

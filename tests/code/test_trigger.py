@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from flywheel.config import RetrainConfig
-from flywheel.tasks.monitor import Drift
-from flywheel.tasks.trigger import (
+from flywheel.drift import Drift
+from flywheel.trigger import (
     NO_NEW_DATA,
     STATE_FILE,
     Evidence,

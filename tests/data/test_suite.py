@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from flywheel.config import EmbeddedSource, ValidateConfig, load_config
-from flywheel.tasks.collect import read_embedded
+from flywheel.sources import read_embedded
 from flywheel.tasks.validate import run_suite
 from tests.conftest import REPO, labelled_frame
 

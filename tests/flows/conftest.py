@@ -13,7 +13,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRun
 from prefect.testing.utilities import prefect_test_harness
 
 from flywheel.config import EmbeddedSource
-from flywheel.tasks.collect import read_embedded
+from flywheel.sources import read_embedded
 from tests.conftest import make_project, run
 
 ROWS_PER_LABEL = 300

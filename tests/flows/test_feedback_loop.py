@@ -16,14 +16,15 @@ import yaml
 
 from flywheel.config import load_config
 from flywheel.demo import feedback_demo, served, snippet_key, snippets, split_halves
+from flywheel.drift import Drift
 from flywheel.flows import retrain as retrain_flow
 from flywheel.flows.limits import retrain_slot
 from flywheel.flows.pipeline import pipeline
 from flywheel.flows.retrain import DECISION_ARTIFACT, OUTCOME_ARTIFACT, retrain
 from flywheel.servers import free_port
-from flywheel.tasks.monitor import Drift
 from flywheel.tasks.registry import CHAMPION, ModelRegistry
-from flywheel.tasks.trigger import (
+from flywheel.tracking import FEEDBACK_SEQ_TAG
+from flywheel.trigger import (
     ALREADY_CHAMPION,
     NO_NEW_DATA,
     NOT_PROMOTED,
@@ -31,7 +32,6 @@ from flywheel.tasks.trigger import (
     gather,
     last_firing,
 )
-from flywheel.tracking import FEEDBACK_SEQ_TAG
 from tests.conftest import run
 from tests.flows.conftest import flow_run_artifacts, small_project
 from tests.serving.test_feedback_pii import PII_TEXT, leaks

@@ -27,7 +27,7 @@ from flywheel.config import EmbeddedSource, load_config
 from flywheel.flows.pipeline import pipeline
 from flywheel.io import file_md5
 from flywheel.models.predictor import OnnxPredictor
-from flywheel.tasks.collect import read_embedded
+from flywheel.sources import read_embedded
 from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry, promote_task
 from flywheel.tasks.report import stage_of, task_runs
 from flywheel.tasks.train import META_FILE

@@ -375,7 +375,7 @@ STRICT = GateBounds(min_agreement=1.0, max_metric_loss=0.0, min_slice_rows=500)
 
 def critic_snippets(labels: tuple[str, ...], per_label: int = 110) -> pd.DataFrame:
     """The embedded Rotten Tomatoes file with its plot rows (which collect drops), shuffled."""
-    from flywheel.tasks.collect import embedded_path
+    from flywheel.sources import embedded_path
 
     raw = pd.read_csv(io.BytesIO(bz2.decompress(embedded_path().read_bytes())), dtype="string")
     frame = raw.rename(columns={"category": "label"})[["text", "label"]].dropna()

@@ -10,7 +10,7 @@ import pytest
 
 from flywheel.config import EmbeddedSource, load_config
 from flywheel.runtime import Device
-from flywheel.tasks.collect import read_embedded
+from flywheel.sources import read_embedded
 from flywheel.tasks.train import META_FILE, fit, run_key
 from tests.conftest import REPO
 

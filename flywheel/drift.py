@@ -26,8 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from flywheel import predictions
 from flywheel.config import Config, RetrainConfig
@@ -264,11 +262,3 @@ def write_report(result: Drift, reference: ReferenceProfile, cfg: Config, out_di
 
     replace_dir_atomic(out_dir, fill)
     return out_dir
-
-
-@task(name="monitor", cache_policy=NO_CACHE)
-def monitor_task(cfg: Config, version: str = "champion") -> Drift:
-    """Prefect task: drift of a version, with the report written to monitor.report_dir."""
-    result, reference = monitor(cfg, version)
-    write_report(result, reference, cfg, cfg.resolve(cfg.monitor.report_dir))
-    return result

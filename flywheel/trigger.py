@@ -6,7 +6,7 @@ newest feedback row its data version holds):
     feedback count     new feedback rows >= retrain.min_feedback
     feedback accuracy  the champion's accuracy on them < retrain.min_feedback_accuracy
                        (judged with at least retrain.min_feedback_for_accuracy rows)
-    drift              served traffic vs the champion's reference profile (tasks/monitor.py):
+    drift              served traffic vs the champion's reference profile (drift.py):
                        PSI of lengths or confidences > retrain.max_psi, predicted-label shift >
                        retrain.max_label_shift, OOV share up by > retrain.max_oov_drift
 
@@ -36,15 +36,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from flywheel import feedback
 from flywheel.config import Config, RetrainConfig
+from flywheel.drift import Drift, MonitorError, monitor
 from flywheel.errors import FlywheelError
 from flywheel.io import write_json
-from flywheel.tasks.collect import screen_feedback
-from flywheel.tasks.monitor import Drift, MonitorError, monitor
+from flywheel.sources import screen_feedback
 from flywheel.tasks.registry import CHAMPION, ModelRegistry
 from flywheel.tracking import FEEDBACK_SEQ_TAG
 
@@ -374,9 +372,8 @@ def finish_firing(
     )
 
 
-@task(name="retrain-check", cache_policy=NO_CACHE)
-def check_task(cfg: Config, force: bool = False, busy: bool = False) -> TriggerDecision:
-    """Gather the evidence and decide (the flow records a firing: start_firing)."""
+def check(cfg: Config, force: bool = False, busy: bool = False) -> TriggerDecision:
+    """Gather the evidence and decide (the retrain flow records a firing: start_firing)."""
     last = last_firing(cfg.root)
     decision = decide(gather(cfg), cfg.retrain, last, datetime.now(UTC), force, busy)
     log.info("retrain check: %s", decision.headline())

@@ -17,8 +17,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel import cache, tracking
 from flywheel.config import Config, changes_data, load_config, with_run_outputs
-from flywheel.tasks.clean import prepare
 from flywheel.tasks.collect import collect
+from flywheel.tasks.prepare import prepare
 from flywheel.tasks.registry import CHAMPION, ModelRegistry, RegistryError
 from flywheel.tasks.validate import validate
 from flywheel.tasks.version import dir_md5
