@@ -27,9 +27,9 @@ import pandas as pd
 
 from flywheel import runtime
 from flywheel.config import load_config
+from flywheel.metrics import compute_metrics
 from flywheel.models.bundle import ClassifierBundle, softmax
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
-from flywheel.tasks.evaluate import compute_metrics
 from flywheel.tasks.export import measure_latency, quantize
 
 ROOT = Path(__file__).resolve().parents[1]

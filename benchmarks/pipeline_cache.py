@@ -54,7 +54,7 @@ def copy_project(root: Path) -> Path:
 
 def task_seconds(flow_run_id: str) -> dict[str, float]:
     """Task name -> seconds in Running, for one flow run, in the order they started."""
-    from flywheel.tasks.report import stage_of, task_runs
+    from flywheel.flows.report import stage_of, task_runs
 
     return {stage_of(r): r.total_run_time.total_seconds() for r in task_runs(flow_run_id)}
 
@@ -102,8 +102,8 @@ def main() -> None:
     from flywheel import runtime, tracking
 
     runtime.configure(root)
-    from flywheel.cli import summary_lines
     from flywheel.flows.pipeline import pipeline
+    from flywheel.flows.result import summary_lines
 
     try:
         tracked_before, in_tasks_before = tracking.SPENT.seconds, tracking.SPENT.in_tasks

@@ -22,9 +22,9 @@ from pathlib import Path
 import pandas as pd
 
 from flywheel.config import load_config
+from flywheel.metrics import compute_metrics
 from flywheel.models.bundle import ClassifierBundle, Preprocessing
 from flywheel.tasks.baseline import fit_baseline
-from flywheel.tasks.evaluate import compute_metrics
 from flywheel.tasks.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]

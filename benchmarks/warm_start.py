@@ -28,11 +28,11 @@ import pandas as pd
 from mlflow.entities import Run
 
 from flywheel import gates
+from flywheel.cli.demo import snippets, split_halves
 from flywheel.config import load_config
-from flywheel.demo import snippets, split_halves
 from flywheel.models.bundle import ClassifierBundle
+from flywheel.registry import CHAMPION, PREVIOUS, ModelRegistry
 from flywheel.slices import slice_masks
-from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry
 from flywheel.tasks.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -1,20 +1,8 @@
-"""Content-addressed caching of the model stages (docs/decisions/0007).
-
-A stage's key is a hash of what determines its output:
-
-- `data`: the data version (DVC's md5 of the prepared splits),
-- `config`: the resolved values of the config keys it reads (`train.lr`, ...),
-- `code`: the source of its task module and every flywheel module that one imports,
-- `deps`: the installed versions of the numerical stack,
-- `upstream`: the keys of the stages whose results it consumes,
-- `state`: for promote, the champion it would be judged against.
-
-Prefect owns the cache: a stage runs as its task with `cache_key_fn` returning the key, its
-result persisted under `.flywheel/cache/results/`. Beside it a ledger
-(`.flywheel/cache/keys/<stage>.json`) keeps each key's components and a content hash of every
-file the result points to. A result is reused only when the record exists *and* its files are
-unchanged; a stage that runs makes every stage downstream of it run. The ledger is also how a
-miss is explained: the components are compared with those of the stage's last run.
+"""Content-addressed stage cache, without Prefect (docs/decisions/0007, 0014): a stage's key
+hashes its input data, the config it reads, its code (with what it imports), the numerical
+stack, its upstream keys and, for promote, the champion. A ledger (`.flywheel/cache/keys/`)
+keeps each key's components and its result's file hashes, so a reuse is safe and a miss is
+explained. Which stage reads what comes from its declaration (flywheel/stages.py).
 """
 
 from __future__ import annotations
@@ -28,81 +16,22 @@ import os
 import platform
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from enum import StrEnum
 from functools import cache
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 from flywheel.config import Config, dotted
-from flywheel.errors import FlywheelError
 from flywheel.io import write_json
+from flywheel.stages import StageSpec
 
 log = logging.getLogger(__name__)
 
 
-class Stage(StrEnum):
-    """The cached stages, in pipeline order (`--force-from` counts from here)."""
-
-    VALIDATE = "validate"
-    PREPARE = "prepare"
-    BASELINE = "baseline"
-    TRAIN = "train"
-    EVALUATE = "evaluate"
-    EXPORT = "export"
-    REGISTER = "register"
-    PROMOTE = "promote"
-
-
-ORDER = tuple(Stage)
-# Keyed on the raw table's md5 (collect always runs: reading the sources is how a change shows).
-DATA_STAGES = (Stage.VALIDATE, Stage.PREPARE)
-# Keyed on the data version (DVC's md5 of the prepared splits).
-MODEL_STAGES = ORDER[len(DATA_STAGES) :]
-# Whose results a stage consumes: when one of them runs, so does the stage.
-UPSTREAM: dict[Stage, tuple[Stage, ...]] = {
-    Stage.VALIDATE: (),
-    Stage.PREPARE: (Stage.VALIDATE,),
-    Stage.BASELINE: (),
-    Stage.TRAIN: (),
-    Stage.EVALUATE: (Stage.BASELINE, Stage.TRAIN),
-    Stage.EXPORT: (Stage.TRAIN,),
-    Stage.REGISTER: (Stage.EXPORT,),
-    Stage.PROMOTE: (Stage.REGISTER,),
-}
-# The config keys (dotted prefixes) each stage reads, directly or through Preprocessing.
-CONFIG_READ: dict[Stage, tuple[str, ...]] = {
-    Stage.VALIDATE: ("validate",),
-    Stage.PREPARE: ("seed", "clean", "split", "validate.report_dir"),
-    Stage.BASELINE: (
-        "seed",
-        "clean.mask_pii",
-        "train.max_length",
-        "train.checkpoint_dir",
-        "evaluate",
-    ),
-    Stage.TRAIN: ("seed", "clean.mask_pii", "train"),
-    Stage.EVALUATE: ("evaluate", "train.device", "train.precision"),
-    Stage.EXPORT: ("export", "monitor.reference"),
-    Stage.REGISTER: ("evaluate", "registry.model_name"),
-    Stage.PROMOTE: ("evaluate", "registry"),
-}
 SPEED_ONLY = frozenset({"train.threads", "evaluate.batch_size"})  # how fast, not what comes out
-# The code a stage runs: its task module (plus, for register, the model code it ships by path)
-# and every flywheel module those import, with the packages' __init__.py.
-CODE: dict[Stage, tuple[str, ...]] = {
-    Stage.VALIDATE: ("flywheel/tasks/validate.py",),
-    Stage.PREPARE: ("flywheel/tasks/prepare.py",),
-    Stage.BASELINE: ("flywheel/tasks/baseline.py",),
-    Stage.TRAIN: ("flywheel/tasks/train.py",),
-    Stage.EVALUATE: ("flywheel/tasks/evaluate.py",),
-    Stage.EXPORT: ("flywheel/tasks/export.py",),
-    Stage.REGISTER: ("flywheel/tasks/registry.py", "flywheel/models/mlflow_model.py"),
-    Stage.PROMOTE: ("flywheel/tasks/registry.py",),
-}
 # The numerical stack: a new version of any of these may change what a stage produces.
 DEPENDENCIES = (
     "torch",
@@ -133,10 +62,10 @@ def cache_dir(root: Path) -> Path:
 # --- key components -----------------------------------------------------------------------------
 
 
-def config_values(cfg: Config, stage: Stage) -> dict[str, Any]:
+def config_values(cfg: Config, stage: StageSpec) -> dict[str, Any]:
     """The resolved config values a stage reads, as dotted keys."""
     flat = dotted(cfg.model_dump(mode="json", by_alias=True))
-    prefixes = CONFIG_READ[stage]
+    prefixes = stage.reads
     return {
         k: v
         for k, v in sorted(flat.items())
@@ -216,7 +145,7 @@ def dependency_versions() -> dict[str, str]:
 class StageKey:
     """What determines one stage's output; `digest` names its cached result."""
 
-    stage: Stage
+    stage: str
     components: dict[str, Any]
 
     @property
@@ -232,20 +161,20 @@ class StageKey:
 
 def stage_key(
     cfg: Config,
-    stage: Stage,
+    stage: StageSpec,
     data: str,
-    upstream: Mapping[Stage, StageKey],
+    upstream: Mapping[str, StageKey],
     state: Mapping[str, str] | None = None,
 ) -> StageKey:
     """A stage's key from its input data's hash, its config, its code, the stack, its upstream."""
     return StageKey(
-        stage,
+        stage.name,
         {
             "data": data,
             "config": config_values(cfg, stage),
-            "code": code_hashes(*CODE[stage]),
+            "code": code_hashes(*stage.code),
             "deps": dependency_versions(),
-            "upstream": {str(u): upstream[u].digest for u in UPSTREAM[stage]},
+            "upstream": {u: upstream[u].digest for u in stage.upstream},
             "state": dict(state or {}),
         },
     )
@@ -282,38 +211,6 @@ def explain(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
 
 
 # --- the files a result points to -----------------------------------------------------------------
-
-
-def artifacts(stage: Stage, result: Any) -> list[Path]:
-    """The files a later stage reads from a stage's result: they must be unchanged for reuse.
-
-    The "latest report" folders (reports/evaluation/<model>/) are not among them: every run
-    that evaluates rewrites them (the reports of each run are MLflow artifacts), so they cannot
-    say whether a result is still valid."""
-    match stage:
-        case Stage.VALIDATE:
-            return [result.report_dir]  # checks.json: what prepare verifies
-        case Stage.PREPARE:
-            return [result.prepared_dir]
-        case Stage.BASELINE:
-            return [result.fit.model_path]
-        case Stage.TRAIN:
-            return [result.model_dir]
-        case Stage.EXPORT:
-            return [result.directory]
-        case Stage.EVALUATE | Stage.REGISTER | Stage.PROMOTE:
-            return []
-
-
-def facts(stage: Stage, result: Any) -> dict[str, str]:
-    """Registry state a result relies on (checked by `Plan` before reuse): the version a
-    registration made; for a decision, the champion it left (a rollback since re-opens it)."""
-    if stage is Stage.REGISTER:
-        return {"model": result.name, "version": result.version, "run_id": result.run_id}
-    if stage is Stage.PROMOTE:
-        champion = result.version if result.promoted else result.champion_before
-        return {"champion": champion or "none"}
-    return {}
 
 
 def fingerprint(paths: Iterable[Path], root: Path) -> dict[str, str]:
@@ -360,10 +257,10 @@ class Ledger:
     def __init__(self, directory: Path):
         self.directory = directory
 
-    def _path(self, stage: Stage) -> Path:
+    def _path(self, stage: str) -> Path:
         return self.directory / f"{stage}.json"
 
-    def entries(self, stage: Stage) -> dict[str, dict[str, Any]]:
+    def entries(self, stage: str) -> dict[str, dict[str, Any]]:
         path = self._path(stage)
         if not path.is_file():
             return {}
@@ -373,7 +270,7 @@ class Ledger:
             log.warning("cache: unreadable ledger %s (%s); treating it as empty", path, exc)
             return {}
 
-    def latest(self, stage: Stage) -> dict[str, Any] | None:
+    def latest(self, stage: str) -> dict[str, Any] | None:
         entries = self.entries(stage)
         return max(entries.values(), key=lambda e: e["used"]) if entries else None
 
@@ -404,7 +301,7 @@ class Ledger:
                 self._write(key.stage, entries)
 
     @contextmanager
-    def _locked(self, stage: Stage) -> Iterator[None]:
+    def _locked(self, stage: str) -> Iterator[None]:
         """One writer per stage file at a time (runs may overlap); readers see whole files."""
         self.directory.mkdir(parents=True, exist_ok=True)
         with (self.directory / f".{stage}.lock").open("a") as handle:
@@ -414,7 +311,7 @@ class Ledger:
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
 
-    def _write(self, stage: Stage, entries: dict[str, dict[str, Any]]) -> list[str]:
+    def _write(self, stage: str, entries: dict[str, dict[str, Any]]) -> list[str]:
         ordered = sorted(entries.items(), key=lambda kv: kv[1]["used"], reverse=True)
         kept, dropped = dict(ordered[:KEEP_ENTRIES]), ordered[KEEP_ENTRIES:]
         handle, staging = tempfile.mkstemp(dir=self.directory, prefix=f".{stage}.", suffix=".tmp")
@@ -431,7 +328,7 @@ class Ledger:
 class Step:
     """One stage's decision: run it or reuse its cached result, and why."""
 
-    stage: Stage
+    stage: StageSpec
     key: StageKey
     runs: bool
     reason: str
@@ -442,28 +339,14 @@ class Step:
         return "run" if self.runs else "reuse"
 
 
-class UnknownStageError(FlywheelError):
-    """--force-from named something that is not a cached stage."""
-
-
-def parse_stage(name: str) -> Stage:
-    try:
-        return Stage(name)
-    except ValueError:
-        known = ", ".join(ORDER)
-        raise UnknownStageError(
-            f"unknown stage {name!r} for --force-from (one of {known})"
-        ) from None
-
-
 @dataclass(frozen=True)
 class Plan:
     """What a run will do stage by stage; `run` executes a stage accordingly."""
 
     root: Path
-    steps: dict[Stage, Step]
+    steps: dict[str, Step]
     flow_run: str | None = None
-    ran: dict[Stage, bool] = field(default_factory=dict)  # filled in as stages execute
+    ran: dict[str, bool] = field(default_factory=dict)  # filled in as stages execute
 
     @property
     def results_dir(self) -> Path:
@@ -473,36 +356,28 @@ class Plan:
     def ledger(self) -> Ledger:
         return Ledger(cache_dir(self.root) / "keys")
 
-    def forced(self, stage: Stage) -> bool:
+    def forced(self, stage: str) -> bool:
         return self.steps[stage].forced
 
-    def run(self, task: Any, *args: Any, **kwargs: Any) -> Any:
-        """Call a stage's Prefect task with its key: Prefect returns the persisted result when
-        the plan reuses it, and runs it (overwriting the record) when the plan says run."""
-        from prefect.cache_policies import CachePolicy
+    def runs(self, stage: str) -> bool:
+        """Whether a stage runs now: planned to, or a stage it consumes ran anyway (its cached
+        record had vanished since planning)."""
+        step = self.steps[stage]
+        return step.runs or any(self.ran.get(u) for u in step.stage.upstream)
 
-        step = self.steps[Stage(task.name)]
-        # A stage planned for reuse whose upstream ran anyway (its record had vanished) runs too.
-        runs = step.runs or any(self.ran.get(u) for u in UPSTREAM[step.stage])
-        cached = task.with_options(
-            cache_policy=CachePolicy.from_cache_key_fn(lambda *_: step.key.record),
-            persist_result=True,
-            result_storage=self.results_dir,
-            refresh_cache=runs,
-        )
-        state = cached(*args, return_state=True, **kwargs)
-        result = state.result()
-        reused = state.name == "Cached"
-        self.ran[step.stage] = not reused
+    def executed(self, stage: str, result: Any, reused: bool) -> None:
+        """Record how a stage went: reuse refreshes its ledger entry; a run records its key with
+        its files and facts, dropping the persisted results of keys beyond KEEP_ENTRIES."""
+        step = self.steps[stage]
+        self.ran[stage] = not reused
         if reused:
             self.ledger.touch(step.key)
-            log.info("%s: reused cached result %s", step.stage, step.key.digest)
-        else:
-            files = fingerprint(artifacts(step.stage, result), self.root)
-            dropped = self.ledger.record(step.key, files, facts(step.stage, result), self.flow_run)
-            for record in dropped:
-                (self.results_dir / record).unlink(missing_ok=True)
-        return result
+            log.info("%s: reused cached result %s", stage, step.key.digest)
+            return
+        files = fingerprint(step.stage.files(result), self.root)
+        dropped = self.ledger.record(step.key, files, step.stage.found(result), self.flow_run)
+        for record in dropped:
+            (self.results_dir / record).unlink(missing_ok=True)
 
     def then(self, later: Plan) -> Plan:
         """This plan followed by a later one (the data stages', then the model stages')."""
@@ -510,60 +385,60 @@ class Plan:
 
     def summary(self) -> dict[str, str]:
         """Stage -> "ran" / "reused" for the stages executed so far (run tags, report)."""
-        return {str(s): "ran" if ran else "reused" for s, ran in self.ran.items()}
+        return {s: "ran" if ran else "reused" for s, ran in self.ran.items()}
 
     def table(self) -> str:
         """The plan as text: stage, action, key, reason."""
         lines = [f"{'stage':<9} {'action':<6} {'key':<16}  why"]
-        for step in self.steps.values():
-            lines.append(f"{step.stage:<9} {step.action:<6} {step.key.digest}  {step.reason}")
+        for name, step in self.steps.items():
+            lines.append(f"{name:<9} {step.action:<6} {step.key.digest}  {step.reason}")
         return "\n".join(lines)
 
 
 def make_plan(
     cfg: Config,
     data: str,
-    stages: Iterable[Stage],
+    stages: Iterable[StageSpec],
     *,
-    force_from: Stage | None = None,
-    state: Mapping[Stage, Mapping[str, str]] | None = None,
-    check_facts: Callable[[Stage, Mapping[str, str]], str | None] | None = None,
+    forced: Collection[str] = (),
+    force_from: str | None = None,
+    state: Mapping[str, Mapping[str, str]] | None = None,
+    check_facts: Callable[[str, Mapping[str, str]], str | None] | None = None,
     flow_run: str | None = None,
 ) -> Plan:
     """Decide, stage by stage, whether to run or reuse and why. `data` is the hash of the
-    stages' input: the raw table's md5 for DATA_STAGES, the data version for MODEL_STAGES.
+    stages' input (their `keyed_on`: the raw table's md5 or the data version).
 
-    A stage runs when forced (it is `force_from` or after it), when a stage it consumes runs,
-    when no result is cached under its key (the reason names what changed since its last run),
-    or when a file or fact its cached result relies on changed.
+    A stage runs when forced (in `forced`: `force_from` and the stages after it), when a stage it
+    consumes runs, when no result is cached under its key (the reason names what changed since
+    its last run), or when a file or fact its cached result relies on changed.
     """
     root = cfg.root
     ledger = Ledger(cache_dir(root) / "keys")
     results = cache_dir(root) / "results"
     state = state or {}
-    wanted = list(stages)
-    keys: dict[Stage, StageKey] = {}
-    steps: dict[Stage, Step] = {}
-    for stage in wanted:
-        key = stage_key(cfg, stage, data, keys, state.get(stage))
-        keys[stage] = key
-        running_upstream = [u for u in UPSTREAM[stage] if steps[u].runs]
-        entry = ledger.entries(stage).get(key.digest)
-        if force_from is not None and ORDER.index(stage) >= ORDER.index(force_from):
+    keys: dict[str, StageKey] = {}
+    steps: dict[str, Step] = {}
+    for stage in stages:
+        key = stage_key(cfg, stage, data, keys, state.get(stage.name))
+        keys[stage.name] = key
+        running_upstream = [u for u in stage.upstream if steps[u].runs]
+        entry = ledger.entries(stage.name).get(key.digest)
+        if stage.name in forced:
             step = Step(stage, key, True, f"forced (--force-from {force_from})", forced=True)
         elif running_upstream:
             step = Step(stage, key, True, f"{', '.join(running_upstream)} runs")
         elif entry is None:
-            last = ledger.latest(stage)
+            last = ledger.latest(stage.name)
             why = "; ".join(explain(last["components"], key.components)) if last else ""
             step = Step(stage, key, True, why or "no cached result yet")
         elif not (results / key.record).is_file():
             step = Step(stage, key, True, f"cached result {key.record} was deleted")
         elif stale := stale_artifact(entry["files"], root):
             step = Step(stage, key, True, stale)
-        elif entry["facts"] and check_facts and (gone := check_facts(stage, entry["facts"])):
+        elif entry["facts"] and check_facts and (gone := check_facts(stage.name, entry["facts"])):
             step = Step(stage, key, True, gone)
         else:
             step = Step(stage, key, False, "same data, config, code and dependencies")
-        steps[stage] = step
+        steps[stage.name] = step
     return Plan(root, steps, flow_run)

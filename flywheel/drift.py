@@ -143,7 +143,7 @@ def monitor(
     cfg: Config, version: str = "champion", window: int | None = None
 ) -> tuple[Drift, ReferenceProfile]:
     """Drift of a registered version (number or alias) over its newest logged predictions."""
-    from flywheel.tasks.registry import ModelRegistry
+    from flywheel.registry import ModelRegistry
 
     registry = ModelRegistry.of(cfg)
     number = registry.version(version).version

@@ -198,6 +198,62 @@ def _verdict(low: float, adjusted: tuple[float, float], margin: float) -> str:
     return BETTER if adjusted[0] > 0 else NOT_WORSE
 
 
+def _label_set_problem(
+    candidate_labels: Sequence[str] | None, champion_labels: Sequence[str] | None
+) -> str | None:
+    """Why two models cannot be compared (they predict different label sets), or None."""
+    if candidate_labels is None or champion_labels is None:
+        return None
+    if set(candidate_labels) == set(champion_labels):
+        return None
+    return (
+        f"the models predict different label sets (candidate: "
+        f"{', '.join(sorted(candidate_labels))}; champion: "
+        f"{', '.join(sorted(champion_labels))}): they cannot be compared"
+    )
+
+
+def _estimates(
+    name: str,
+    rows: np.ndarray,
+    answers: tuple[list[str], list[str], list[str]],
+    labels: list[str],
+    judged: bool,
+    margin: float,
+    rc: RegistryConfig,
+    tail: float,
+    resamples: int,
+    seed: int,
+) -> list[Estimate]:
+    """The intervals of one group of rows (overall or a slice), one estimate per metric."""
+    truth, candidate, champion = ([a[i] for i in rows] for a in answers)
+    ours, theirs, resampled = bootstrap(truth, candidate, champion, labels, resamples, seed)
+    alpha = 1 - rc.confidence
+    interval = np.quantile(resampled, [alpha / 2, 1 - alpha / 2], axis=0)
+    wide = np.quantile(resampled, [tail, 1 - tail], axis=0)
+    out = []
+    for j, metric in enumerate(METRICS):
+        low, high = float(interval[0, j]), float(interval[1, j])
+        adjusted = (float(wide[0, j]), float(wide[1, j]))
+        verdict = _verdict(low, adjusted, margin) if judged else NOT_JUDGED
+        out.append(
+            Estimate(
+                name,
+                metric,
+                len(rows),
+                float(ours[j]),
+                float(theirs[j]),
+                low,
+                high,
+                verdict,
+                margin,
+                adjusted,
+                1 - 2 * tail,
+            )
+        )
+    return out
+
+
 def compare(
     truth: Sequence[str],
     candidate: Sequence[str],
@@ -215,22 +271,12 @@ def compare(
     intervals at `rc.confidence`; a significant loss or gain is judged on intervals widened for
     the number of judged estimates (Bonferroni), so ten slices of two equal models do not
     produce a "significant" loss one time in two by chance."""
-    truth, candidate, champion = list(truth), list(candidate), list(champion)
+    answers = (list(truth), list(candidate), list(champion))
+    truth, candidate, champion = answers
     if not len(truth) == len(candidate) == len(champion):
         raise ValueError(
             f"truth, candidate and champion answers differ in length "
             f"({len(truth)}, {len(candidate)}, {len(champion)})"
-        )
-    problem = None
-    if (
-        candidate_labels is not None
-        and champion_labels is not None
-        and set(candidate_labels) != set(champion_labels)
-    ):
-        problem = (
-            f"the models predict different label sets (candidate: "
-            f"{', '.join(sorted(candidate_labels))}; champion: "
-            f"{', '.join(sorted(champion_labels))}): they cannot be compared"
         )
     labels = sorted({*truth, *candidate, *champion, *(candidate_labels or ())})
     groups = {
@@ -239,41 +285,14 @@ def compare(
         if len(rows := np.flatnonzero(mask))
     }
     judged = {name: name == OVERALL or len(r) >= rc.min_slice_rows for name, r in groups.items()}
-    alpha = 1 - rc.confidence
-    tail = alpha / (2 * max(1, len(METRICS) * sum(judged.values())))  # Bonferroni, each end
+    tail = (1 - rc.confidence) / (2 * max(1, len(METRICS) * sum(judged.values())))  # Bonferroni
     resamples = max(rc.bootstrap_resamples, math.ceil(TAIL_DRAWS / tail))
     estimates = []
     for offset, (name, rows) in enumerate(groups.items()):
-        ours, theirs, resampled = bootstrap(
-            [truth[i] for i in rows],
-            [candidate[i] for i in rows],
-            [champion[i] for i in rows],
-            labels,
-            resamples,
-            seed + offset,
-        )
         margin = slice_margin(rc, len(rows), len(truth)) if name != OVERALL else rc.margin
-        interval = np.quantile(resampled, [alpha / 2, 1 - alpha / 2], axis=0)
-        wide = np.quantile(resampled, [tail, 1 - tail], axis=0)
-        for j, metric in enumerate(METRICS):
-            low, high = float(interval[0, j]), float(interval[1, j])
-            adjusted = (float(wide[0, j]), float(wide[1, j]))
-            verdict = _verdict(low, adjusted, margin) if judged[name] else NOT_JUDGED
-            estimates.append(
-                Estimate(
-                    name,
-                    metric,
-                    len(rows),
-                    float(ours[j]),
-                    float(theirs[j]),
-                    low,
-                    high,
-                    verdict,
-                    margin,
-                    adjusted,
-                    1 - 2 * tail,
-                )
-            )
+        estimates += _estimates(
+            name, rows, answers, labels, judged[name], margin, rc, tail, resamples, seed + offset
+        )
     right_a = np.array([t == c for t, c in zip(truth, candidate, strict=True)])
     right_b = np.array([t == c for t, c in zip(truth, champion, strict=True)])
     only_a, only_b = int((right_a & ~right_b).sum()), int((right_b & ~right_a).sum())
@@ -284,7 +303,7 @@ def compare(
         seed,
         (only_a, only_b),
         exact_mcnemar(only_a, only_b),
-        problem,
+        _label_set_problem(candidate_labels, champion_labels),
     )
 
 

@@ -1,5 +1,5 @@
 """MLflow tracking, at the edge: every run-tracking call of the pipeline goes through this module
-(the model registry is flywheel/tasks/registry.py, on a client from here).
+(the model registry client is flywheel/registry.py, on a client from here).
 
 Default store: `sqlite:///<root>/mlflow/mlflow.db` with artifacts in `<root>/mlflow/artifacts`;
 MLFLOW_TRACKING_URI overrides it (e.g. a team server). Params, metrics and tags are sent with
@@ -17,6 +17,7 @@ import contextlib
 import functools
 import os
 import subprocess
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -54,8 +55,9 @@ SPENT = TrackingTime()
 
 @contextmanager
 def _timing() -> Iterator[None]:
-    from prefect.context import TaskRunContext
-
+    # Prefect's context is looked up, never imported: a process without Prefect (the server)
+    # cannot be inside a task run, and must not load Prefect to find that out.
+    context = sys.modules.get("prefect.context")
     started = time.perf_counter()
     try:
         yield
@@ -63,7 +65,7 @@ def _timing() -> Iterator[None]:
         spent = time.perf_counter() - started
         SPENT.seconds += spent
         SPENT.calls += 1
-        if TaskRunContext.get() is not None:
+        if context is not None and context.TaskRunContext.get() is not None:
             SPENT.in_tasks += spent
 
 

@@ -42,8 +42,8 @@ from flywheel.config import Config, RetrainConfig
 from flywheel.drift import Drift, MonitorError, monitor
 from flywheel.errors import FlywheelError
 from flywheel.io import write_json
+from flywheel.registry import CHAMPION, ModelRegistry
 from flywheel.sources import screen_feedback
-from flywheel.tasks.registry import CHAMPION, ModelRegistry
 from flywheel.tracking import FEEDBACK_SEQ_TAG
 
 log = logging.getLogger(__name__)

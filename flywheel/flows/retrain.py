@@ -27,7 +27,8 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel.config import DEFAULT_PARAMS, ConfigError, load_config
 from flywheel.flows.limits import retrain_slot
-from flywheel.flows.pipeline import PipelineResult, pipeline
+from flywheel.flows.pipeline import pipeline
+from flywheel.flows.result import PipelineResult, summary_lines
 from flywheel.trigger import (
     ALREADY_CHAMPION,
     FAILED,
@@ -69,24 +70,14 @@ class RetrainResult:
 
 
 def outcome_markdown(result: PipelineResult) -> str:
-    registered, decision = result.registered, result.promotion
-    lines = [
-        "# Retrain outcome",
-        "",
-        f"- data version `{result.data_version}` "
-        f"({result.collect.rows_per_source.get('feedback', 0):,} feedback rows of "
-        f"{result.collect.rows:,})",
-    ]
-    if registered is not None:
-        m = registered.report.metrics
-        lines.append(
-            f"- registered version {registered.version}: test accuracy {m.accuracy:.4f}, "
-            f"macro-F1 {m.macro_f1:.4f}"
-        )
-    if decision is not None:
-        lines.append(f"- promotion: {decision.summary()}")
-        lines += [f"  - {line}" for line in decision.gate_lines()]
-    return "\n".join(lines)
+    """The retrain's outcome: the run summary's data, registration and promotion lines, then
+    every gate with its figures."""
+    lines = summary_lines(result)
+    keep = ("collect", "feedback", "data version", "register", "promote")
+    out = ["# Retrain outcome", "", *(f"- {k}: {lines[k]}" for k in keep if k in lines)]
+    if result.promotion is not None:
+        out += [f"  - {line}" for line in result.promotion.gate_lines()]
+    return "\n".join(out)
 
 
 @flow(name="flywheel-retrain", log_prints=True, validate_parameters=True)

@@ -1,11 +1,11 @@
 """Scheduled retraining: Prefect deployments with a cron schedule, of the pipeline flow (retrain
 every time) or of the retrain flow (retrain when feedback or drift call for it).
 
-A deployment is either served by the `flywheel schedule` process itself (`flow.serve`: no work
-pool; runs start in subprocesses of that process while it runs) or sent to a work pool, where
-`prefect worker start --pool NAME` picks its runs up. Both use a module entrypoint
-(`flywheel.flows.pipeline.pipeline`, `flywheel.flows.retrain.retrain`): the code that runs is
-the installed Flywheel package, the one that created the deployment.
+A deployment is either served by the `flywheel schedule serve` process itself (`flow.serve`: no
+work pool; runs start in subprocesses of that process while it runs) or sent to a work pool by
+`flywheel schedule add`, where `prefect worker start --pool NAME` picks its runs up. Both use a
+module entrypoint (`flywheel.flows.pipeline.pipeline`, `flywheel.flows.retrain.retrain`): the
+code that runs is the installed Flywheel package, the one that created the deployment.
 
 Every call here talks to the Prefect API the process is configured for (see
 `flywheel.servers.prefect_api`).
@@ -173,7 +173,7 @@ def deploy_to_pool(
 
 @dataclass(frozen=True)
 class Scheduled:
-    """One deployment, as `flywheel schedule --list` shows it."""
+    """One deployment, as `flywheel schedule list` shows it."""
 
     flow: str  # the Prefect flow name
     name: str
@@ -227,7 +227,7 @@ def runs_of(client: SyncPrefectClient, deployment_id: Any, scheduled: bool) -> l
 
 
 def summarize(client: SyncPrefectClient, flow: str, deployment: DeploymentResponse) -> Scheduled:
-    """What --list shows of one deployment of the flow named `flow`."""
+    """What `flywheel schedule list` shows of one deployment of the flow named `flow`."""
     upcoming = runs_of(client, deployment.id, scheduled=True)
     latest = runs_of(client, deployment.id, scheduled=False)
     last = None

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 from flywheel.errors import FlywheelError
 from flywheel.models.predictor import OnnxPredictor, Prediction
 from flywheel.models.profile import load_vocabulary, oov_rate
+from flywheel.registry import CHAMPION, ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,10 @@ class ModelSource(Protocol):
 class RegistrySource:
     """The champion alias of one registered model."""
 
-    def __init__(self, registry: Any):  # flywheel.tasks.registry.ModelRegistry
+    def __init__(self, registry: ModelRegistry):
         self.registry = registry
 
     def champion(self) -> str | None:
-        from flywheel.tasks.registry import CHAMPION
-
         return self.registry.alias(CHAMPION)
 
     def load(self, version: str) -> ServedModel:

@@ -1,8 +1,14 @@
-"""Prometheus metrics of one app (its own registry, so two apps in a process never mix)."""
+"""Prometheus metrics of one app (its own registry, so two apps in a process never mix), and the
+middleware that counts and times every request by endpoint, method and status."""
 
 from __future__ import annotations
 
+import time
+
+from fastapi import Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
+from starlette.types import ASGIApp
 
 from flywheel.serving.champion import Reload
 
@@ -65,3 +71,23 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestMetrics(BaseHTTPMiddleware):
+    """Every request counted and timed under its route's path (`unmatched`: no route)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        super().__init__(app)
+        self.metrics = metrics
+
+    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+        started, status = time.perf_counter(), 500
+        try:
+            response = await call_next(request)
+            status = response.status_code
+            return response
+        finally:
+            route = request.scope.get("route")
+            endpoint = getattr(route, "path", "unmatched")
+            self.metrics.requests.labels(endpoint, request.method, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

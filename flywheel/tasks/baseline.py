@@ -3,6 +3,7 @@
 Every report sets the transformer against it, so the cost of fine-tuning is always weighed
 against what a linear model gets for free. Same interface as the transformer bundle:
 `labels` and `predict_proba(texts)`, over the same preprocessing (flywheel.text + flywheel.pii).
+Its figures on the default data: docs/training.md.
 """
 
 from __future__ import annotations
@@ -21,9 +22,18 @@ from prefect.cache_policies import NO_CACHE
 from flywheel import tracking
 from flywheel.config import Config
 from flywheel.io import read_parquet
+from flywheel.metrics import label_ids, macro_f1
 from flywheel.models.bundle import Preprocessing
+from flywheel.stages import StageSpec
 from flywheel.tasks.evaluate import EvaluationReport, check_polarity_labels, evaluate_model
 from flywheel.tasks.prepare import PrepareResult
+
+STAGE = StageSpec(
+    name="baseline",
+    module=__name__,
+    reads=("seed", "clean.mask_pii", "train.max_length", "train.checkpoint_dir", "evaluate"),
+    artifacts=("fit.model_path",),
+)
 
 
 class BaselineModel:
@@ -76,9 +86,11 @@ def fit_baseline(
     """Fit each grid point on train, keep the best by validation macro-F1 (never the test)."""
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import f1_score
     from sklearn.pipeline import make_pipeline
 
+    truth = val_frame["label"].tolist()
+    # macro-F1 over the labels of both splits, as the transformer is selected (train.fit)
+    labels = sorted(set(train_frame["label"]) | set(truth))
     best, best_score, best_params = None, -1.0, {}
     for params in GRID:
         pipeline = make_pipeline(
@@ -87,7 +99,7 @@ def fit_baseline(
         )
         pipeline.fit(train_frame["text"].tolist(), train_frame["label"].tolist())
         predicted = pipeline.predict(val_frame["text"].tolist())
-        score = f1_score(val_frame["label"].tolist(), predicted, average="macro")
+        score = macro_f1(label_ids(truth, labels), label_ids(predicted, labels), len(labels))
         if score > best_score:
             best, best_score, best_params = pipeline, score, params
     return BaselineModel(best, preprocessing), {**best_params, "val_macro_f1": float(best_score)}

@@ -18,6 +18,15 @@ from flywheel.config import Config
 from flywheel.io import file_md5, write_parquet_atomic
 from flywheel.retries import retry_on_io
 from flywheel.sources import collect_frame
+from flywheel.stages import StageSpec
+
+STAGE = StageSpec(
+    name="collect",
+    module=__name__,
+    reads=("data", "validate", "clean.mask_pii"),  # feedback rows are screened as they join
+    keyed_on=None,  # always runs: reading the sources is how a change shows
+    standalone="standalone",
+)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +60,12 @@ def collect(cfg: Config) -> CollectResult:
     newest = screened.newest_seq if screened is not None else 0
     return CollectResult(raw_path, len(raw), counts, file_md5(raw_path), newest, screened)
 
+
+
+def standalone(cfg: Config) -> str:
+    """The stage without Prefect (`flywheel stage collect`, dvc.yaml): what it wrote."""
+    result = collect(cfg)
+    return f"collect: {result.rows:,} rows -> {result.raw_path}"
 
 @task(
     name="collect",

@@ -1,20 +1,10 @@
-"""Export: the fine-tuned model to ONNX, then to int8 where int8 keeps parity.
+"""Export: the fine-tuned model to ONNX fp32, then to int8 where int8 keeps parity.
 
-    1. export      torch.onnx.export (the dynamo exporter), one file, dynamic batch and sequence
-    1b. optimize   onnxruntime's transformer optimizer (Gelu and SkipLayerNormalization fusions),
-                   kept when it is faster on validation texts and computes the same logits
-    2. fp32 parity onnxruntime vs PyTorch logits on real texts: max |difference| <= a bound
-    3. search      on the validation split (never the test split): how sensitive each node group
-                   is to int8 (the module a quantized weight belongs to, e.g. bert.encoder
-                   .layer.3.output.dense or bert.embeddings.word_embeddings; each probed alone,
-                   the others in fp32), then int8 with the k most sensitive groups left in fp32,
-                   k = 0, 1, ... until the gate passes; per-tensor and per-channel weights both
-                   tried; the fastest variant that passes, if it is faster than fp32, is chosen
-    4. gate        the chosen variant against fp32 on the test split: label agreement, accuracy
-                   and macro-F1 loss, overall and on every slice with enough rows
-
-Measured on the default data, plain dynamic int8 flips about 4 % of labels, so step 3 is what
-makes int8 usable; when no variant passes, the fp32 model is the export and the report says why.
+Owns the fp32 export (dynamo exporter; onnxruntime's transformer optimizer where it is faster
+and computes the same logits; parity with PyTorch on the test split), the int8 search on the
+validation split (node groups kept in fp32 by sensitivity), the gate of a variant against fp32,
+and the choice of the model to ship. Why, and the measurements behind the bounds:
+docs/decisions/0005.
 """
 
 from __future__ import annotations
@@ -24,7 +14,7 @@ import logging
 import shutil
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -35,16 +25,25 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import tracking
-from flywheel.config import Config
+from flywheel.config import Config, ExportConfig
 from flywheel.errors import FlywheelError
 from flywheel.io import read_parquet, replace_dir_atomic, write_json
+from flywheel.metrics import MetricInputError, label_ids, label_scores
 from flywheel.models import profile
 from flywheel.models.bundle import ClassifierBundle
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
 from flywheel.slices import slice_masks
-from flywheel.tasks.evaluate import MetricInputError, label_ids, label_scores
+from flywheel.stages import StageSpec
 from flywheel.tasks.prepare import PrepareResult
 from flywheel.tasks.train import TrainResult
+
+STAGE = StageSpec(
+    name="export",
+    module=__name__,
+    reads=("export", "monitor.reference"),
+    upstream=("train",),
+    artifacts=("directory",),
+)
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +63,11 @@ class GateBounds:
     # Smaller slices are reported, not judged: with ~1.5 % of labels changing, the loss of a
     # slice of a few hundred rows varies by more than 0.5 points by chance alone.
     min_slice_rows: int = 500
+
+    @classmethod
+    def of(cls, ec: ExportConfig) -> GateBounds:
+        """The bounds set in the `export` section of the config."""
+        return cls(ec.min_agreement, ec.max_metric_loss, ec.min_slice_rows)
 
 
 @dataclass(frozen=True)
@@ -263,9 +267,25 @@ def compare(
         }
         if members.sum() >= bounds.min_slice_rows:
             failures += _failures(name, agreement, acc_l, f1_l, bounds)
-    flips = np.flatnonzero(~same)
+    examples = _changed_labels(variant, reference, candidate, frame, labels, truth)[:worst]
+    return Parity(
+        variant, len(frame), float(same.mean()), accuracy_loss, f1_loss, slices, failures, examples
+    )
+
+
+def _changed_labels(
+    variant: str,
+    reference: np.ndarray,
+    candidate: np.ndarray,
+    frame: pd.DataFrame,
+    labels: Sequence[str],
+    truth: np.ndarray,
+) -> list[dict[str, object]]:
+    """The texts whose label the variant changes, largest logit change first."""
+    before, after = reference.argmax(axis=1), candidate.argmax(axis=1)
+    flips = np.flatnonzero(before != after)
     margin = np.abs(candidate - reference).max(axis=1)
-    examples = [
+    return [
         {
             "text": frame["text"].iloc[i],
             "label": labels[truth[i]],
@@ -273,18 +293,8 @@ def compare(
             variant: labels[int(after[i])],
             "max_logit_change": round(float(margin[i]), 4),
         }
-        for i in flips[np.argsort(-margin[flips])][:worst]
+        for i in flips[np.argsort(-margin[flips])]
     ]
-    return Parity(
-        variant,
-        len(frame),
-        float(same.mean()),
-        accuracy_loss,
-        f1_loss,
-        slices,
-        failures,
-        examples,
-    )
 
 
 TOLERANCE = 1e-9  # a loss of exactly the bound passes, whatever the float rounding
@@ -402,28 +412,38 @@ def search(
     return candidates, fp32_seconds, scores
 
 
+def to_gate(
+    candidates: Sequence[Variant], fp32_seconds: float, min_speedup: float
+) -> list[Variant]:
+    """The candidates worth gating on the test split, fastest first: those that pass the gate
+    on val and score val at least `min_speedup` times as fast as fp32."""
+    passed = [c for c in candidates if c.val.passed]
+    faster = [c for c in passed if fp32_seconds / c.seconds >= min_speedup]
+    return sorted(faster, key=lambda c: c.seconds)
+
+
 def choose(
     candidates: Sequence[Variant],
+    on_test: Mapping[str, Parity],
     fp32_seconds: float,
     min_speedup: float,
-    on_test: Callable[[Variant], Parity],
 ) -> tuple[Variant | None, Parity | None, list[str]]:
     """The int8 variant to ship, its parity on the test split, and why the others are not.
 
-    Of the candidates that pass the gate on val and score val at least `min_speedup` times as
-    fast as fp32, the fastest whose `on_test` parity passes; one that passes val but fails test
-    makes the next fastest be tried. None passing: (None, None, reasons), the first val failure
-    of each candidate first (the fp32 model is the export)."""
-    passed = [c for c in candidates if c.val.passed]
-    faster = [c for c in passed if fp32_seconds / c.seconds >= min_speedup]
+    A pure function of measured figures: each candidate's val parity and val scoring time,
+    fp32's time, and `on_test`, the test parity of each candidate `to_gate` names. The first
+    of `to_gate` (the fastest) whose test parity passes is chosen; one failing test makes the
+    next fastest be taken. None passing: (None, None, reasons), the first val failure of each
+    candidate first (the fp32 model is the export)."""
+    gated = to_gate(candidates, fp32_seconds, min_speedup)
     reasons = [
         f"{c.name} passes val at {fp32_seconds / c.seconds:.2f}x fp32 speed "
         f"(export.min_int8_speedup {min_speedup:g})"
-        for c in passed
-        if c not in faster
+        for c in candidates
+        if c.val.passed and c not in gated
     ]
-    for variant in sorted(faster, key=lambda c: c.seconds):
-        parity = on_test(variant)
+    for variant in gated:
+        parity = on_test[variant.name]
         if parity.passed:
             return variant, parity, reasons
         reasons += [f"{variant.name} on test: {f}" for f in parity.failures]
@@ -529,79 +549,116 @@ def export(
     """Export the fine-tuned bundle to `<bundle run>/onnx/` (replaced whole): fp32 with its
     parity check, the int8 search on val, the gate on test; model.onnx is the chosen model,
     saved with its reference profile (models/profile.py) for drift monitoring."""
-    ec = cfg.export
-    bounds = GateBounds(ec.min_agreement, ec.max_metric_loss, ec.min_slice_rows)
-
-    def fill(staging: Path) -> ExportResult:
-        copy_preprocessing(bundle_dir, staging)
-        bundle = ClassifierBundle.load(bundle_dir)
-        work = staging / "search"
-        work.mkdir()
-        raw = export_fp32(bundle, work / "export.onnx", ec.opset)
-        groups = node_groups(raw)  # from the exporter's metadata, which the optimizer drops
-        fp32 = staging / "fp32.onnx"
-        model_config = bundle.model.config
-        graph = optimize_graph(
-            raw,
-            fp32,
-            model_config.num_attention_heads,
-            model_config.hidden_size,
-            staging,
-            val_frame["text"].tolist(),
-            ec.max_logit_diff,
-        )
-        log.info(
-            "export: transformer optimizer fused %s; %.2fx speed, %s",
-            ", ".join(f"{v} {k}" for k, v in graph.fused.items()) or "nothing",
-            graph.speedup,
-            "used" if graph.applied else "not used",
-        )
-        fp32_predictor = OnnxPredictor(staging, fp32)
-        labels = fp32_predictor.labels
-        texts = test_frame["text"].tolist()
-        reference = fp32_predictor.logits(texts)
-        diff = float(np.abs(reference - bundle.logits(texts)).max())
-        if diff > ec.max_logit_diff:
-            raise ExportParityError(
-                f"ONNX fp32 logits differ from PyTorch by up to {diff:.2e} on the test split "
-                f"(bound export.max_logit_diff = {ec.max_logit_diff:.0e}): the export is wrong"
-            )
-        log.info("export: fp32 ONNX vs PyTorch max |logit difference| %.2e", diff)
-        candidates, fp32_seconds, scores = search(
-            fp32, groups, staging, val_frame, bounds, ec.sensitivity_rows, ec.max_fp32_groups, work
-        )
-
-        def on_test(variant: Variant) -> Parity:
-            logits = OnnxPredictor(staging, variant.path).logits(texts)
-            return compare(variant.name, reference, logits, test_frame, labels, bounds)
-
-        chosen, test_parity, reasons = choose(
-            candidates, fp32_seconds, ec.min_int8_speedup, on_test
-        )
-        shutil.copy2(chosen.path if chosen else fp32, staging / MODEL_FILE)
-        shutil.rmtree(work)
-        chosen_predictor = OnnxPredictor(staging)
-        write_reference(cfg, staging, chosen_predictor, train, texts)
-        sample = texts[: ec.latency_texts]
-        result = ExportResult(
-            directory=staging,
-            chosen=chosen.name if chosen else "fp32",
-            graph=graph,
-            fp32_max_logit_diff=diff,
-            test=test_parity,
-            candidates=[replace(c, path=Path(c.path.name)) for c in candidates],
-            speedup=fp32_seconds / chosen.seconds if chosen else 1.0,
-            latency=measure_latency(chosen_predictor, sample),
-            fp32_latency=measure_latency(fp32_predictor, sample),
-            reasons=reasons,
-            sensitivity=scores,
-        )
-        write_json(staging / "parity.json", result.to_dict())
-        return result
-
     target = bundle_dir.parent / "onnx"
-    result = replace_dir_atomic(target, fill)
+    result = replace_dir_atomic(
+        target, lambda staging: _fill(cfg, bundle_dir, staging, val_frame, test_frame, train)
+    )
     return replace(result, directory=target)
+
+
+def _fill(
+    cfg: Config,
+    bundle_dir: Path,
+    staging: Path,
+    val_frame: pd.DataFrame,
+    test_frame: pd.DataFrame,
+    train: pd.DataFrame,
+) -> ExportResult:
+    """The export folder, written into `staging`."""
+    ec = cfg.export
+    bounds = GateBounds.of(ec)
+    copy_preprocessing(bundle_dir, staging)
+    bundle = ClassifierBundle.load(bundle_dir)
+    work = staging / "search"
+    work.mkdir()
+    texts = test_frame["text"].tolist()
+
+    # fp32: export, graph optimization, parity with PyTorch on test (a failure stops here)
+    fp32 = staging / "fp32.onnx"
+    groups, graph = export_optimized(bundle, work, fp32, staging, val_frame["text"].tolist(), ec)
+    fp32_predictor = OnnxPredictor(staging, fp32)
+    labels = fp32_predictor.labels
+    reference, diff = check_fp32_parity(fp32_predictor, bundle, texts, ec.max_logit_diff)
+
+    # int8: candidates on val, the fast ones gated on test, the choice
+    candidates, fp32_seconds, scores = search(
+        fp32, groups, staging, val_frame, bounds, ec.sensitivity_rows, ec.max_fp32_groups, work
+    )
+    on_test = {}
+    for c in to_gate(candidates, fp32_seconds, ec.min_int8_speedup):
+        logits = OnnxPredictor(staging, c.path).logits(texts)
+        on_test[c.name] = compare(c.name, reference, logits, test_frame, labels, bounds)
+    chosen, test_parity, reasons = choose(candidates, on_test, fp32_seconds, ec.min_int8_speedup)
+
+    # the folder: model.onnx (the chosen model), its reference profile, parity.json
+    shutil.copy2(chosen.path if chosen else fp32, staging / MODEL_FILE)
+    shutil.rmtree(work)
+    chosen_predictor = OnnxPredictor(staging)
+    write_reference(cfg, staging, chosen_predictor, train, texts)
+    sample = texts[: ec.latency_texts]
+    result = ExportResult(
+        directory=staging,
+        chosen=chosen.name if chosen else "fp32",
+        graph=graph,
+        fp32_max_logit_diff=diff,
+        test=test_parity,
+        candidates=[replace(c, path=Path(c.path.name)) for c in candidates],
+        speedup=fp32_seconds / chosen.seconds if chosen else 1.0,
+        latency=measure_latency(chosen_predictor, sample),
+        fp32_latency=measure_latency(fp32_predictor, sample),
+        reasons=reasons,
+        sensitivity=scores,
+    )
+    write_json(staging / "parity.json", result.to_dict())
+    return result
+
+
+def export_optimized(
+    bundle: ClassifierBundle,
+    work: Path,
+    fp32: Path,
+    directory: Path,
+    val_texts: Sequence[str],
+    ec: ExportConfig,
+) -> tuple[dict[str, list[str]], GraphOptimization]:
+    """The bundle as ONNX at `fp32`: the raw export (written in `work`), transformer-optimized
+    where that is faster and computes the same logits (optimize_graph). Returns the raw
+    export's node groups, and what the optimizer did."""
+    raw = export_fp32(bundle, work / "export.onnx", ec.opset)
+    groups = node_groups(raw)  # from the exporter's metadata, which the optimizer drops
+    config = bundle.model.config
+    graph = optimize_graph(
+        raw,
+        fp32,
+        config.num_attention_heads,
+        config.hidden_size,
+        directory,
+        val_texts,
+        ec.max_logit_diff,
+    )
+    log.info(
+        "export: transformer optimizer fused %s; %.2fx speed, %s",
+        ", ".join(f"{v} {k}" for k, v in graph.fused.items()) or "nothing",
+        graph.speedup,
+        "used" if graph.applied else "not used",
+    )
+    return groups, graph
+
+
+def check_fp32_parity(
+    predictor: OnnxPredictor, bundle: ClassifierBundle, texts: Sequence[str], bound: float
+) -> tuple[np.ndarray, float]:
+    """The ONNX fp32 logits of `texts` and their largest |difference| from PyTorch's; an
+    ExportParityError when that exceeds `bound` (export.max_logit_diff): the export is wrong."""
+    reference = predictor.logits(texts)
+    diff = float(np.abs(reference - bundle.logits(texts)).max())
+    if diff > bound:
+        raise ExportParityError(
+            f"ONNX fp32 logits differ from PyTorch by up to {diff:.2e} on the test split "
+            f"(bound export.max_logit_diff = {bound:.0e}): the export is wrong"
+        )
+    log.info("export: fp32 ONNX vs PyTorch max |logit difference| %.2e", diff)
+    return reference, diff
 
 
 @task(name="export", cache_policy=NO_CACHE)

@@ -22,9 +22,20 @@ from flywheel.config import CleanConfig, Config, SplitConfig
 from flywheel.errors import FlywheelError
 from flywheel.io import read_parquet, replace_dir_atomic, write_json
 from flywheel.pii import clean_and_mask
+from flywheel.stages import StageSpec
 from flywheel.tasks.collect import CollectResult
 from flywheel.tasks.validate import ValidationReport, require_validated
 from flywheel.text import normalised_key
+
+STAGE = StageSpec(
+    name="prepare",
+    module=__name__,
+    reads=("seed", "clean", "split", "validate.report_dir"),
+    upstream=("validate",),
+    artifacts=("prepared_dir",),
+    keyed_on="raw",
+    standalone="standalone",
+)
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +148,11 @@ class PrepareResult:
     report: CleanReport
 
 
+def split_path(cfg: Config, name: str) -> Path:
+    """Where the pipeline's prepared split `name` (train, val, test) lives."""
+    return cfg.resolve(cfg.split.prepared_dir) / f"{name}.parquet"
+
+
 def summarise(splits: dict[str, pd.DataFrame], report: CleanReport, cfg: Config) -> dict:
     """The prepared data's summary.json: counts, per-class split sizes, PII and dedup figures."""
     return {
@@ -195,6 +211,12 @@ def prepare(cfg: Config, raw_path: Path, target: Path | None = None) -> PrepareR
         report=report,
     )
 
+
+
+def standalone(cfg: Config) -> str:
+    """The stage without Prefect (`flywheel stage prepare`, dvc.yaml): what it wrote."""
+    prepared = prepare(cfg, cfg.resolve(cfg.data.raw_path))
+    return f"prepare: {prepared.rows_per_split} -> {prepared.prepared_dir}"
 
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(

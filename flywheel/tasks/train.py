@@ -5,6 +5,7 @@ early stopping, checkpoints. A checkpoint describes itself (config, data version
 metrics, RNG states) and `resume=True` continues from it to the same result as an
 uninterrupted run: the data order of every epoch is a function of (seed, epoch) only. With no
 checkpoint of the same run (config, seed, data), or one whose best model is gone, it starts over.
+Settings and measured figures: docs/training.md.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import random
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -26,10 +27,20 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel import runtime, tracking
-from flywheel.config import Config
+from flywheel.cache import stage_key
+from flywheel.config import Config, TrainConfig
 from flywheel.io import read_parquet, recover_dir, replace_dir_atomic
+from flywheel.metrics import label_ids, macro_f1
 from flywheel.models.bundle import BUNDLE_FILE, ClassifierBundle, Preprocessing
+from flywheel.stages import StageSpec
 from flywheel.tasks.prepare import PrepareResult
+
+STAGE = StageSpec(
+    name="train",
+    module=__name__,
+    reads=("seed", "clean.mask_pii", "train"),
+    artifacts=("model_dir",),
+)
 
 log = logging.getLogger(__name__)
 
@@ -58,18 +69,116 @@ def run_key(cfg: Config, data_version: str) -> str:
     """Identifies a training run: a checkpoint only resumes the run with the same key. It is the
     train stage's cache key (flywheel/cache.py): data version, train config, seed, the training
     code and the ML stack, so a re-run after a code or torch change trains anew."""
-    from flywheel.cache import Stage, stage_key
-
-    return stage_key(cfg, Stage.TRAIN, data_version, {}).digest[:12]
+    return stage_key(cfg, STAGE, data_version, {}).digest[:12]
 
 
-def macro_f1(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> float:
-    """Mean F1 over labels (a label never predicted nor present scores 0)."""
-    from sklearn.metrics import f1_score
+@dataclass
+class TrainState:
+    """Where a run is. Saved in every checkpoint (`state` in trainer_state.pt, as a dict with
+    these keys) and restored on resume."""
 
-    return float(
-        f1_score(y_true, y_pred, labels=list(range(n_labels)), average="macro", zero_division=0)
-    )
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0  # the next batch of `epoch`
+    best: float = -1.0  # best validation macro-F1 so far
+    best_step: int = 0
+    bad_evals: int = 0  # validations since the best one
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per validation
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, mean loss)
+    stopped: bool = False  # early-stopped: a resume must not train on
+    seconds: float = 0.0  # training time and samples over every session of this run
+    samples: int = 0
+
+    def record_validation(self, score: float, epoch: int, patience: int) -> bool:
+        """Record a validation; True if it is the best so far. `patience` validations in a row
+        without a better score stop the run."""
+        self.history.append({"step": self.step, "epoch": epoch + 1, "val_macro_f1": score})
+        if score > self.best:
+            self.best, self.best_step, self.bad_evals = score, self.step, 0
+            return True
+        self.bad_evals += 1
+        self.stopped = self.bad_evals >= patience
+        return False
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """AdamW without decay on biases and LayerNorm weights, a linear warm-up and decay of the
+    learning rate, and a loss scaler (active only where the device needs one: fp16 on CUDA)."""
+
+    optimizer: Any
+    scheduler: Any
+    scaler: Any
+
+    @classmethod
+    def of(
+        cls, model: Any, tc: TrainConfig, total_steps: int, device: runtime.Device
+    ) -> Optimization:
+        import torch
+        from transformers import get_linear_schedule_with_warmup
+
+        decay = [p for p in model.parameters() if p.ndim > 1]
+        no_decay = [p for p in model.parameters() if p.ndim <= 1]
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": tc.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=tc.lr,
+        )
+        scheduler = get_linear_schedule_with_warmup(
+            optimizer, int(tc.warmup_ratio * total_steps), total_steps
+        )
+        return cls(
+            optimizer, scheduler, torch.amp.GradScaler(device.type, enabled=device.grad_scaler)
+        )
+
+    def step(self, model: Any, max_grad_norm: float) -> None:
+        """One update from the accumulated gradients: unscale, clip their norm, step the
+        optimizer and the schedule, clear them."""
+        import torch
+
+        self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+class Progress:
+    """This session's loss and throughput: the progress bar, the run's time and the points of
+    its loss curve (one per `log_every` steps, the mean loss since the last one)."""
+
+    def __init__(self, state: TrainState, total_steps: int, log_every: int):
+        from tqdm.auto import tqdm
+
+        self.state, self.log_every = state, log_every
+        self.started, self.seconds_before = time.perf_counter(), state.seconds
+        self.samples, self.running = 0, []
+        self.bar = tqdm(
+            total=total_steps, initial=state.step, desc="train", unit="step", disable=None
+        )
+
+    def batch(self, loss: float, samples: int) -> None:
+        """A batch's (unscaled) loss and its number of texts."""
+        self.running.append(loss)
+        self.samples += samples
+        self.state.samples += samples
+
+    def step(self) -> None:
+        """After an optimizer step: time, bar, and a point of the loss curve when due."""
+        state, elapsed = self.state, time.perf_counter() - self.started
+        state.seconds = self.seconds_before + elapsed
+        self.bar.update(1)
+        rate = self.samples / (time.perf_counter() - self.started)
+        self.bar.set_postfix(loss=f"{np.mean(self.running):.4f}", samples_s=f"{rate:.1f}")
+        if state.step % self.log_every == 0:
+            state.losses.append((state.step, float(np.mean(self.running))))
+            self.running = []
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 def fit(
@@ -81,11 +190,9 @@ def fit(
     device: runtime.Device | None = None,
     resume: bool = False,
     on_step: Callable[[int], None] | None = None,
-) -> TrainResult:
+) -> TrainResult:  # ~95 lines: setup, then the whole loop on one screen (nanoGPT style)
     """Fine-tune on `train_frame`, select the best checkpoint by validation macro-F1."""
     import torch
-    from tqdm.auto import tqdm
-    from transformers import get_linear_schedule_with_warmup
 
     tc = cfg.train
     device = device or runtime.select_device(tc.device, tc.precision)
@@ -100,62 +207,16 @@ def fit(
     # Model and data. Texts are tokenised once; batches are padded to their own longest text.
     bundle = ClassifierBundle.from_base(tc.base_model, labels, Preprocessing.of(cfg))
     model = bundle.model.to(device.type)
-    label_ids = {label: i for i, label in enumerate(labels)}
-    train_rows = _rows(bundle, train_frame, label_ids)
-    val_rows = _rows(bundle, val_frame, label_ids)
+    train_rows, val_rows = (_rows(bundle, frame, labels) for frame in (train_frame, val_frame))
     batches_per_epoch = math.ceil(len(train_rows) / tc.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum_steps)
     total_steps = steps_per_epoch * tc.epochs
     eval_every = tc.eval_every_steps or steps_per_epoch
-
-    # Optimizer: AdamW without decay on biases and LayerNorm weights; linear warm-up and decay.
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": decay, "weight_decay": tc.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ],
-        lr=tc.lr,
-    )
-    scheduler = get_linear_schedule_with_warmup(
-        optimizer, int(tc.warmup_ratio * total_steps), total_steps
-    )
-    scaler = torch.amp.GradScaler(device.type, enabled=device.grad_scaler)
+    opt = Optimization.of(model, tc, total_steps, device)
     autocast_dtype = getattr(torch, device.autocast_dtype) if device.autocast_dtype else None
 
-    state = {
-        "step": 0,
-        "epoch": 0,
-        "batch": 0,
-        "best": -1.0,
-        "best_step": 0,
-        "bad_evals": 0,
-        "history": [],
-        "losses": [],
-        "stopped": False,  # early-stopped: a resume must not train on
-        "seconds": 0.0,  # training time and samples over every session of this run
-        "samples": 0,
-    }
-    resumed_from = None
-    if resume:
-        recover_dir(last_dir)
-        recover_dir(best_dir)
-        meta = last_dir / META_FILE
-        if not ((last_dir / STATE_FILE).is_file() and meta.is_file()):
-            resume = False  # nothing of this run (config, seed, data) yet
-        elif json.loads(meta.read_text())["best_step"] and not (best_dir / BUNDLE_FILE).is_file():
-            log.warning("train: the best model of %s is gone; training again", run_dir)
-            resume = False
-    if resume:
-        state = _load_checkpoint(last_dir, model, optimizer, scheduler, scaler)
-        resumed_from = state["step"]
-        log.info(
-            "train: resuming %s at step %d (epoch %d)", run_dir.name, state["step"], state["epoch"]
-        )
-    elif run_dir.exists():
-        shutil.rmtree(run_dir)
-
+    # This run's last checkpoint, or a fresh start.
+    state, resumed_from = _start(run_dir, model, opt, resume)
     log.info(
         "train: %s texts, %d labels, %d steps on %s",
         f"{len(train_rows):,}",
@@ -163,20 +224,18 @@ def fit(
         total_steps,
         device,
     )
-    started, seconds_before, samples_now, running = time.perf_counter(), state["seconds"], 0, []
-    stop = state["stopped"]
-    progress = tqdm(
-        total=total_steps, initial=state["step"], desc="train", unit="step", disable=None
-    )
-    for epoch in range(state["epoch"], tc.epochs):
-        if stop:
+
+    progress = Progress(state, total_steps, tc.log_every_steps)
+    for epoch in range(state.epoch, tc.epochs):
+        if state.stopped:
             break
-        order = torch.randperm(
-            len(train_rows), generator=torch.Generator().manual_seed(cfg.seed + epoch)
-        ).tolist()
+        # The data order of an epoch depends on (seed, epoch) only: a resume sees the same.
+        generator = torch.Generator().manual_seed(cfg.seed + epoch)
+        order = torch.randperm(len(train_rows), generator=generator).tolist()
         model.train()
-        first_batch = state["batch"] if epoch == state["epoch"] else 0
+        first_batch = state.batch if epoch == state.epoch else 0
         for batch_index in range(first_batch, batches_per_epoch):
+            # Forward and backward; gradients accumulate over grad_accum_steps batches.
             ids = order[batch_index * tc.batch_size : (batch_index + 1) * tc.batch_size]
             batch = bundle.pad([train_rows[i] for i in ids])
             batch = {k: v.to(device.type) for k, v in batch.items()}
@@ -184,80 +243,67 @@ def fit(
                 device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
             ):
                 loss = model(**batch).loss / tc.grad_accum_steps
-            scaler.scale(loss).backward()
-            running.append(loss.item() * tc.grad_accum_steps)
-            samples_now += len(ids)
-            state["samples"] += len(ids)
+            opt.scaler.scale(loss).backward()
+            progress.batch(loss.item() * tc.grad_accum_steps, len(ids))
             if (batch_index + 1) % tc.grad_accum_steps and batch_index + 1 != batches_per_epoch:
                 continue
 
             # One optimizer step.
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.max_grad_norm)
-            scaler.step(optimizer)
-            scaler.update()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            state["epoch"], state["batch"] = epoch, batch_index + 1
-            state["seconds"] = seconds_before + time.perf_counter() - started
-            rate = samples_now / (time.perf_counter() - started)
-            progress.update(1)
-            progress.set_postfix(loss=f"{np.mean(running):.4f}", samples_s=f"{rate:.1f}")
-            if state["step"] % tc.log_every_steps == 0:
-                state["losses"].append((state["step"], float(np.mean(running))))
-                running = []
+            opt.step(model, tc.max_grad_norm)
+            state.step += 1
+            state.epoch, state.batch = epoch, batch_index + 1
+            progress.step()
 
-            if state["step"] % eval_every == 0 or state["step"] == total_steps:
+            # Validation: keep the best model; stop after `patience` validations without gain.
+            if state.step % eval_every == 0 or state.step == total_steps:
                 score = _evaluate(bundle, val_rows, tc.batch_size, len(labels))
-                state["history"].append(
-                    {"step": state["step"], "epoch": epoch + 1, "val_macro_f1": score}
-                )
-                log.info("train: step %d val macro-F1 %.4f", state["step"], score)
-                if score > state["best"]:
-                    state.update(best=score, best_step=state["step"], bad_evals=0)
+                log.info("train: step %d val macro-F1 %.4f", state.step, score)
+                if state.record_validation(score, epoch, tc.early_stopping_patience):
                     replace_dir_atomic(best_dir, bundle.save)
-                else:
-                    state["bad_evals"] += 1
-                    stop = state["stopped"] = state["bad_evals"] >= tc.early_stopping_patience
                 model.train()
-            if state["step"] % tc.checkpoint_every_steps == 0 or stop:
-                _save_checkpoint(
-                    last_dir, bundle, optimizer, scheduler, scaler, state, cfg, data_version
-                )
+
+            # Checkpoint, so a killed run resumes here.
+            if state.step % tc.checkpoint_every_steps == 0 or state.stopped:
+                _save_checkpoint(last_dir, bundle, opt, state, cfg, data_version)
             if on_step is not None:
-                on_step(state["step"])
-            if stop:
-                log.info(
-                    "train: early stop at step %d (best %d)", state["step"], state["best_step"]
-                )
+                on_step(state.step)
+            if state.stopped:
+                log.info("train: early stop at step %d (best %d)", state.step, state.best_step)
                 break
-        if stop:
+        if state.stopped:
             break
-        state["epoch"], state["batch"] = epoch + 1, 0
+        state.epoch, state.batch = epoch + 1, 0
     progress.close()
-    _save_checkpoint(last_dir, bundle, optimizer, scheduler, scaler, state, cfg, data_version)
+    _save_checkpoint(last_dir, bundle, opt, state, cfg, data_version)
+    return _result(state, best_dir, device, resumed_from)
+
+
+def _result(
+    state: TrainState, best_dir: Path, device: runtime.Device, resumed_from: int | None
+) -> TrainResult:
+    """The run as TrainResult reports it."""
     return TrainResult(
         model_dir=best_dir,
-        best_val_macro_f1=state["best"],
-        best_step=state["best_step"],
-        steps=state["step"],
-        seconds=state["seconds"],
-        samples_per_second=state["samples"] / state["seconds"] if state["seconds"] else 0.0,
+        best_val_macro_f1=state.best,
+        best_step=state.best_step,
+        steps=state.step,
+        seconds=state.seconds,
+        samples_per_second=state.samples / state.seconds if state.seconds else 0.0,
         device=str(device),
-        history=state["history"],
-        losses=[tuple(x) for x in state["losses"]],
+        history=state.history,
+        losses=[tuple(x) for x in state.losses],
         resumed_from_step=resumed_from,
     )
 
 
-def _rows(bundle: ClassifierBundle, frame: pd.DataFrame, label_ids: dict[str, int]) -> list[dict]:
+def _rows(bundle: ClassifierBundle, frame: pd.DataFrame, labels: list[str]) -> list[dict]:
+    """Each text tokenised, with its label's id (its position in `labels`)."""
     encoded = bundle.encode(frame["text"].tolist())
-    labels = [label_ids[label] for label in frame["label"]]
+    ids = label_ids(frame["label"].tolist(), labels)
     return [
-        {"input_ids": ids, "attention_mask": mask, "labels": label}
-        for ids, mask, label in zip(
-            encoded["input_ids"], encoded["attention_mask"], labels, strict=True
+        {"input_ids": tokens, "attention_mask": mask, "labels": int(label)}
+        for tokens, mask, label in zip(
+            encoded["input_ids"], encoded["attention_mask"], ids, strict=True
         )
     ]
 
@@ -268,7 +314,48 @@ def _evaluate(bundle: ClassifierBundle, rows: list[dict], batch_size: int, n_lab
     return macro_f1(np.array([r["labels"] for r in rows]), predicted, n_labels)
 
 
-def _save_checkpoint(directory, bundle, optimizer, scheduler, scaler, state, cfg, data_version):
+# --- checkpoints --------------------------------------------------------------------------------
+
+
+def _start(
+    run_dir: Path, model: Any, opt: Optimization, resume: bool
+) -> tuple[TrainState, int | None]:
+    """Where training starts, and the step it resumes from: the run's last checkpoint if
+    `resume` and there is one to resume (model, optimizer and RNG states restored), else step 0
+    with the run's folder cleared."""
+    if resume and _resumable(run_dir):
+        state = _load_checkpoint(run_dir / "last", model, opt)
+        log.info("train: resuming %s at step %d (epoch %d)", run_dir.name, state.step, state.epoch)
+        return state, state.step
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    return TrainState(), None
+
+
+def _resumable(run_dir: Path) -> bool:
+    """Whether `run_dir` holds a checkpoint to resume (either of its folders is first
+    recovered, if a crash interrupted its replacement): a complete last checkpoint, and the
+    best model it refers to."""
+    last_dir, best_dir = run_dir / "last", run_dir / "best"
+    recover_dir(last_dir)
+    recover_dir(best_dir)
+    meta = last_dir / META_FILE
+    if not ((last_dir / STATE_FILE).is_file() and meta.is_file()):
+        return False  # nothing of this run (config, seed, data) yet
+    if json.loads(meta.read_text())["best_step"] and not (best_dir / BUNDLE_FILE).is_file():
+        log.warning("train: the best model of %s is gone; training again", run_dir)
+        return False
+    return True
+
+
+def _save_checkpoint(
+    directory: Path,
+    bundle: ClassifierBundle,
+    opt: Optimization,
+    state: TrainState,
+    cfg: Config,
+    data_version: str,
+) -> None:
     """Model + optimizer/scheduler/scaler + RNG states + a readable checkpoint.json, swapped in
     whole: a run killed while saving still has its previous checkpoint."""
     import torch
@@ -277,26 +364,26 @@ def _save_checkpoint(directory, bundle, optimizer, scheduler, scaler, state, cfg
         bundle.save(staging)
         torch.save(
             {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict(),
+                "optimizer": opt.optimizer.state_dict(),
+                "scheduler": opt.scheduler.state_dict(),
+                "scaler": opt.scaler.state_dict(),
                 "rng": {
                     "python": random.getstate(),
                     "numpy": np.random.get_state(),
                     "torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
                 },
-                "state": state,
+                "state": asdict(state),
             },
             staging / STATE_FILE,
         )
         meta = {
-            "step": state["step"],
-            "epoch": state["epoch"],
-            "batch": state["batch"],
-            "best_val_macro_f1": state["best"],
-            "best_step": state["best_step"],
-            "history": state["history"],
+            "step": state.step,
+            "epoch": state.epoch,
+            "batch": state.batch,
+            "best_val_macro_f1": state.best,
+            "best_step": state.best_step,
+            "history": state.history,
             "data_version": data_version,
             "seed": cfg.seed,
             "train": cfg.section("train"),
@@ -306,23 +393,25 @@ def _save_checkpoint(directory, bundle, optimizer, scheduler, scaler, state, cfg
     replace_dir_atomic(directory, write)
 
 
-def _load_checkpoint(directory, model, optimizer, scheduler, scaler) -> dict[str, Any]:
+def _load_checkpoint(directory: Path, model: Any, opt: Optimization) -> TrainState:
+    """Weights, optimizer/scheduler/scaler and RNG states of the checkpoint in `directory`;
+    returns where the run was."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     saved = AutoModelForSequenceClassification.from_pretrained(directory)
     model.load_state_dict(saved.state_dict())
     payload = torch.load(directory / STATE_FILE, weights_only=False)
-    optimizer.load_state_dict(payload["optimizer"])
-    scheduler.load_state_dict(payload["scheduler"])
+    opt.optimizer.load_state_dict(payload["optimizer"])
+    opt.scheduler.load_state_dict(payload["scheduler"])
     if payload["scaler"]:  # empty when saved without loss scaling (CPU, bf16)
-        scaler.load_state_dict(payload["scaler"])
+        opt.scaler.load_state_dict(payload["scaler"])
     random.setstate(payload["rng"]["python"])
     np.random.set_state(payload["rng"]["numpy"])
     torch.set_rng_state(payload["rng"]["torch"])
     if payload["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-    return payload["state"]
+    return TrainState(**payload["state"])
 
 
 @task(name="train", cache_policy=NO_CACHE)

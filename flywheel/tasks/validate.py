@@ -30,8 +30,18 @@ from flywheel import feedback
 from flywheel.config import Config, ValidateConfig
 from flywheel.errors import FlywheelError
 from flywheel.io import file_md5, read_parquet, replace_dir_atomic, write_json
+from flywheel.stages import StageSpec
 from flywheel.tasks.collect import CollectResult
 from flywheel.text import normalised_key
+
+STAGE = StageSpec(
+    name="validate",
+    module=__name__,
+    reads=("validate",),
+    artifacts=("report_dir",),  # checks.json: what prepare verifies
+    keyed_on="raw",
+    standalone="standalone",
+)
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +234,59 @@ def build_suite(cfg: ValidateConfig):
     return suite
 
 
+def _context(docs_dir: Path) -> Any:
+    """An ephemeral GX context whose data docs go to `docs_dir` (and nowhere else)."""
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
+    # The ephemeral context makes a temporary docs folder of its own: drop it, use ours.
+    for site, site_config in dict(ctx.variables.data_docs_sites or {}).items():
+        ctx.delete_data_docs_site(site)
+        default_dir = site_config.get("store_backend", {}).get("base_directory")
+        if default_dir and Path(default_dir).parent == Path(tempfile.gettempdir()):
+            shutil.rmtree(default_dir, ignore_errors=True)
+    ctx.add_data_docs_site(
+        site_name="flywheel",
+        site_config={
+            "class_name": "SiteBuilder",
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {
+                "class_name": "TupleFilesystemStoreBackend",
+                "base_directory": str(docs_dir),
+            },
+        },
+    )
+    return ctx
+
+
+def _checkpoint(ctx: Any, cfg: ValidateConfig, columns: pd.Index) -> Any:
+    """The suite over a whole-dataframe batch, as a checkpoint that also builds the data docs."""
+    import great_expectations as gx
+
+    batch = (
+        ctx.data_sources.add_pandas("flywheel")
+        .add_dataframe_asset("rows")
+        .add_batch_definition_whole_dataframe("all")
+    )
+    suite = ctx.suites.add(build_suite(cfg))
+    definition = ctx.validation_definitions.add(
+        gx.ValidationDefinition(name="labelled_text", data=batch, suite=suite)
+    )
+    return ctx.checkpoints.add(
+        gx.Checkpoint(
+            name="flywheel",
+            validation_definitions=[definition],
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")],
+            result_format={
+                "result_format": "COMPLETE",
+                "unexpected_index_column_names": [c for c in (ROW_ID, *SHOWN) if c in columns],
+            },
+        )
+    )
+
+
 def run_suite(
     frame: pd.DataFrame, cfg: ValidateConfig, report_dir: Path, data_md5: str | None = None
 ) -> ValidationReport:
@@ -234,8 +297,7 @@ def run_suite(
     validated file's md5), which is what DVC tracks and what `prepare` checks before it runs.
     """
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-    import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    import great_expectations  # noqa: F401 (imported here: its loggers exist after this)
 
     # Some GX modules set their own logger to INFO on import: quiet them after importing.
     for name in list(logging.root.manager.loggerDict):
@@ -245,47 +307,7 @@ def run_suite(
     checked = add_check_columns(frame)
 
     def fill(staging: Path) -> ValidationReport:
-        ctx = gx.get_context(mode="ephemeral")
-        ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
-        # The ephemeral context makes a temporary docs folder of its own: drop it, use ours.
-        for site, site_config in dict(ctx.variables.data_docs_sites or {}).items():
-            ctx.delete_data_docs_site(site)
-            default_dir = site_config.get("store_backend", {}).get("base_directory")
-            if default_dir and Path(default_dir).parent == Path(tempfile.gettempdir()):
-                shutil.rmtree(default_dir, ignore_errors=True)
-        ctx.add_data_docs_site(
-            site_name="flywheel",
-            site_config={
-                "class_name": "SiteBuilder",
-                "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-                "store_backend": {
-                    "class_name": "TupleFilesystemStoreBackend",
-                    "base_directory": str(staging / "docs"),
-                },
-            },
-        )
-        batch = (
-            ctx.data_sources.add_pandas("flywheel")
-            .add_dataframe_asset("rows")
-            .add_batch_definition_whole_dataframe("all")
-        )
-        suite = ctx.suites.add(build_suite(cfg))
-        definition = ctx.validation_definitions.add(
-            gx.ValidationDefinition(name="labelled_text", data=batch, suite=suite)
-        )
-        checkpoint = ctx.checkpoints.add(
-            gx.Checkpoint(
-                name="flywheel",
-                validation_definitions=[definition],
-                actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")],
-                result_format={
-                    "result_format": "COMPLETE",
-                    "unexpected_index_column_names": [
-                        c for c in (ROW_ID, *SHOWN) if c in checked.columns
-                    ],
-                },
-            )
-        )
+        checkpoint = _checkpoint(_context(staging / "docs"), cfg, checked.columns)
         outcome = next(
             iter(checkpoint.run(batch_parameters={"dataframe": checked}).run_results.values())
         )
@@ -365,6 +387,11 @@ def validate(cfg: Config, raw_path: Path) -> ValidationReport:
         raise DataValidationError(report)
     return report
 
+
+
+def standalone(cfg: Config) -> str:
+    """The stage without Prefect (`flywheel stage validate`, dvc.yaml): its summary."""
+    return validate(cfg, cfg.resolve(cfg.data.raw_path)).summary()
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(cfg: Config, collected: CollectResult) -> ValidationReport:

@@ -24,7 +24,15 @@ from prefect.cache_policies import NO_CACHE
 from flywheel.config import Config
 from flywheel.io import file_md5
 from flywheel.retries import retry_on_io
+from flywheel.stages import StageSpec
 from flywheel.tasks.prepare import PrepareResult
+
+STAGE = StageSpec(
+    name="version",
+    module=__name__,
+    reads=("split.prepared_dir",),
+    keyed_on=None,  # always runs: records the data version in dvc.lock and pushes it
+)
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,16 @@ from types import SimpleNamespace
 import pytest
 
 from flywheel import cache
-from flywheel.cache import Stage
 from flywheel.config import load_config
+from flywheel.flows.stages import (
+    BY_NAME,
+    MODEL_STAGES,
+    Stage,
+    UnknownStageError,
+    forced_from,
+    parse_stage,
+)
+from flywheel.stages import StageSpec
 from tests.conftest import REPO
 
 DATA = "5fdaaa57026da05c2e1c81f5e509d7e8.dir"
@@ -26,11 +34,15 @@ def config(root: Path, **overrides):
     return load_config(root / "params.yaml", overrides)
 
 
-def result_of(stage: Stage, root: Path):
+def result_of(stage: StageSpec, root: Path):
     """A stand-in for a stage's result: one real file per artifact path it refers to."""
-    folder = root / "out" / stage
+    folder = root / "out" / stage.name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.bin").write_bytes(stage.encode() * 10)
+    (folder / "model.bin").write_bytes(stage.name.encode() * 10)
+    facts = {
+        "register": {"model": "flywheel-classifier", "version": "1", "run_id": "r1"},
+        "promote": {"champion": "1"},  # the decision: version 1 became champion
+    }
     fit = SimpleNamespace(model_path=folder / "model.bin")
     return SimpleNamespace(
         fit=fit,
@@ -41,12 +53,11 @@ def result_of(stage: Stage, root: Path):
         name="flywheel-classifier",
         version="1",
         run_id="r1",
-        promoted=True,  # the decision: version 1 became champion
-        champion_before=None,
+        cache_facts=lambda: facts.get(stage.name, {}),
     )
 
 
-def run_all(cfg, data: str, stages=cache.MODEL_STAGES, **kw) -> cache.Plan:
+def run_all(cfg, data: str, stages=MODEL_STAGES, **kw) -> cache.Plan:
     """Plan, then do what a run does after each stage that runs: persist a record, fill the
     ledger. Returns the plan."""
     plan = cache.make_plan(cfg, data, stages, **kw)
@@ -54,8 +65,8 @@ def run_all(cfg, data: str, stages=cache.MODEL_STAGES, **kw) -> cache.Plan:
     for step in plan.steps.values():
         if step.runs:
             result = result_of(step.stage, cfg.root)
-            files = cache.fingerprint(cache.artifacts(step.stage, result), cfg.root)
-            ledger.record(step.key, files, cache.facts(step.stage, result), "flow")
+            files = cache.fingerprint(step.stage.files(result), cfg.root)
+            ledger.record(step.key, files, step.stage.found(result), "flow")
             plan.results_dir.mkdir(parents=True, exist_ok=True)
             (plan.results_dir / step.key.record).write_text("persisted")
     return plan
@@ -67,48 +78,50 @@ def actions(plan: cache.Plan) -> dict[str, str]:
 
 def test_config_values_are_the_keys_a_stage_reads_minus_speed_only_ones(root):
     cfg = config(root)
-    train = cache.config_values(cfg, Stage.TRAIN)
+    train = cache.config_values(cfg, BY_NAME["train"])
     assert train["train.lr"] == 1e-4 and train["seed"] == 42
     assert "train.threads" not in train  # speed, not output
     assert "evaluate.batch_size" not in train and "export.opset" not in train
-    export = set(cache.config_values(cfg, Stage.EXPORT))  # and the reference profile's bins
+    export = set(cache.config_values(cfg, BY_NAME["export"]))  # and the reference profile's bins
     assert export == {k for k in export if k.startswith(("export.", "monitor.reference."))}
     assert {"monitor.reference.bins", "export.opset"} <= export
     assert "monitor.window" not in export  # read when monitoring, not when exporting
 
 
 def test_register_hashes_the_model_code_it_ships_and_package_inits():
-    register = cache.code_hashes(*cache.CODE[Stage.REGISTER])
+    register = cache.code_hashes(*BY_NAME["register"].code)
     assert "flywheel/models/mlflow_model.py" in register  # loaded by path, not imported
     assert {"flywheel/__init__.py", "flywheel/models/__init__.py"} <= set(register)
 
 
 def test_evaluation_batch_size_is_speed_only(root):
-    base = cache.stage_key(config(root), Stage.BASELINE, DATA, {})
-    batch = cache.stage_key(config(root, **{"evaluate.batch_size": 8}), Stage.BASELINE, DATA, {})
+    base = cache.stage_key(config(root), BY_NAME["baseline"], DATA, {})
+    batch = cache.stage_key(
+        config(root, **{"evaluate.batch_size": 8}), BY_NAME["baseline"], DATA, {}
+    )
     assert base.digest == batch.digest
 
 
 def test_code_hash_follows_imports_but_not_type_checking_ones():
-    train = cache.code_hashes(*cache.CODE[Stage.TRAIN])
+    train = cache.code_hashes(*BY_NAME["train"].code)
     assert "flywheel/tasks/train.py" in train
     assert "flywheel/models/bundle.py" in train  # imported by train
     assert "flywheel/config.py" in train  # imported transitively
-    assert "flywheel/cli.py" not in train and "flywheel/flows/pipeline.py" not in train
-    report = cache.code_hashes("flywheel/tasks/report.py")  # PipelineResult: TYPE_CHECKING only
-    assert "flywheel/flows/pipeline.py" not in report
+    assert not any(p.startswith(("flywheel/cli/", "flywheel/flows/")) for p in train)
+    evaluate = cache.code_hashes("flywheel/tasks/evaluate.py")  # TrainResult: TYPE_CHECKING only
+    assert "flywheel/tasks/train.py" not in evaluate
     assert all(len(h) == 12 for h in train.values())
 
 
 def test_key_digest_changes_with_each_component(root):
     cfg = config(root)
-    base = cache.stage_key(cfg, Stage.TRAIN, DATA, {})
-    assert base.digest == cache.stage_key(config(root), Stage.TRAIN, DATA, {}).digest
-    assert base.digest != cache.stage_key(cfg, Stage.TRAIN, "other.dir", {}).digest
+    base = cache.stage_key(cfg, BY_NAME["train"], DATA, {})
+    assert base.digest == cache.stage_key(config(root), BY_NAME["train"], DATA, {}).digest
+    assert base.digest != cache.stage_key(cfg, BY_NAME["train"], "other.dir", {}).digest
     lr = config(root, **{"train.lr": 2e-4})
-    assert base.digest != cache.stage_key(lr, Stage.TRAIN, DATA, {}).digest
+    assert base.digest != cache.stage_key(lr, BY_NAME["train"], DATA, {}).digest
     threads = config(root, **{"train.threads": 1})
-    assert base.digest == cache.stage_key(threads, Stage.TRAIN, DATA, {}).digest
+    assert base.digest == cache.stage_key(threads, BY_NAME["train"], DATA, {}).digest
     assert base.record == f"flywheel-train-{base.digest}"
 
 
@@ -161,7 +174,7 @@ def test_first_run_runs_everything_then_everything_is_reused(root):
     assert set(actions(first).values()) == {"run"}
     assert first.steps[Stage.BASELINE].reason == "no cached result yet"
     assert first.steps[Stage.EVALUATE].reason == "baseline, train runs"
-    again = cache.make_plan(cfg, DATA, cache.MODEL_STAGES)
+    again = cache.make_plan(cfg, DATA, MODEL_STAGES)
     assert set(actions(again).values()) == {"reuse"}
     assert [s.key.digest for s in again.steps.values()] == [
         s.key.digest for s in first.steps.values()
@@ -170,7 +183,7 @@ def test_first_run_runs_everything_then_everything_is_reused(root):
 
 def test_a_training_parameter_reruns_training_and_what_follows_only(root):
     run_all(config(root), DATA)
-    plan = cache.make_plan(config(root, **{"train.lr": 2e-4}), DATA, cache.MODEL_STAGES)
+    plan = cache.make_plan(config(root, **{"train.lr": 2e-4}), DATA, MODEL_STAGES)
     assert actions(plan) == {
         "baseline": "reuse",
         "train": "run",
@@ -185,13 +198,13 @@ def test_a_training_parameter_reruns_training_and_what_follows_only(root):
 
 def test_an_export_parameter_keeps_training_and_evaluation(root):
     run_all(config(root), DATA)
-    plan = cache.make_plan(config(root, **{"export.latency_texts": 50}), DATA, cache.MODEL_STAGES)
+    plan = cache.make_plan(config(root, **{"export.latency_texts": 50}), DATA, MODEL_STAGES)
     assert [s for s, a in actions(plan).items() if a == "run"] == ["export", "register", "promote"]
 
 
 def test_new_data_reruns_everything(root):
     run_all(config(root), DATA)
-    plan = cache.make_plan(config(root), "new.dir", cache.MODEL_STAGES)
+    plan = cache.make_plan(config(root), "new.dir", MODEL_STAGES)
     assert set(actions(plan).values()) == {"run"}
     assert plan.steps[Stage.BASELINE].reason == f"data {DATA} -> new.dir"
 
@@ -200,12 +213,12 @@ def test_deleted_artifact_or_record_invalidates_instead_of_crashing(root):
     cfg = config(root)
     first = run_all(cfg, DATA)
     (root / "out" / "export" / "model.bin").unlink()
-    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES)
+    plan = cache.make_plan(cfg, DATA, MODEL_STAGES)
     assert plan.steps[Stage.EXPORT].reason == "out/export/model.bin was deleted"
     assert [s for s, a in actions(plan).items() if a == "run"] == ["export", "register", "promote"]
     run_all(cfg, DATA)  # export runs again: everything cached again
     (first.results_dir / first.steps[Stage.TRAIN].key.record).unlink()
-    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES)
+    plan = cache.make_plan(cfg, DATA, MODEL_STAGES)
     assert plan.steps[Stage.TRAIN].reason.startswith("cached result flywheel-train-")
     assert plan.steps[Stage.BASELINE].runs is False and plan.steps[Stage.EVALUATE].runs
 
@@ -217,11 +230,11 @@ def test_a_registration_that_is_gone_is_registered_again(root):
 
     def gone(stage, facts):
         seen.append((stage, dict(facts)))
-        if stage is Stage.REGISTER:
+        if stage == "register":
             return "flywheel-classifier version 1 is no longer registered"
         return None
 
-    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, check_facts=gone)
+    plan = cache.make_plan(cfg, DATA, MODEL_STAGES, check_facts=gone)
     assert seen == [
         (Stage.REGISTER, {"model": "flywheel-classifier", "version": "1", "run_id": "r1"})
     ]
@@ -235,12 +248,10 @@ def test_a_decision_undone_since_is_made_again(root):
     run_all(cfg, DATA)
 
     def rolled_back(stage, facts):
-        assert stage is not Stage.PROMOTE or facts == {"champion": "1"}
-        return (
-            "champion is none, not 1 as this decision left it" if stage is Stage.PROMOTE else None
-        )
+        assert stage != "promote" or facts == {"champion": "1"}
+        return "champion is none, not 1 as this decision left it" if stage == "promote" else None
 
-    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, check_facts=rolled_back)
+    plan = cache.make_plan(cfg, DATA, MODEL_STAGES, check_facts=rolled_back)
     assert [s for s, a in actions(plan).items() if a == "run"] == ["promote"]
     assert plan.steps[Stage.PROMOTE].reason == "champion is none, not 1 as this decision left it"
 
@@ -248,7 +259,7 @@ def test_a_decision_undone_since_is_made_again(root):
 def test_promote_is_keyed_on_the_champion(root):
     cfg = config(root)
     run_all(cfg, DATA, state={Stage.PROMOTE: {"champion": "none"}})
-    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, state={Stage.PROMOTE: {"champion": "1"}})
+    plan = cache.make_plan(cfg, DATA, MODEL_STAGES, state={Stage.PROMOTE: {"champion": "1"}})
     assert [s for s, a in actions(plan).items() if a == "run"] == ["promote"]
     assert plan.steps[Stage.PROMOTE].reason == "champion none -> 1"
 
@@ -256,20 +267,23 @@ def test_promote_is_keyed_on_the_champion(root):
 def test_force_from_runs_that_stage_and_every_later_one(root):
     cfg = config(root)
     run_all(cfg, DATA)
-    plan = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, force_from=Stage.EXPORT)
+    plan = cache.make_plan(
+        cfg, DATA, MODEL_STAGES, forced=forced_from("export"), force_from="export"
+    )
     assert [s for s, a in actions(plan).items() if a == "run"] == ["export", "register", "promote"]
     assert plan.forced(Stage.EXPORT) and not plan.forced(Stage.TRAIN)
     assert plan.steps[Stage.EXPORT].reason == "forced (--force-from export)"
-    everything = cache.make_plan(cfg, DATA, cache.MODEL_STAGES, force_from=cache.ORDER[0])
+    everything = cache.make_plan(cfg, DATA, MODEL_STAGES, forced=forced_from("validate"))
     assert set(actions(everything).values()) == {"run"}
-    with pytest.raises(cache.UnknownStageError, match="one of validate, prepare, baseline"):
-        cache.parse_stage("training")
+    assert forced_from(None) == frozenset()
+    with pytest.raises(UnknownStageError, match="one of validate, prepare, baseline"):
+        parse_stage("training")
 
 
 def test_switching_back_to_an_earlier_config_reuses_its_result(root):
     run_all(config(root), DATA)
     run_all(config(root, **{"train.lr": 2e-4}), DATA)
-    back = cache.make_plan(config(root), DATA, cache.MODEL_STAGES)
+    back = cache.make_plan(config(root), DATA, MODEL_STAGES)
     assert set(actions(back).values()) == {"reuse"}
 
 

@@ -1,4 +1,8 @@
-"""The command line: help everywhere, exit codes that scripts can rely on."""
+"""The command line: help everywhere, exit codes that scripts can rely on, a fast start."""
+
+import json
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -20,6 +24,10 @@ COMMANDS = [
     ["monitor"],
     ["retrain"],
     ["schedule"],
+    ["schedule", "add"],
+    ["schedule", "serve"],
+    ["schedule", "list"],
+    ["schedule", "remove"],
     ["ui"],
     ["demo", "feedback"],
     ["models", "list"],
@@ -36,6 +44,26 @@ def test_every_command_has_help(command):
     assert out.exit_code == 0
     assert "Usage:" in out.output
     assert len(out.output.split()) > 20
+
+
+HEAVY = ("torch", "prefect", "mlflow", "transformers", "pandas", "numpy", "fastapi")
+
+
+def test_help_loads_no_heavy_module():
+    """`flywheel --help` (and building every command) stays fast: the ML stack, the orchestrator
+    and the tracker load inside the commands that use them."""
+    code = (
+        "import json, sys; from flywheel.cli import app\n"
+        "try:\n    app(['--help'])\nexcept SystemExit:\n    pass\n"
+        "print(json.dumps(sorted(sys.modules)))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    modules = json.loads(done.stdout.splitlines()[-1])
+    assert "flywheel.cli.schedule" in modules  # every group was built
+    assert [m for m in modules if m.split(".")[0] in HEAVY] == []
 
 
 def test_help_is_markdown_with_paths_kept():
@@ -105,7 +133,7 @@ def test_config_prints_resolved_values_with_overrides():
 
 
 def test_source_replaces_feedback_and_configured_labels_but_not_explicit_sets(tmp_path):
-    from flywheel.cli import collect_overrides
+    from flywheel.cli.common import collect_overrides
 
     source = tmp_path / "mine.csv"
     plain = collect_overrides(None, source)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from flywheel.demo import snippet_key, split_halves
+from flywheel.cli.demo import snippet_key, split_halves
 
 
 def frame(texts: list[str], labels: list[str] | None = None) -> pd.DataFrame:

@@ -1,5 +1,6 @@
-"""dvc.yaml's code dependencies are the import closures the stage cache hashes (flywheel/cache.py),
-so `dvc repro` and `flywheel run` see the same code change, and neither drifts from the code."""
+"""dvc.yaml follows the stage declarations (`STAGE` in each tasks/ module): the same stages, each
+running `flywheel stage NAME`, its code deps the import closure the stage cache hashes and its
+params the config it reads, so `dvc repro` and `flywheel run` see the same changes."""
 
 from __future__ import annotations
 
@@ -8,15 +9,8 @@ from collections.abc import Mapping
 import yaml
 
 from flywheel import cache
+from flywheel.flows.stages import DVC_STAGES
 from tests.conftest import REPO
-
-
-def stage_modules(name: str) -> tuple[str, ...]:
-    """The task modules a dvc.yaml stage runs: the stage cache's own (cache.CODE); collect, which
-    the cache never reuses (it always runs), is its module named after it."""
-    if name in set(cache.Stage):
-        return cache.CODE[cache.Stage(name)]
-    return (f"flywheel/tasks/{name}.py",)
 
 
 def code_deps(stage: Mapping) -> set[str]:
@@ -37,11 +31,43 @@ def drift(declared: Mapping[str, set[str]], closures: Mapping[str, set[str]]) ->
     return out
 
 
+def dvc_stages() -> dict:
+    return yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+
+
+def unread(reads: tuple[str, ...], stage: Mapping) -> list[str]:
+    """The config keys a stage reads that dvc.yaml neither lists as params (the key or a section
+    holding it) nor uses in a dependency path (`${key}`)."""
+    params = stage.get("params", [])
+    deps = " ".join(stage.get("deps", []))
+    listed = [k for k in reads if any(k == p or k.startswith(p + ".") for p in params)]
+    return [k for k in reads if k not in listed and "${" + k not in deps]
+
+
+def test_dvc_yaml_has_the_declared_stages_and_commands():
+    stages = dvc_stages()
+    assert list(stages) == [s.name for s in DVC_STAGES]
+    for spec in DVC_STAGES:
+        assert stages[spec.name]["cmd"] == f".venv/bin/flywheel stage {spec.name}"
+
+
+def test_every_stage_lists_the_config_it_reads():
+    stages = dvc_stages()
+    problems = {s.name: unread(s.reads, stages[s.name]) for s in DVC_STAGES}
+    assert not any(problems.values()), f"dvc.yaml params miss what stages read: {problems}"
+
+
+def test_a_config_key_read_but_not_in_params_is_named():
+    stage = {"params": ["split"], "deps": ["${validate.report_dir}/checks.json"]}
+    assert unread(("split.seed", "validate.report_dir", "clean"), stage) == ["clean"]
+    assert unread(("splitter",), stage) == ["splitter"]
+    assert unread(("split", "validate.report_dir"), stage) == []
+
+
 def test_every_stage_depends_on_exactly_the_code_it_imports():
-    stages = yaml.safe_load((REPO / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
-    assert set(stages) == {"collect", "validate", "prepare"}
+    stages = dvc_stages()
     declared = {name: code_deps(stage) for name, stage in stages.items()}
-    closures = {name: set(cache.code_hashes(*stage_modules(name))) for name in stages}
+    closures = {s.name: set(cache.code_hashes(*s.code)) for s in DVC_STAGES}
     assert all(closures.values()) and all(
         p.startswith("flywheel/") for c in closures.values() for p in c
     )

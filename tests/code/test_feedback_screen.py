@@ -13,10 +13,11 @@ import pytest
 from flywheel import feedback
 from flywheel.config import ValidateConfig, load_config
 from flywheel.feedback import FeedbackRecord
+from flywheel.flows.report import summary_markdown
+from flywheel.flows.result import summary_lines
 from flywheel.io import read_parquet
 from flywheel.sources import screen_feedback
 from flywheel.tasks.collect import collect
-from flywheel.tasks.report import summary_markdown
 from flywheel.tasks.validate import run_suite
 from tests.conftest import REPO, labelled_frame
 
@@ -193,19 +194,29 @@ def test_feedback_cannot_fail_the_data_set_checks_but_the_other_rows_still_can(t
 
 def test_the_run_summary_has_the_feedback_line():
     summary = feedback.ScreenSummary(10, 7, 2, {"label not in validate.labels": 1}, 10)
+    clean = SimpleNamespace(
+        rows_out=7,
+        pii_counts={},
+        exact_duplicates=0,
+        normalised_duplicates=0,
+        conflicting_label_rows=0,
+        emptied_by_cleaning=0,
+    )
     result = SimpleNamespace(
         data_version="abc",
-        collect=SimpleNamespace(rows=7, rows_per_source={"feedback": 7}, feedback=summary),
-        validation=SimpleNamespace(headline="validation passed"),
-        prepare=SimpleNamespace(
-            report=SimpleNamespace(rows_out=7, pii_counts={}), rows_per_split={"train": 7}
+        version=SimpleNamespace(note="recorded"),
+        collect=SimpleNamespace(
+            rows=7, rows_per_source={"feedback": 7}, feedback=summary, raw_path="raw.parquet"
         ),
+        validation=SimpleNamespace(headline="validation passed", report_dir="v"),
+        prepare=SimpleNamespace(report=clean, rows_per_split={"train": 7}, prepared_dir="p"),
         evaluation=None,
+        plan=SimpleNamespace(summary=dict, steps={}),
     )
-    page = summary_markdown(result)
-    assert (
-        "- 10 feedback rows read: 7 accepted, 2 repeats dropped, 1 quarantined "
-        "(1 label not in validate.labels)" in page
-    )
+    line = "10 feedback rows read: 7 accepted, 2 repeats dropped, 1 quarantined "
+    line += "(1 label not in validate.labels)"
+    assert summary_lines(result)["feedback"] == line
+    assert line in summary_markdown(result)  # the flow-run page
     result.collect.feedback = None  # feedback off
+    assert "feedback" not in summary_lines(result)
     assert "feedback rows read" not in summary_markdown(result)

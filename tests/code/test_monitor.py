@@ -137,7 +137,7 @@ class StubRegistry:
 
 
 def test_monitor_reads_the_versions_newest_predictions(tmp_path, monkeypatch):
-    from flywheel.tasks import registry
+    from flywheel import registry
 
     log_path = tmp_path / "predictions.db"
     cfg = load_config(

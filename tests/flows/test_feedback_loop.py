@@ -14,15 +14,15 @@ import pandas as pd
 import pytest
 import yaml
 
+from flywheel.cli.demo import feedback_demo, served, snippet_key, snippets, split_halves
 from flywheel.config import load_config
-from flywheel.demo import feedback_demo, served, snippet_key, snippets, split_halves
 from flywheel.drift import Drift
 from flywheel.flows import retrain as retrain_flow
 from flywheel.flows.limits import retrain_slot
 from flywheel.flows.pipeline import pipeline
 from flywheel.flows.retrain import DECISION_ARTIFACT, OUTCOME_ARTIFACT, retrain
+from flywheel.registry import CHAMPION, ModelRegistry
 from flywheel.servers import free_port
-from flywheel.tasks.registry import CHAMPION, ModelRegistry
 from flywheel.tracking import FEEDBACK_SEQ_TAG
 from flywheel.trigger import (
     ALREADY_CHAMPION,

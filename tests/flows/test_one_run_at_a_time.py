@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from flywheel.tasks.registry import CHAMPION, ModelRegistry
+from flywheel.registry import CHAMPION, ModelRegistry
 from flywheel.tasks.version import dir_md5
 from tests.flows.conftest import small_project
 from tests.flows.test_pipeline import dvc, locked_version

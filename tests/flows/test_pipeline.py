@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from flywheel import feedback
 from flywheel.cli import app
 from flywheel.flows.pipeline import pipeline
-from flywheel.tasks.report import FAILURE_KEY, per_class_rows, summary_markdown
+from flywheel.flows.report import FAILURE_KEY, per_class_rows, summary_markdown
 from flywheel.tasks.validate import DataValidationError
 from flywheel.tasks.version import dir_md5
 from tests.flows.conftest import flow_run_artifacts
@@ -74,7 +74,7 @@ def test_default_run_versions_the_prepared_data(done):
     summary = (root / "data" / "prepared" / "summary.json").read_text()
     assert '"exact_duplicates": 56' in summary
     page = summary_markdown(result)  # the flow-run page's summary (published by report_task)
-    assert "collected 12,808 rows: rotten_tomatoes 12,808" in page
+    assert "12,808 rows (rotten_tomatoes: 12,808)" in page
     assert "Data stages only (no model trained)." in page
     assert per_class_rows(result) == []
 

@@ -11,7 +11,7 @@ import yaml
 
 from flywheel.config import load_config
 from flywheel.flows.pipeline import pipeline
-from flywheel.tasks.registry import CHALLENGER, CHAMPION, PREVIOUS, ModelRegistry
+from flywheel.registry import CHALLENGER, CHAMPION, PREVIOUS, ModelRegistry
 from tests.conftest import REPO
 from tests.flows.conftest import TRAIN, flow_run_artifacts, small_project
 

@@ -1,5 +1,6 @@
-"""`flywheel schedule` against a real Prefect server on a free port: create (serve), list, pause
-on Ctrl-C, remove; deploy to a work pool; bad cron expressions."""
+"""`flywheel schedule add | serve | list | remove` against a real Prefect server on a free port:
+serve, list, pause on Ctrl-C, remove; add to a work pool; bad cron expressions; the deprecated
+flag form (`--cron`, `--list`, `--remove`) still working, with a note naming the subcommand."""
 
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def project(tmp_path) -> Path:
 
 def cli(server: servers.Server, project: Path, *args: str, timeout: float = 120):
     return subprocess.run(
-        [FLYWHEEL, "schedule", "--params", str(project / "params.yaml"), *args],
+        [FLYWHEEL, "schedule", *args, "--params", str(project / "params.yaml")],
         env=env_for(server),
         capture_output=True,
         text=True,
@@ -87,24 +88,65 @@ def test_flow_names_match_the_flows():
     assert retrain.name == FLOWS["retrain"].flow_name and FLOWS["retrain"].flow() is retrain
 
 
+@pytest.fixture
+def no_server(project, monkeypatch) -> Path:
+    """PREFECT_API_URL pointing at nothing: a command that looks for a server fails."""
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv("PREFECT_HOME", str(project / ".prefect"))
+    return project
+
+
+def schedule(project: Path, *args: str):
+    return CliRunner().invoke(app, ["schedule", *args, "--params", str(project / "params.yaml")])
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
+        (["serve", "--cron", "0 3 * *"], "invalid cron expression '0 3 * *': expected 5 fields"),
+        (["add", "--work-pool", "p", "--cron", "61 3 * * 1"], "invalid cron expression '61 3"),
+        (
+            ["add", "--work-pool", "p", "--cron", "0 3 * * 1", "--timezone", "Mars/Base"],
+            "unknown time zone 'Mars/Base'",
+        ),
+        (["serve"], 'give --cron EXPR, e.g. --cron "0 3 * * 1"'),  # only retrain has a default
+        (["add", "--cron", "0 3 * * 1"], "Missing option '--work-pool'"),
+        (["remove"], "Missing argument"),
+        (["--list", "list"], "options go after the subcommand: flywheel schedule list"),
+        # the deprecated flag form keeps its checks
         (["--cron", "0 3 * *"], "invalid cron expression '0 3 * *': expected 5 fields"),
-        (["--cron", "61 3 * * 1"], "invalid cron expression '61 3 * * 1'"),
         (["--cron", "0 3 * * 1", "--timezone", "Mars/Base"], "unknown time zone 'Mars/Base'"),
         ([], "give one of --cron EXPR, --list or --remove NAME"),
         (["--list", "--remove", "x"], "give one of --cron EXPR, --list or --remove NAME"),
         (["--list", "--work-pool", "p"], "--work-pool goes with --cron"),
     ],
 )
-def test_bad_requests_fail_before_any_server_is_used(project, monkeypatch, args, message):
-    # no server anywhere: these must fail without looking for one
-    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
-    monkeypatch.setenv("PREFECT_HOME", str(project / ".prefect"))
-    out = CliRunner().invoke(app, ["schedule", "--params", str(project / "params.yaml"), *args])
+def test_bad_requests_fail_before_any_server_is_used(no_server, args, message):
+    out = schedule(no_server, *args)
     assert out.exit_code == 2, out.output
     assert message in out.output
+
+
+@pytest.mark.parametrize(
+    ("args", "subcommand"),
+    [
+        (["--cron", "0 3 * *"], "`flywheel schedule serve` with the same options"),
+        (["--flow", "retrain", "--timezone", "Mars/Base"], "`flywheel schedule serve`"),
+        (["--cron", "0 3 * *", "--work-pool", "p"], "`flywheel schedule add` with the same"),
+    ],
+)
+def test_the_flag_form_notes_its_subcommand_on_stderr(no_server, args, subcommand):
+    out = schedule(no_server, *args)
+    assert out.exit_code == 2  # the bad cron or time zone, after the note
+    assert "the flag form of `flywheel schedule` is deprecated" in out.stderr
+    assert subcommand in out.stderr
+    assert "deprecated" not in out.stdout
+
+
+def test_without_a_subcommand_or_flag_it_shows_the_subcommands():
+    out = CliRunner().invoke(app, ["schedule"])
+    assert out.exit_code == 2
+    assert all(name in out.output for name in ("add", "serve", "list", "remove"))
 
 
 def test_parse_cron_knows_the_next_run():
@@ -118,7 +160,7 @@ def test_schedule_create_run_list_pause_remove(server, tmp_path):
     serving (paused), remove it."""
     project = make_project(tmp_path / "project", tmp_path / "remote")
     serving = subprocess.Popen(
-        [FLYWHEEL, "schedule", "--params", str(project / "params.yaml")]
+        [FLYWHEEL, "schedule", "serve", "--params", str(project / "params.yaml")]
         + ["--cron", "0 3 * * 1", "--name", "nightly-test"],
         env=env_for(server),
         stdout=subprocess.PIPE,
@@ -139,7 +181,7 @@ def test_schedule_create_run_list_pause_remove(server, tmp_path):
         assert made["entrypoint"] == "flywheel.flows.pipeline.pipeline"
         assert made["work_pool_name"] is None  # served by the process, no work pool
 
-        listed = cli(server, project, "--list")
+        listed = cli(server, project, "list")
         assert listed.returncode == 0, listed.stderr
         row = next(line for line in listed.stdout.splitlines() if "nightly-test" in line)
         assert (
@@ -176,24 +218,25 @@ def test_schedule_create_run_list_pause_remove(server, tmp_path):
             serving.wait()
     assert deployments(server)["nightly-test"]["paused"]  # nobody serves it: no runs pile up
     row = next(
-        line
-        for line in cli(server, project, "--list").stdout.splitlines()
-        if "nightly-test" in line
+        line for line in cli(server, project, "list").stdout.splitlines() if "nightly-test" in line
     )
     assert " paused " in row
 
-    removed = cli(server, project, "--remove", "nightly-test")
+    removed = cli(server, project, "remove", "nightly-test")
     assert removed.returncode == 0, removed.stderr
     assert "removed deployment flywheel-pipeline/nightly-test" in removed.stdout
+    assert "deprecated" not in removed.stderr
     assert "nightly-test" not in deployments(server)
-    again = cli(server, project, "--remove", "nightly-test")
+    again = cli(server, project, "remove", "nightly-test")
     assert again.returncode == 2
     assert "no deployment named 'nightly-test'" in again.stderr
 
 
 def test_schedule_on_a_work_pool(server, project):
+    """`add`, and the deprecated flags doing the same (each with a note naming its subcommand)."""
     made = cli(server, project, "--cron", "30 2 * * *", "--name", "pool-test", "--work-pool", "wp")
     assert made.returncode == 0, made.stderr
+    assert "use `flywheel schedule add` with the same options" in made.stderr
     assert "created process work pool 'wp'" in made.stdout
     assert "prefect worker start --pool wp" in made.stdout
     deployment = deployments(server)["pool-test"]
@@ -205,19 +248,21 @@ def test_schedule_on_a_work_pool(server, project):
 
     # the same name again updates the schedule (one deployment, new cron); the pool is reused
     updated = cli(
-        server, project, "--cron", "0 4 * * *", "--name", "pool-test", "--work-pool", "wp"
+        server, project, "add", "--cron", "0 4 * * *", "--name", "pool-test", "--work-pool", "wp"
     )
     assert updated.returncode == 0, updated.stderr
+    assert "deprecated" not in updated.stderr
     assert "created process work pool" not in updated.stdout
     assert [s["schedule"]["cron"] for s in deployments(server)["pool-test"]["schedules"]] == [
         "0 4 * * *"
     ]
     listed = cli(server, project, "--list")
+    assert "use `flywheel schedule list`" in listed.stderr
     row = next(line for line in listed.stdout.splitlines() if "pool-test" in line)
     assert "pool wp" in row and "0 4 * * * (UTC)" in row
 
     # the retrain check on the same pool: hourly (retrain.cron) by default, if_needed on
-    check = cli(server, project, "--flow", "retrain", "--work-pool", "wp")
+    check = cli(server, project, "add", "--flow", "retrain", "--work-pool", "wp")
     assert check.returncode == 0, check.stderr
     assert "deployed flywheel-retrain/if-needed to work pool 'wp'" in check.stdout
     made = deployments(server)["if-needed"]
@@ -227,10 +272,12 @@ def test_schedule_on_a_work_pool(server, project):
         "params_path": str((project / "params.yaml").resolve()),
         "if_needed": True,
     }
-    rows = cli(server, project, "--list").stdout.splitlines()
+    rows = cli(server, project, "list").stdout.splitlines()
     assert any(r.startswith("flywheel-retrain") and "if-needed" in r for r in rows)
-    assert cli(server, project, "--remove", "flywheel-retrain/if-needed").returncode == 0
-    assert cli(server, project, "--remove", "pool-test").returncode == 0
+    assert cli(server, project, "remove", "flywheel-retrain/if-needed").returncode == 0
+    old = cli(server, project, "--remove", "pool-test")
+    assert old.returncode == 0, old.stderr
+    assert "use `flywheel schedule remove NAME`" in old.stderr
     assert {"pool-test", "if-needed"}.isdisjoint(deployments(server))
 
 
@@ -242,7 +289,7 @@ def test_without_a_server_a_temporary_one_keeps_deployments_in_the_project(proje
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
-            [FLYWHEEL, "schedule", *params, *args],
+            [FLYWHEEL, "schedule", *args, *params],
             env=env,
             capture_output=True,
             text=True,
@@ -256,8 +303,8 @@ def test_without_a_server_a_temporary_one_keeps_deployments_in_the_project(proje
         assert servers.port_is_free(int(started.group(1)))  # stopped again
         return done
 
-    run("--cron", "0 5 * * *", "--name", "kept", "--work-pool", "local")
-    listed = run("--list")
+    run("add", "--cron", "0 5 * * *", "--name", "kept", "--work-pool", "local")
+    listed = run("list")
     assert re.search(
         r"^flywheel-pipeline\s+kept\s+0 5 \* \* \* \(UTC\)\s+yes\s+pool local", listed.stdout, re.M
     )

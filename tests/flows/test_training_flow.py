@@ -22,14 +22,16 @@ from prefect.client.orchestration import get_client
 from typer.testing import CliRunner
 
 from flywheel.cache import ORDER, Stage
-from flywheel.cli import app, summary_lines
+from flywheel.cli import app
 from flywheel.config import EmbeddedSource, load_config
 from flywheel.flows.pipeline import pipeline
+from flywheel.flows.report import stage_of, task_runs
+from flywheel.flows.result import summary_lines
 from flywheel.io import file_md5
 from flywheel.models.predictor import OnnxPredictor
+from flywheel.registry import CHAMPION, PREVIOUS, ModelRegistry
 from flywheel.sources import read_embedded
-from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry, promote_task
-from flywheel.tasks.report import stage_of, task_runs
+from flywheel.tasks.promote import promote_task
 from flywheel.tasks.train import META_FILE
 from tests.conftest import run
 from tests.flows.conftest import flow_run_artifacts, small_project

@@ -16,18 +16,9 @@ from flywheel import gates, tracking
 from flywheel.config import Config, RegistryConfig
 from flywheel.models.bundle import ClassifierBundle, Preprocessing
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
-from flywheel.tasks.export import copy_preprocessing, export_fp32, quantize
-from flywheel.tasks.registry import (
-    CHALLENGER,
-    CHAMPION,
-    PREVIOUS,
-    ModelRegistry,
-    RegistryError,
-    compare_versions,
-    manual_promotion,
-    promote,
-    rollback,
-)
+from flywheel.promotion import compare_versions, manual_promotion, promote, rollback
+from flywheel.registry import CHALLENGER, CHAMPION, PREVIOUS, ModelRegistry, RegistryError
+from flywheel.tasks.export import copy_preprocessing, export_fp32, measure_latency, quantize
 
 LENIENT = {"min_test_macro_f1": 0.0, "max_p95_latency_ms": 1000.0}  # an untrained model
 CFG = Config.model_validate(
@@ -217,7 +208,7 @@ def test_manual_promotion_rescores_the_champion_and_ignores_its_stored_numbers(
     register(registry, export_dir, **{"flywheel.test.macro_f1": "0.999"})  # stale, flattering
     decide(registry, "1", 0.9, reason="first", actor="ci")
     register(registry, export_dir)
-    decision = manual_promotion(registry, CFG, "2", FRAME, "same model")
+    decision = manual_promotion(registry, CFG, "2", FRAME, "same model", measure=measure_latency)
     assert decision.promoted, decision.reasons  # a tie with the re-scored champion
     assert decision.champion_scores["test_macro_f1"] < 0.999
     assert "overall accuracy: +0.0 pts [+0.0, +0.0], 60 rows: not worse than -3 pts" in (
@@ -240,11 +231,13 @@ def test_a_champion_that_cannot_be_rescored_fails_the_gates_unless_forced(
         return real(version)
 
     monkeypatch.setattr(registry, "load", champion_gone)
-    refused = manual_promotion(registry, CFG, "2", FRAME, "try")
+    refused = manual_promotion(registry, CFG, "2", FRAME, "try", measure=measure_latency)
     assert not refused.promoted
     assert any("champion 1 could not be re-scored" in r for r in refused.reasons)
     assert registry.aliases() == {CHAMPION: "1"}
-    forced = manual_promotion(registry, CFG, "2", FRAME, "artifacts lost", force=True)
+    forced = manual_promotion(
+        registry, CFG, "2", FRAME, "artifacts lost", force=True, measure=measure_latency
+    )
     assert forced.promoted and forced.forced
     assert "could not be re-scored" in registry.history()[-1].reason
     assert registry.history()[-1].gates["min_test_macro_f1"] == 0.0

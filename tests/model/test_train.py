@@ -7,11 +7,12 @@ import shutil
 
 import pandas as pd
 import pytest
+import torch
 
 from flywheel.config import EmbeddedSource, load_config
 from flywheel.runtime import Device
 from flywheel.sources import read_embedded
-from flywheel.tasks.train import META_FILE, fit, run_key
+from flywheel.tasks.train import META_FILE, STATE_FILE, TrainState, fit, run_key
 from tests.conftest import REPO
 
 CPU = Device("cpu", None, False)
@@ -60,6 +61,38 @@ def test_loss_decreases_and_best_model_is_kept(tmp_path, slices):
     assert meta["data_version"] == "test.dir"
     assert meta["train"]["lr"] == 1e-4
     assert result.samples_per_second > 0
+    # the run's state is saved as a plain dict with the keys checkpoints have always had, so a
+    # checkpoint written before TrainState existed still resumes
+    payload = torch.load(result.model_dir.parent / "last" / STATE_FILE, weights_only=False)
+    assert set(payload["state"]) == CHECKPOINT_STATE_KEYS
+    assert TrainState(**payload["state"]).step == 15
+
+
+CHECKPOINT_STATE_KEYS = {
+    "step",
+    "epoch",
+    "batch",
+    "best",
+    "best_step",
+    "bad_evals",
+    "history",
+    "losses",
+    "stopped",
+    "seconds",
+    "samples",
+}
+
+
+def test_validation_keeps_the_best_and_stops_after_patience():
+    state = TrainState(step=5)
+    assert state.record_validation(0.6, epoch=0, patience=2)
+    state.step = 10
+    assert not state.record_validation(0.6, epoch=1, patience=2)  # no gain: not a new best
+    assert not state.stopped
+    state.step = 15
+    assert not state.record_validation(0.5, epoch=2, patience=2)
+    assert state.stopped and state.best == 0.6 and state.best_step == 5
+    assert [(h["step"], h["epoch"]) for h in state.history] == [(5, 1), (10, 2), (15, 3)]
 
 
 def test_same_seed_same_metrics(tmp_path, slices):

@@ -1,17 +1,22 @@
 """Two exported (untrained, differently seeded) classifiers with reference profiles, and
-sources that serve them: an in-memory one for the API tests, a real MLflow registry for reload."""
+sources that serve them: an in-memory one for the API tests, a real MLflow registry (`project`)
+for reload and for the server's imports."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
 
+from flywheel import tracking
 from flywheel.models.bundle import ClassifierBundle, Preprocessing
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
 from flywheel.models.profile import build, load_vocabulary, save
+from flywheel.registry import CHAMPION, ModelRegistry
 from flywheel.serving.champion import ServedModel
 from flywheel.tasks.export import copy_preprocessing, export_fp32
+from tests.conftest import REPO
 
 LABELS = ["fresh", "rotten"]
 TRAIN = ["a wonderful moving film", "a dull and boring film", "great acting", "awful plot"]
@@ -41,6 +46,26 @@ def exports(tmp_path_factory) -> dict[str, Path]:
     """Version "1" and "2": export folders as the export stage leaves them."""
     base = tmp_path_factory.mktemp("serving-models")
     return {v: export_model(base / v, seed) for v, seed in (("1", 1), ("2", 2))}
+
+
+@pytest.fixture
+def project(tmp_path, exports) -> tuple[Path, ModelRegistry]:
+    """A project whose registry holds both exports; version 1 is champion."""
+    root = tmp_path / "project"
+    root.mkdir()
+    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
+    uri = tracking.default_uri(root)
+    client = tracking.client(uri)
+    experiment = client.create_experiment("flywheel", (root / "mlflow" / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    ref = tracking.RunRef(
+        run.info.run_id, experiment, uri, tracking.Lineage("data", "commit", False, None)
+    )
+    registry = ModelRegistry(uri, "flywheel-classifier")
+    for version in ("1", "2"):
+        registry.register(exports[version], ref, {"flywheel.data_version": f"d{version}"}, "test")
+    registry.move([(CHAMPION, "1")], "first", "test")
+    return root, registry
 
 
 class FolderSource:

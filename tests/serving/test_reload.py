@@ -4,43 +4,21 @@ request fails; concurrent feedback writes lose no row. The server is stopped by 
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from flywheel import feedback, servers, tracking
+from flywheel import feedback, servers
+from flywheel.promotion import rollback
+from flywheel.registry import CHAMPION, PREVIOUS
 from flywheel.servers import free_port
-from flywheel.tasks.registry import CHAMPION, PREVIOUS, ModelRegistry, rollback
-from tests.conftest import REPO
 
 TOKEN = "test-token"
 WORKERS = 4
 MAX_REQUESTS = 400  # per worker: the load is bounded in count ...
 DEADLINE_SECONDS = 120  # ... and in time
-
-
-@pytest.fixture
-def project(tmp_path, exports) -> tuple[Path, ModelRegistry]:
-    """A project whose registry holds both exports; version 1 is champion."""
-    root = tmp_path / "project"
-    root.mkdir()
-    shutil.copy2(REPO / "params.yaml", root / "params.yaml")
-    uri = tracking.default_uri(root)
-    client = tracking.client(uri)
-    experiment = client.create_experiment("flywheel", (root / "mlflow" / "artifacts").as_uri())
-    run = client.create_run(experiment)
-    ref = tracking.RunRef(
-        run.info.run_id, experiment, uri, tracking.Lineage("data", "commit", False, None)
-    )
-    registry = ModelRegistry(uri, "flywheel-classifier")
-    for version in ("1", "2"):
-        registry.register(exports[version], ref, {"flywheel.data_version": f"d{version}"}, "test")
-    registry.move([(CHAMPION, "1")], "first", "test")
-    return root, registry
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 """Report: what a pipeline run did, as Prefect artifacts on its flow-run page.
 
-    flywheel-run-summary   markdown: data counts, validation, test metrics of the model vs the
-                           baseline vs the champion (re-scored), parity, the promotion decision
-                           with its reasons, and where the MLflow run and model version are
+    flywheel-run-summary   markdown: the run's summary (flows/result.py), test metrics of the
+                           model vs the baseline vs the champion (re-scored), the promotion's
+                           evidence, the cache's decisions
     flywheel-per-class     table: precision, recall, F1 and support per label and model
     flywheel-run-failure   markdown, when the flow fails: the stage, the cause, what finished
                            before it, what the registry looks like, how to go on
@@ -13,17 +13,16 @@ The text is built by plain functions (tested without Prefect); the task only pub
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from uuid import UUID
 
 from prefect import task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from flywheel import tracking
-
-if TYPE_CHECKING:
-    from flywheel.flows.pipeline import PipelineResult
+from flywheel.flows.result import PipelineResult, summary_lines
+from flywheel.promotion import Decision
+from flywheel.tables import markdown_table
 
 SUMMARY_KEY = "flywheel-run-summary"
 PER_CLASS_KEY = "flywheel-per-class"
@@ -31,32 +30,33 @@ FAILURE_KEY = "flywheel-run-failure"
 REGISTRY_STAGES = ("register", "promote")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(row) + " |" for row in rows),
-    ]
-
-
 def summary_markdown(result: PipelineResult) -> str:
-    """The run in one page of markdown."""
-    prep = result.prepare
+    """The run in one page of markdown: the summary's line per stage, then the test-split
+    comparison, the promotion's evidence and the cache's decisions as tables."""
     lines = [
         f"# Flywheel run: data version `{result.data_version}`",
         "",
-        "## Data",
-        f"- collected {result.collect.rows:,} rows: "
-        + ", ".join(f"{k} {v:,}" for k, v in result.collect.rows_per_source.items()),
-        # quarantined feedback is not in this data version: say so where the run is read
-        *([f"- {result.collect.feedback.line()}"] if result.collect.feedback else []),
-        f"- validation: {result.validation.headline}",
-        f"- prepared {prep.report.rows_out:,} rows: "
-        + ", ".join(f"{k} {v:,}" for k, v in prep.rows_per_split.items())
-        + f"; PII masked: {sum(prep.report.pii_counts.values()):,}",
+        markdown_table(["stage", "what it did"], list(summary_lines(result).items())),
     ]
     if result.evaluation is None:
         return "\n".join([*lines, "", "Data stages only (no model trained)."]) + "\n"
+    scores = markdown_table(["model", "accuracy", "macro-F1"], _scores(result))
+    lines += ["", "## Test split", scores]
+    decision = result.promotion
+    if decision is not None:
+        lines += ["", "## Promotion", f"- {decision.summary()}", *_evidence(decision)]
+    if result.plan is not None:
+        rows = [
+            [name, result.plan.summary().get(name, "-"), f"`{s.key.digest}`", s.reason]
+            for name, s in result.plan.steps.items()
+        ]
+        lines += ["", "## Cache", markdown_table(["stage", "this run", "key", "why"], rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _scores(result: PipelineResult) -> list[list[str]]:
+    """Test accuracy and macro-F1 of the fine-tuned model, the baseline, the exported model and
+    the champion it was judged against (re-scored on the same split)."""
     model, base = result.evaluation.report.metrics, result.evaluation.baseline.metrics
     rows = [
         ["fine-tuned (PyTorch)", f"{model.accuracy:.4f}", f"{model.macro_f1:.4f}"],
@@ -76,61 +76,21 @@ def summary_markdown(result: PipelineResult) -> str:
                 f"{champion['test_macro_f1']:.4f}",
             ]
         )
-    lines += ["", "## Test split", *_table(["model", "accuracy", "macro-F1"], rows)]
-    export = result.export
-    if export is not None:
-        parity = (
-            f"agreement with fp32 {export.test.agreement:.2%}, accuracy loss "
-            f"{100 * export.test.accuracy_loss:.2f} pts, macro-F1 loss "
-            f"{100 * export.test.macro_f1_loss:.2f} pts"
-            if export.test is not None
-            else "no int8 variant passed: " + "; ".join(export.reasons[-3:])
+    return rows
+
+
+def _evidence(decision: Decision) -> list[str]:
+    """The paired comparison behind a decision, then every gate with its figures."""
+    lines = []
+    if decision.paired is not None and decision.paired.estimates:
+        pair = decision.paired
+        lines.append(
+            f"- candidate - champion on the same {pair.estimates[0].rows:,} test texts: "
+            f"{pair.confidence:.0%} paired-bootstrap intervals ({pair.resamples:,} "
+            f"resamples); {pair.discordant[0]} texts only the candidate gets right, "
+            f"{pair.discordant[1]} only the champion (exact McNemar p = {pair.mcnemar_p:.3g})"
         )
-        lines += [
-            "",
-            "## Export",
-            f"- chosen: `{export.chosen}`; {parity}",
-            f"- ONNX fp32 vs PyTorch: max |logit difference| {export.fp32_max_logit_diff:.1e}",
-            f"- latency per text: p50 {export.latency.p50_ms:.1f} ms, p95 "
-            f"{export.latency.p95_ms:.1f} ms (fp32 p95 {export.fp32_latency.p95_ms:.1f} ms)",
-        ]
-    lines += ["", "## Promotion"]
-    if decision is None:
-        lines.append("- not promoted: a one-off data run is registered only")
-    else:
-        lines.append(f"- {decision.summary()}")
-        if decision.paired is not None and decision.paired.estimates:
-            pair = decision.paired
-            lines.append(
-                f"- candidate - champion on the same {pair.estimates[0].rows:,} test texts: "
-                f"{pair.confidence:.0%} paired-bootstrap intervals ({pair.resamples:,} "
-                f"resamples); {pair.discordant[0]} texts only the candidate gets right, "
-                f"{pair.discordant[1]} only the champion (exact McNemar p = {pair.mcnemar_p:.3g})"
-            )
-        lines += [f"  - {line}" for line in decision.gate_lines()]
-    if result.plan is not None:
-        lines += [
-            "",
-            "## Cache",
-            *_table(
-                ["stage", "this run", "key", "why"],
-                [
-                    [
-                        s.stage,
-                        result.plan.summary().get(s.stage, "-"),
-                        f"`{s.key.digest}`",
-                        s.reason,
-                    ]
-                    for s in result.plan.steps.values()
-                ],
-            ),
-        ]
-    lines += ["", "## Where"]
-    if result.mlflow_run is not None:
-        lines.append(f"- MLflow run: {tracking.run_url(result.mlflow_run)}")
-    if result.registered is not None:
-        lines.append(f"- model version: `{result.registered.uri}`")
-    return "\n".join(lines) + "\n"
+    return lines + [f"  - {line}" for line in decision.gate_lines()]
 
 
 def per_class_rows(result: PipelineResult) -> list[dict[str, Any]]:

@@ -23,16 +23,18 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
-import numpy as np
-import pandas as pd
+import typer
 
-from flywheel import feedback
-from flywheel.config import Config, ConfigError, load_config
+from flywheel.cli.common import ParamsOption, user_errors
+from flywheel.config import DEFAULT_PARAMS, Config, ConfigError, load_config
 from flywheel.errors import FlywheelError
-from flywheel.io import write_json
-from flywheel.pii import clean_and_mask
-from flywheel.text import normalised_key
+
+if TYPE_CHECKING:  # what the demo needs loads when it runs, not with every command
+    import pandas as pd
+
+    from flywheel.registry import ModelRegistry
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +44,52 @@ RELOAD_SECONDS = 1.0
 
 class DemoError(FlywheelError):
     """The demo cannot go on; the message says why and what to do."""
+
+
+demo_app = typer.Typer(
+    help="Scripted demonstrations on real data.", no_args_is_help=True, add_completion=False
+)
+
+
+@demo_app.command("feedback")
+def demo_feedback(
+    params: ParamsOption = DEFAULT_PARAMS,
+    port: Annotated[
+        int, typer.Option("--port", min=0, max=65535, help="Server port (0: a free one).")
+    ] = 0,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            "--snippets", min=10, help="Use this many snippets (seeded sample), not all of them."
+        ),
+    ] = None,
+) -> None:
+    """The feedback loop end to end: serve the champion, send it VADER's human-rated Amazon
+    product review snippets, give half of them as feedback, let `flywheel retrain --if-needed`
+    decide, and compare the old and the new champion on the held-back half.
+
+    Needs a champion with a reference profile (runs `flywheel run` first if there is no
+    champion). Takes about as long as one pipeline run. Writes reports/demo/feedback.json and
+    feedback.md. The feedback rows stay in the project's feedback store (data/feedback/); the
+    demo's ids make a second run add none.
+    """
+    with user_errors(params):
+        report = feedback_demo(params.resolve(), port, limit)
+    typer.echo(
+        f"old champion {report['old_champion']}: accuracy {report['old_accuracy']:.4f} on the "
+        f"{report['held_back_rows']:,} held-back snippets"
+    )
+    if report["new_accuracy"] is not None:
+        who = "new champion" if report["promoted"] else "candidate (not promoted)"
+        typer.echo(
+            f"{who} {report['candidate']}: accuracy {report['new_accuracy']:.4f} on the same"
+        )
+    if report["promotion"]:
+        typer.echo(f"promotion: {report['promotion']}")
+        for line in report["gates"]:
+            typer.echo(f"  {line}")
+    typer.echo(f"outcome: {report['outcome'] or 'not fired'}")
+    typer.echo("report: reports/demo/feedback.md")
 
 
 @dataclass(frozen=True)
@@ -56,6 +104,9 @@ class Halves:
 def snippet_key(text: str, pii: Sequence[str] = ()) -> str:
     """What makes two snippets the same text: the clean stage's key (cleaned, the `pii` kinds
     masked, normalised)."""
+    from flywheel.pii import clean_and_mask
+    from flywheel.text import normalised_key
+
     return normalised_key(clean_and_mask(text, pii)[0])
 
 
@@ -144,6 +195,8 @@ class Client:
 
 
 def accuracy(answers: Sequence[dict], labels: Sequence[str]) -> float:
+    import numpy as np
+
     return float(np.mean([a["label"] == y for a, y in zip(answers, labels, strict=True)]))
 
 
@@ -187,40 +240,15 @@ def snippets(cfg: Config) -> pd.DataFrame:
 def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict:
     """Run the demo on the project at `params` (with `limit`: on that many snippets, the same
     ones every time); returns (and writes) the report."""
-    from flywheel.flows.pipeline import pipeline
     from flywheel.flows.retrain import retrain
+    from flywheel.registry import CHAMPION, ModelRegistry
     from flywheel.servers import free_port
-    from flywheel.tasks.registry import CHAMPION, ModelRegistry
 
     started = time.monotonic()
     cfg = load_config(params)
     registry = ModelRegistry.of(cfg)
-    if registry.alias(CHAMPION) is None:
-        print("no champion yet: running the pipeline first (flywheel run)")
-        pipeline(params_path=params)
-    old = registry.alias(CHAMPION)
-    if old is None:
-        raise DemoError("the pipeline ran but promoted nothing: see `flywheel models list`")
-    if registry.reference(old) is None:
-        raise DemoError(
-            f"champion {old} was exported before reference profiles existed, so drift cannot be "
-            "judged: run `flywheel run --force-from export` and start the demo again"
-        )
-    pii = cfg.clean.mask_pii
-    in_store = feedback.read(cfg.resolve(cfg.data.feedback.path))
-    seen = frozenset(in_store["text"].dropna().map(lambda t: snippet_key(t, pii)))
-    halves = split_halves(snippets(cfg), cfg.seed, limit, seen, pii)
-    if halves.feedback.empty or halves.held_back.empty:
-        raise DemoError(
-            f"{len(halves.feedback)} snippets to send as feedback and {len(halves.held_back)} to "
-            "hold back: both halves need some; use more --snippets"
-        )
-    print(
-        f"Amazon snippets: {len(halves.feedback) + len(halves.held_back):,}; "
-        f"{len(halves.feedback):,} as feedback, {len(halves.held_back):,} held back "
-        f"(dropped: {halves.dropped_duplicates} repeated texts, {halves.dropped_conflicting} "
-        f"with both labels, {halves.dropped_seen} held-back texts already in the feedback store)"
-    )
+    old = ready_champion(params, registry)
+    halves = demo_halves(cfg, limit)
     token = secrets.token_hex(16)
     port = port or free_port()
     with served(params, port, token, registry.uri) as url:
@@ -242,16 +270,7 @@ def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict
             if result.pipeline and result.pipeline.registered
             else None
         )
-        if new != old:
-            wait_for_version(client, new)
-            after = client.predict(halves.held_back["text"].tolist())
-            new_accuracy = accuracy(after, halves.held_back["label"].tolist())
-        elif candidate is not None:  # not promoted: score the candidate all the same
-            predicted = registry.load(candidate).predict(halves.held_back["text"].tolist())
-            after = [{"label": p.label} for p in predicted]
-            new_accuracy = accuracy(after, halves.held_back["label"].tolist())
-        else:
-            new_accuracy = None
+        new_accuracy = rescored(client, registry, old, new, candidate, halves.held_back)
     promotion = result.pipeline.promotion if result.pipeline else None
     report = {
         "snippets": len(halves.feedback) + len(halves.held_back),
@@ -280,7 +299,72 @@ def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict
     return report
 
 
+def ready_champion(params: Path, registry: ModelRegistry) -> str:
+    """The champion the demo starts from (the pipeline runs first if there is none); it must
+    have a reference profile, or drift cannot be judged."""
+    from flywheel.flows.pipeline import pipeline
+    from flywheel.registry import CHAMPION
+
+    if registry.alias(CHAMPION) is None:
+        print("no champion yet: running the pipeline first (flywheel run)")
+        pipeline(params_path=params)
+    old = registry.alias(CHAMPION)
+    if old is None:
+        raise DemoError("the pipeline ran but promoted nothing: see `flywheel models list`")
+    if registry.reference(old) is None:
+        raise DemoError(
+            f"champion {old} was exported before reference profiles existed, so drift cannot be "
+            "judged: run `flywheel run --force-from export` and start the demo again"
+        )
+    return old
+
+
+def demo_halves(cfg: Config, limit: int | None) -> Halves:
+    """The snippets in halves, leaving out held-back texts the feedback store already has."""
+    from flywheel import feedback
+
+    pii = cfg.clean.mask_pii
+    in_store = feedback.read(cfg.resolve(cfg.data.feedback.path))
+    seen = frozenset(in_store["text"].dropna().map(lambda t: snippet_key(t, pii)))
+    halves = split_halves(snippets(cfg), cfg.seed, limit, seen, pii)
+    if halves.feedback.empty or halves.held_back.empty:
+        raise DemoError(
+            f"{len(halves.feedback)} snippets to send as feedback and {len(halves.held_back)} to "
+            "hold back: both halves need some; use more --snippets"
+        )
+    print(
+        f"Amazon snippets: {len(halves.feedback) + len(halves.held_back):,}; "
+        f"{len(halves.feedback):,} as feedback, {len(halves.held_back):,} held back "
+        f"(dropped: {halves.dropped_duplicates} repeated texts, {halves.dropped_conflicting} "
+        f"with both labels, {halves.dropped_seen} held-back texts already in the feedback store)"
+    )
+    return halves
+
+
+def rescored(
+    client: Client,
+    registry: ModelRegistry,
+    old: str,
+    new: str | None,
+    candidate: str | None,
+    held_back: pd.DataFrame,
+) -> float | None:
+    """Accuracy on the held-back half after the retrain: of the new champion as served, of the
+    candidate when it was not promoted, or None when nothing was trained."""
+    if new != old:
+        wait_for_version(client, new)
+        after = client.predict(held_back["text"].tolist())
+    elif candidate is not None:  # not promoted: score the candidate all the same
+        predicted = registry.load(candidate).predict(held_back["text"].tolist())
+        after = [{"label": p.label} for p in predicted]
+    else:
+        return None
+    return accuracy(after, held_back["label"].tolist())
+
+
 def write_report(folder: Path, report: dict) -> None:
+    from flywheel.io import write_json
+
     write_json(folder / "feedback.json", report)
     lines = [
         "# Feedback loop demo",
