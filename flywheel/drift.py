@@ -1,19 +1,10 @@
 """Monitor: drift of the served traffic against the model's reference profile.
 
-The window is the newest `monitor.window` predictions one model version answered (the prediction
-log, flywheel/predictions.py); the reference is the profile saved with that version at export
-(flywheel/models/profile.py: the test split as the model saw it). Per window:
-
-    length PSI       Population Stability Index of text lengths over the reference's quantile
-    confidence PSI   bins: sum over bins of (window share - reference share) * ln(window /
-                     reference). Usual reading: < 0.1 stable, 0.1-0.25 moderate, > 0.25 major.
-    label shift      total variation distance between predicted-label shares, 1/2 sum |w - r|:
-                     the share of predictions that would have to change label to match
-    OOV drift        window mean of the per-text share of words outside the training vocabulary
-                     minus the reference's mean: new words the model never saw
-
-With fewer than `monitor.min_window` predictions nothing is judged. `flywheel monitor` prints the
-figures and writes drift.json, drift.md, drift.png and a self-contained drift.html.
+`drift` (pure) compares a window of one version's logged predictions (predictions.py) with the
+profile saved with it (models/profile.py): length and confidence PSI, label shift, OOV drift;
+`monitor` reads the newest `monitor.window` and the profile, `write_report` writes
+drift.{json,md,png,html}. Formulas and their reading: docs/serving.md; why:
+docs/decisions/0009-serving-feedback-and-retrain-trigger.md.
 """
 
 from __future__ import annotations
@@ -32,6 +23,7 @@ from flywheel.config import Config, RetrainConfig
 from flywheel.errors import FlywheelError
 from flywheel.io import replace_dir_atomic, write_json
 from flywheel.models.profile import ReferenceProfile, shares
+from flywheel.tables import markdown_table
 
 PSI_FLOOR = 1e-4  # an empty bin would make ln(w / r) infinite: shares are floored at this
 # The statistics the retrain check judges: (name, Drift field, bound in retrain:).
@@ -230,10 +222,8 @@ def markdown(result: Drift, rc: RetrainConfig, min_window: int) -> str:
         "",
         f"{result.rows} predictions from {result.first or '-'} to {result.last or '-'}.",
         "",
-        "| statistic | value | bound | state |",
-        "|---|---|---|---|",
+        markdown_table(["statistic", "value", "bound", "state"], [list(r.values()) for r in rows]),
     ]
-    lines += [f"| {r['statistic']} | {r['value']} | {r['bound']} | {r['state']} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -1,31 +1,9 @@
 """The feedback store: a SQLite table that serving writes and the collect stage reads.
 
-Schema (version 3):
-
-    feedback(
-      id              TEXT PRIMARY KEY,  -- idempotency key: a repeated id is ignored
-      text            TEXT NOT NULL,     -- the text, cleaned and PII-masked as the clean stage does
-      label           TEXT NOT NULL,     -- the label the user says is right
-      predicted_label TEXT,              -- what the model answered, if known
-      model_version   TEXT,              -- registry version that answered, if known
-      created_at      TEXT NOT NULL,     -- ISO 8601 UTC
-      source          TEXT NOT NULL,     -- who wrote it: 'api', 'demo', 'import', ...
-      prediction_id   TEXT               -- the /predict answer this is about, if known (v2)
-    )
-    feedback_deletions(                  -- append-only log of `flywheel feedback delete` (v3)
-      seq, id, label, source, created_at,  -- the deleted row
-      deleted_at, user, reason
-    )
-
-SQLite's rowid orders rows by arrival (`seq` when read): a data version records the newest seq
-it holds, so "feedback newer than the champion's data" is `seq > that watermark`. A new row is
-numbered past every row ever stored, deleted ones included, so a deletion never lets a new row
-take a seq a watermark already covers.
-
-Serving stores text through `received` (docs/decisions/0010): cleaned and PII-masked with the
-clean stage's functions, and, when the sender gives no id, an id derived from the text and the
-label, so the same correction sent twice is stored once. The collect stage judges each row on
-its own (`screen`) before it is merged into the data.
+`received` is a record as serving stores it (cleaned and PII-masked; without an id, one derived
+from text and label), `screen` judges each row for collect, `delete` logs what it removes. `seq`
+(the rowid) orders rows by arrival and is never reused; a data version's watermark is the newest
+seq it read. Schema: docs/data.md#sources; why: docs/decisions/0010-feedback-hygiene.md, 0009.
 """
 
 from __future__ import annotations

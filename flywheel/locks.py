@@ -1,15 +1,9 @@
-"""Project locks: what must not overlap in one project takes an exclusive `flock` on a file in
-`.flywheel/`, released by the kernel when its process dies (a killed run holds nothing).
+"""Project locks: an exclusive `flock` on a file in `.flywheel/`, released by the kernel when its
+process dies, with the holder written into the file (`hold`, `Holder`, `LockBusy`).
 
-- `run.lock`: a whole pipeline run, data stages through promotion (flows/limits.py `run_lock`
-  adds a Prefect server's global concurrency limit);
-- `registry.lock`: an alias move in the model registry, from deciding to moving (`registry_lock`);
-- `retrain.lock`: the retrain check and its firing (flows/limits.py `retrain_slot`).
-
-The holder writes who it is into the lock file (what, pid, host, command, start time), so a
-process that finds the lock taken can say who holds it while it waits, or in its error when it
-was asked not to wait. A lock is not re-entrant: a thread that holds one and asks for it again
-(waiting) gets an error instead of waiting for itself forever.
+`run.lock`: a whole pipeline run (flows/limits.py `run_lock`); `registry.lock`: an alias move
+(`registry_lock`); `retrain.lock`: a retrain (flows/limits.py `retrain_slot`). Not re-entrant:
+waiting for a lock the same thread holds is an error. Why: docs/decisions/0011-one-run-at-a-time.md.
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """The prediction log: what the server answered, kept so that drift can be computed over a
 window of recent traffic (`flywheel monitor`, the retrain check).
 
-Schema (version 1):
-
-    predictions(
-      id            TEXT PRIMARY KEY,  -- returned by /predict; feedback may refer to it
-      created_at    TEXT NOT NULL,     -- ISO 8601 UTC, milliseconds
-      model_version TEXT NOT NULL,     -- registry version that answered
-      text_sha256   TEXT NOT NULL,     -- of the text as received
-      length        INTEGER NOT NULL,  -- characters of the normalised text (what the model saw)
-      label         TEXT NOT NULL,     -- predicted label
-      confidence    REAL NOT NULL,     -- its probability
-      oov_rate      REAL,              -- share of words outside the model's training vocabulary
-      text          TEXT               -- the raw text, only with monitor.log_text: true
-    )
-
-No raw text is stored unless configured. The log is pruned to its newest rows
-(monitor.keep_predictions). WAL mode: `flywheel monitor` reads while the server writes.
+`PredictionLog` is the server's writer (WAL mode, pruned to monitor.keep_predictions rows; no raw
+text unless monitor.log_text); `read` feeds drift, `lookup` the feedback intake. Schema:
+docs/serving.md; why: docs/decisions/0009-serving-feedback-and-retrain-trigger.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """Local servers as child processes: the Prefect server (API + UI) and the MLflow UI of
 `flywheel ui`, and `flywheel serve` for the demo and the serving tests.
 
-Each is a child process bound to 127.0.0.1 in its own process group (Ctrl-C in the terminal
-reaches only `flywheel`, which then stops them), with its output in a log file under
-the Prefect home, health-checked against a deadline and stopped with SIGTERM, then SIGKILL.
-
-The Prefect server uses the project's Prefect home (`.prefect/`, the database `flywheel run`
-writes in local mode) and the MLflow UI the project's tracking store, so earlier runs appear in
-both. While `flywheel ui` runs, a state file (`<Prefect home>/flywheel-ui.json`) tells other
-commands, e.g. `flywheel schedule`, where its Prefect server is.
+Each binds 127.0.0.1 in its own process group, logs to a file, is health-checked against a
+deadline and stopped with SIGTERM, then SIGKILL. `prefect_api` picks the Prefect server a command
+uses: PREFECT_API_URL, else the running `flywheel ui` (`<Prefect home>/flywheel-ui.json`), else a
+temporary one. Why: docs/decisions/0008-schedules-and-local-servers.md.
 """
 
 from __future__ import annotations

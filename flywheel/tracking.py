@@ -1,14 +1,10 @@
 """MLflow tracking, at the edge: every run-tracking call of the pipeline goes through this module
 (the model registry client is flywheel/registry.py, on a client from here).
 
-Default store: `sqlite:///<root>/mlflow/mlflow.db` with artifacts in `<root>/mlflow/artifacts`;
-MLFLOW_TRACKING_URI overrides it (e.g. a team server). Params, metrics and tags are sent with
-`log_batch` (a few calls per run, not one HTTP call per number).
-
-One flow run = one parent run (named after the Prefect flow run: full config as params, lineage
-tags, the train/val/test splits as dataset inputs, summary metrics) with a nested run per model
-stage: `baseline`, `train` (loss and validation curves, the model bundle as artifact) and
-`evaluate` (test report, plots). Every run carries the lineage tags.
+One flow run = one parent run (`pipeline_run`) with a nested run per model stage (`stage_run`),
+on a client bound to the project's store (`sqlite:///<root>/mlflow/mlflow.db`, or
+MLFLOW_TRACKING_URI), sent with `log_batch`. What each run holds:
+docs/registry.md#tracking-in-mlflow; why: docs/decisions/0004-mlflow-run-layout.md.
 """
 
 from __future__ import annotations

@@ -1,29 +1,10 @@
 """The retrain trigger: is there enough new evidence against the champion to retrain?
 
-Evidence, all since the champion's training data (its `flywheel.feedback_seq` watermark, the
-newest feedback row its data version holds):
-
-    feedback count     new feedback rows >= retrain.min_feedback
-    feedback accuracy  the champion's accuracy on them < retrain.min_feedback_accuracy
-                       (judged with at least retrain.min_feedback_for_accuracy rows)
-    drift              served traffic vs the champion's reference profile (drift.py):
-                       PSI of lengths or confidences > retrain.max_psi, predicted-label shift >
-                       retrain.max_label_shift, OOV share up by > retrain.max_oov_drift
-
-Any crossed bound fires, unless
-
-- another retrain is running (it holds the retrain slot, flows/limits.py);
-- the last retrain ended (or, still unfinished, fired) less than retrain.cooldown_minutes ago;
-- or it is the same evidence: the champion is the one the last firing judged, that firing's
-  retrain did not fail, and no crossed bound has evidence gathered anew since: for the feedback
-  count, retrain.min_feedback rows newer than the firing's newest; for the feedback accuracy,
-  retrain.min_feedback_for_accuracy such rows; for drift, a window of predictions logged wholly
-  after it. So one piece of evidence fires once, and a failed or interrupted retrain is tried
-  again after the cool-down.
-
-The decision is pure (`decide`); gathering it (`gather`) reads the registry, the feedback
-store and the prediction log; the last firing and its outcome are kept in
-.flywheel/retrain/last-firing.json.
+`gather` collects the evidence since the champion's `flywheel.feedback_seq` watermark (feedback
+count, the champion's accuracy on it, drift); the pure `decide` judges it against `retrain.*`,
+the cool-down and the same-evidence rule; the last firing and its outcome are kept in
+.flywheel/retrain/last-firing.json. The rules: docs/serving.md; why:
+docs/decisions/0009-serving-feedback-and-retrain-trigger.md.
 """
 
 from __future__ import annotations
@@ -44,6 +25,7 @@ from flywheel.errors import FlywheelError
 from flywheel.io import write_json
 from flywheel.registry import CHAMPION, ModelRegistry
 from flywheel.sources import screen_feedback
+from flywheel.tables import markdown_table
 from flywheel.tracking import FEEDBACK_SEQ_TAG
 
 log = logging.getLogger(__name__)
@@ -168,11 +150,11 @@ class TriggerDecision:
     def markdown(self) -> str:
         """The decision as the Prefect artifact shows it."""
         e = self.evidence
-        rows = "\n".join(
-            f"| {c.name} | {c.value} | {c.bound} | {'**crossed**' if c.crossed else 'holds'} "
-            f"| {c.note} |"
+        rows = [
+            [c.name, c.value, c.bound, "**crossed**" if c.crossed else "holds", c.note]
             for c in self.checks
-        )
+        ]
+        table = markdown_table(["check", "value", "bound", "state", "note"], rows)
         state = "FIRED" if self.fire else "not fired"
         if self.nothing_to_train:
             state = "ALERT (no retrain)"
@@ -180,8 +162,7 @@ class TriggerDecision:
             f"# Retrain check: {state}\n\n{self.headline()}\n\n"
             f"Champion: version {e.champion or '-'}, trained on feedback up to seq "
             f"{e.watermark}; the store holds up to seq {e.newest_feedback}.\n\n"
-            "| check | value | bound | state | note |\n|---|---|---|---|---|\n"
-            f"{rows}\n\nDecided at {self.decided_at}."
+            f"{table}\n\nDecided at {self.decided_at}."
         )
 
 

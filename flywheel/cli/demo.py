@@ -1,16 +1,9 @@
 """`flywheel demo feedback`: the whole loop on real text the champion was not trained for.
 
-    1. a champion trained on movie snippets (`flywheel run` first if there is none)
-    2. `flywheel serve` on a free loopback port serves VADER's human-rated Amazon product review
-       snippets (flywheel/datasets/vader_amazon: label = sign of the mean rating, zeros dropped)
-    3. the snippets are split in two halves by a seeded shuffle; the first half goes to
-       /feedback with its true labels, the held-back half is only classified
-    4. `flywheel retrain --if-needed`: feedback count, feedback accuracy and drift are judged;
-       when it fires, the pipeline runs on the data plus the feedback and the gates decide
-    5. the server picks up a new champion by itself; the held-back half is classified again
-
-The report (reports/demo/feedback.{json,md}) gives the old and the new champion's accuracy on
-the held-back half, the retrain decision and the promotion outcome.
+VADER's rated Amazon snippets (flywheel/datasets/vader_amazon) are cut in two by a stable hash:
+one half goes to a served champion's /feedback (the pipeline runs first if there is none), then
+`flywheel retrain --if-needed`; the held-back half is scored before and after. Report:
+reports/demo/feedback.{json,md}. Steps and figures: docs/serving.md (the demo section).
 """
 
 from __future__ import annotations
@@ -30,6 +23,7 @@ import typer
 from flywheel.cli.common import ParamsOption, user_errors
 from flywheel.config import DEFAULT_PARAMS, Config, ConfigError, load_config
 from flywheel.errors import FlywheelError
+from flywheel.tables import markdown_table
 
 if TYPE_CHECKING:  # what the demo needs loads when it runs, not with every command
     import pandas as pd
@@ -376,13 +370,12 @@ def write_report(folder: Path, report: dict) -> None:
         f"both labels and {report['dropped_seen']} held-back texts already in the feedback store "
         f"dropped). {report['seconds']:.0f} s in all.",
         "",
-        "| model | accuracy on the held-back half |",
-        "|---|---|",
-        f"| old champion (version {report['old_champion']}) | {report['old_accuracy']:.4f} |",
     ]
+    models = [[f"old champion (version {report['old_champion']})", f"{report['old_accuracy']:.4f}"]]
     if report["new_accuracy"] is not None:
         who = "new champion" if report["promoted"] else "retrained candidate (not promoted)"
-        lines.append(f"| {who} (version {report['candidate']}) | {report['new_accuracy']:.4f} |")
+        models.append([f"{who} (version {report['candidate']})", f"{report['new_accuracy']:.4f}"])
+    lines.append(markdown_table(["model", "accuracy on the held-back half"], models))
     lines += ["", "Retrain check: " + ("fired" if report["retrain_fired"] else "not fired")]
     lines += [f"- {reason}" for reason in report["retrain_reasons"]]
     if report["promotion"]:

@@ -92,7 +92,7 @@ def run(
         cfg = load_config(params, overrides, profile=profile)  # fail fast, before Prefect starts
         stage = forced_stage(force, force_from)
         if dry_run:
-            from flywheel.flows.pipeline import dry_run
+            from flywheel.flows.data import dry_run
 
             data_version, plan = dry_run(params.resolve(), overrides, profile, stage, data_only)
             typer.echo("collect and version always run; the data version would be " + data_version)

@@ -1,22 +1,10 @@
-"""Pipeline runs of one project run one at a time, whatever starts them (`flywheel run`, a
-schedule, a retrain): the run lock, taken around the whole pipeline flow, data stages through
-promotion (docs/decisions/0011). Retrains (the retrain flow: check, then pipeline) run one at a
-time too: the retrain slot, which a second retrain does not wait for (it records "another
-retrain is running" and stops).
+"""Pipeline runs of one project run one at a time, whatever starts them; so do retrains.
 
-The run lock is two locks, always taken in this order:
-
-- an exclusive `flock` on `.flywheel/run.lock` (flywheel/locks.py): every run on this machine,
-  with or without a Prefect server, released by the kernel when its process dies (a killed run
-  holds nothing); the holder's name, pid and start time are in the file, so a waiting run says
-  who it waits for;
-- with a Prefect server (PREFECT_API_URL: `flywheel ui`, `flywheel schedule`, a team server)
-  also the global concurrency limit `flywheel-run-<registry model>` (limit 1) on that server,
-  which holds across machines sharing the registry; the holder is named in the Prefect
-  variable of the same name. The servers Flywheel starts keep their slot leases on disk
-  (flywheel/servers.py), so a lease of a killed run expires even across a server restart.
-  A temporary local server keeps leases in memory and never expires them, so local mode uses
-  the file lock alone.
+`run_lock`, around the whole pipeline flow: an exclusive flock on `.flywheel/run.lock`
+(flywheel/locks.py), then, with a Prefect server (PREFECT_API_URL), its global concurrency limit
+`flywheel-run-<registry model>` (limit 1). `retrain_slot`: `.flywheel/retrain.lock`, not waited
+for (a second retrain records "another retrain is running" and stops).
+Why: docs/decisions/0011-one-run-at-a-time.md (run lock) and 0009 (retrain slot).
 """
 
 from __future__ import annotations

@@ -1,13 +1,9 @@
-"""Report: what a pipeline run did, as Prefect artifacts on its flow-run page.
+"""Report: what a pipeline run did, as Prefect artifacts on its flow-run page: the run summary
+(`flywheel-run-summary`), the per-class table (`flywheel-per-class`) and, when the flow fails,
+`flywheel-run-failure` (`report_failure`, an on-failure hook).
 
-    flywheel-run-summary   markdown: the run's summary (flows/result.py), test metrics of the
-                           model vs the baseline vs the champion (re-scored), the promotion's
-                           evidence, the cache's decisions
-    flywheel-per-class     table: precision, recall, F1 and support per label and model
-    flywheel-run-failure   markdown, when the flow fails: the stage, the cause, what finished
-                           before it, what the registry looks like, how to go on
-
-The text is built by plain functions (tested without Prefect); the task only publishes it.
+The text is built by plain functions (tested without Prefect); the task only publishes it. What
+each artifact holds: README.md (the stage table) and docs/operations.md (failures).
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
-"""The retrain flow: check the evidence against the champion, and when it fires, run the
-pipeline with the feedback merged into the data.
+"""The retrain flow: in the retrain slot, check the evidence against the champion (trigger.py)
+and, when it fires, run the pipeline with the feedback merged into the data.
 
-    retrain slot (flows/limits.py: one retrain at a time; a second one records that and stops)
-    check (trigger.py: feedback count, feedback accuracy, drift; cool-down, same evidence)
-      -> decision artifact (fired or not, and why)
-      -> fired on drift alone, no feedback newer than the champion's data: an alert, the outcome
-         "no new data", no pipeline (it would train on the champion's own data again)
-      -> fired: pipeline (collect reads the feedback store: a new data version with rows of
-         source=feedback; the gates decide promotion)
-      -> the firing's outcome (promoted, not promoted, already champion, no new data, failed)
-         for the next check
-      -> outcome artifact (the version registered, promoted or not, and why)
-
-`flywheel retrain --if-needed` runs it once; `flywheel schedule --flow retrain` serves it on
-retrain.cron (hourly by default). Without --if-needed the pipeline runs whatever the evidence.
+A firing with no new feedback row that collect would take only alerts ("no new data"). The
+decision and the outcome are Prefect artifacts; the outcome is kept for the next check.
+Behaviour: docs/serving.md; why: docs/decisions/0009-serving-feedback-and-retrain-trigger.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
 """Scheduled retraining: Prefect deployments with a cron schedule, of the pipeline flow (retrain
 every time) or of the retrain flow (retrain when feedback or drift call for it).
 
-A deployment is either served by the `flywheel schedule serve` process itself (`flow.serve`: no
-work pool; runs start in subprocesses of that process while it runs) or sent to a work pool by
-`flywheel schedule add`, where `prefect worker start --pool NAME` picks its runs up. Both use a
-module entrypoint (`flywheel.flows.pipeline.pipeline`, `flywheel.flows.retrain.retrain`): the
-code that runs is the installed Flywheel package, the one that created the deployment.
-
-Every call here talks to the Prefect API the process is configured for (see
-`flywheel.servers.prefect_api`).
+`serve` serves a deployment from this process (`prefect.serve`, no work pool), `deploy_to_pool`
+sends it to a work pool for a worker; both by module entrypoint. Calls go to the Prefect API the
+process is configured for (`flywheel.servers.prefect_api`).
+Why: docs/decisions/0008-schedules-and-local-servers.md.
 """
 
 from __future__ import annotations

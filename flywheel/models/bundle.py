@@ -1,12 +1,9 @@
 """The classifier bundle: one folder that fully describes how raw text becomes a label.
 
-    <dir>/config.json, model.safetensors    the fine-tuned transformer (label2id/id2label inside)
-    <dir>/tokenizer.json, ...                its tokenizer
-    <dir>/flywheel.json                      preprocessing: max length, PII kinds, labels
-
-Training, evaluation, ONNX export and serving all go through `ClassifierBundle`; text is
-normalised and PII-masked by the same functions the clean stage uses (`flywheel.text`,
-`flywheel.pii`), so a served text is seen exactly as the training texts were.
+`ClassifierBundle` (config.json + model.safetensors, the tokenizer, flywheel.json: max length, PII
+kinds, labels) is what training, evaluation and export load. Its `Preprocessing`, also used by
+the ONNX predictor, normalises and PII-masks text with the clean stage's functions, so a served
+text is seen exactly as the training texts were. More: docs/training.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,10 @@
-"""The registered model's code and how a version is packaged (MLflow models-from-code, see
-docs/decisions/0006): `save_pyfunc` stages an export folder as a pyfunc model whose code is this
-file, copied into every version and run by `mlflow.pyfunc.load_model`, so nothing is pickled.
+"""The registered model's code (`FlywheelClassifier`, MLflow models-from-code: nothing pickled)
+and how a version is packaged (`save_pyfunc`: an export folder staged as a pyfunc model).
 
-    model = mlflow.pyfunc.load_model("models:/flywheel-classifier@champion")
-    model.predict(["A wonderful, moving film."])
-    # [{"label": "fresh", "probabilities": {"fresh": 0.97, "rotten": 0.03}}]
-
-The version's `onnx` artifact is an export folder (model.onnx, tokenizer, flywheel.json); the
-shared `OnnxPredictor` reads it. flywheel's predictor modules travel with the version (code
-paths), so loading needs onnxruntime and transformers, not this project.
+This file is copied into every version and runs the shared `OnnxPredictor` on the version's
+`onnx` artifact; the predictor's modules travel as code paths, so loading needs onnxruntime and
+transformers, not Flywheel. Usage: docs/registry.md; why:
+docs/decisions/0006-model-registry-and-promotion.md.
 """
 
 from __future__ import annotations

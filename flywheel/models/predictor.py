@@ -1,13 +1,9 @@
 """The ONNX predictor: raw texts -> labels and probabilities, for every consumer of an exported
 model (evaluation of the export, the registry's pyfunc model, serving).
 
-    <dir>/model.onnx          the chosen model (fp32, int8 or mixed)
-    <dir>/tokenizer.json ...  the tokenizer of the fine-tuned bundle
-    <dir>/flywheel.json       labels and preprocessing (same file and code as the bundle)
-
-Texts are normalised, PII-masked and tokenised by `Preprocessing.encode`, the same code the
-training bundle uses; batches are padded to their longest member after sorting by length, so a
-batch of short texts does not pay for one long text.
+`OnnxPredictor` reads an export folder (model.onnx, the tokenizer, flywheel.json), encodes with
+the bundle's `Preprocessing.encode` and pads each batch to its longest text after sorting by
+length. More: docs/export.md; why: docs/decisions/0006-model-registry-and-promotion.md.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
-"""The reference profile: what traffic a model was built for, saved beside it so that served
-traffic can be compared with it (drift).
+"""The reference profile: what traffic a model was built for, saved beside it (drift baseline).
 
-    <export dir>/reference.json    histograms and label shares of the reference texts
-    <export dir>/vocabulary.txt    the most frequent training words, one per line
-
-The export stage writes both (from the training split's words and the exported model's answers
-on the test split); they travel with every registered version, the server reads the vocabulary
-to log each text's out-of-vocabulary share, and `flywheel monitor` reads the rest.
-
-Histograms are over reference quantiles: `cuts` are the inner bin edges, a value v falls in bin
-`searchsorted(cuts, v, side="right")`, so there are len(cuts) + 1 bins and nothing falls
-outside. Lengths and words are of the normalised text (cleaned and PII-masked, what the model
-sees): lengths in characters, words case-folded.
+The export stage writes `reference.json` (`ReferenceProfile`: histograms and label shares of the
+test split and the exported model's answers on it) and `vocabulary.txt` (top training words, one
+per line), of normalised text: lengths in characters, words case-folded. `Histogram.cuts` are the
+inner bin edges: v is in bin searchsorted(cuts, v, side="right"), len(cuts) + 1 bins.
+Why: docs/decisions/0009-serving-feedback-and-retrain-trigger.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,9 @@
 """The HTTP API: the champion answers /predict, users correct it through /feedback.
 
-    POST /predict    one text or a batch -> label, probabilities, prediction id, model version
-    POST /feedback   the right label for a text, stored PII-masked; once per id (or, without
-                     one, per text and label)                              [token, if configured]
-    POST /reload     load the champion now if the alias moved              [token, if configured]
-    GET  /health     200 while a model is loaded
-    GET  /model      version, data version, test metrics, when promoted
-    GET  /metrics    Prometheus text format
-    GET  /docs       OpenAPI documentation with examples
-
-The app is a router per concern (routers/) over one `ServerState` (state.py). Every answered
-prediction is logged for drift monitoring (prediction_log.py); feedback goes to the feedback
-store (feedback_intake.py), from which the next data version takes it. Bad input is a 4xx whose
-`detail` says what is wrong (errors.py); the server never stops on input. Why one process that
-swaps models in place: docs/decisions/0009.
+`create_app` mounts a router per concern (routers/) over one `ServerState` (state.py): answers
+are logged for drift (prediction_log.py), feedback goes to the store (feedback_intake.py), bad
+input is a 4xx saying what is wrong (errors.py); `serve` runs it under uvicorn. Endpoints:
+docs/serving.md. Why one process that swaps models in place: docs/decisions/0009.
 """
 
 from __future__ import annotations

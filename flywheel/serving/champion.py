@@ -1,13 +1,10 @@
 """The served model and its hot swap.
 
-`ChampionSlot.current` is the model answering requests. A request reads it once and keeps that
-object to the end, so a swap never changes the model under a request: in-flight requests finish
-on the old model, new ones start on the new one, and the old one is freed when the last request
-holding it returns. A swap is one reference assignment, done only after the new model has
-loaded and answered a probe text; a version that fails to load leaves the old one serving.
-
-The slot notices a moved `champion` alias by polling the registry (serve.reload_seconds) or when
-asked (POST /reload); a rollback moves the alias back and is picked up the same way.
+`ChampionSlot.current` is the model answering requests; a request reads it once, so a swap (one
+reference assignment, after the new model has loaded and answered a probe text) never changes the
+model under a request, and a version that fails to load leaves the old one serving. The slot polls
+the `champion` alias (serve.reload_seconds) and reloads on POST /reload.
+Why: docs/decisions/0009-serving-feedback-and-retrain-trigger.md.
 """
 
 from __future__ import annotations

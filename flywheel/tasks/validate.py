@@ -1,14 +1,9 @@
 """Validate: the Great Expectations gate between collection and cleaning.
 
-The suite is built in one place (`build_suite`) and used by the flow, `flywheel validate` and the
-tests. Checks that GX has no built-in for on pandas (per-class counts, class imbalance, duplicate
-rate of normalised text) are expressed as derived columns (`add_check_columns`) that standard
-expectations then bound, so every check shows up in the GX result and the data docs.
-
-Feedback rows (source 'feedback') are held to the row checks like every row, and the collect
-stage has already quarantined those that fail them. The data-set checks (class sizes, class
-imbalance, duplicate rate) judge the other sources' rows only: feedback that repeats a known
-text, or leans to one class, must not fail every future run (docs/decisions/0010).
+One suite (`build_suite`) for the flow, `flywheel validate` and the tests; checks GX has no
+built-in for are derived columns (`add_check_columns`) that standard expectations bound. The
+data-set checks judge every row but feedback (`judged_by_set_checks`). What it checks:
+docs/data.md; why feedback is judged apart: docs/decisions/0010-feedback-hygiene.md.
 """
 
 from __future__ import annotations

@@ -35,7 +35,8 @@ def config(root: Path, **overrides):
 
 
 def result_of(stage: StageSpec, root: Path):
-    """A stand-in for a stage's result: one real file per artifact path it refers to."""
+    """A stand-in for a stage's result: one real file behind each artifact attribute it
+    declares, and the registry facts register and promote rely on."""
     folder = root / "out" / stage.name
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.bin").write_bytes(stage.name.encode() * 10)
@@ -43,18 +44,16 @@ def result_of(stage: StageSpec, root: Path):
         "register": {"model": "flywheel-classifier", "version": "1", "run_id": "r1"},
         "promote": {"champion": "1"},  # the decision: version 1 became champion
     }
-    fit = SimpleNamespace(model_path=folder / "model.bin")
-    return SimpleNamespace(
-        fit=fit,
-        report_dir=folder,
-        model_dir=folder,
-        directory=folder,
-        prepared_dir=folder,
-        name="flywheel-classifier",
-        version="1",
-        run_id="r1",
-        cache_facts=lambda: facts.get(stage.name, {}),
-    )
+    result = SimpleNamespace(cache_facts=lambda: facts.get(stage.name, {}))
+    for name in stage.artifacts:  # "fit.model_path": result.fit.model_path
+        *parents, leaf = name.split(".")
+        holder = result
+        for part in parents:
+            if not hasattr(holder, part):
+                setattr(holder, part, SimpleNamespace())
+            holder = getattr(holder, part)
+        setattr(holder, leaf, folder / "model.bin" if parents else folder)
+    return result
 
 
 def run_all(cfg, data: str, stages=MODEL_STAGES, **kw) -> cache.Plan:

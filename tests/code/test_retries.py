@@ -36,9 +36,10 @@ def test_io_tasks_retry_and_no_other_task_of_the_flow_does():
     only on I/O errors; a stage failing on bad data, a bad model or a gate must not re-run."""
     from prefect import Task
 
-    from flywheel.flows import pipeline
+    from flywheel.flows import data, pipeline
 
-    tasks = {obj.name: obj for obj in vars(pipeline).values() if isinstance(obj, Task)}
+    flow_modules = (vars(pipeline), vars(data))  # the model half and the data half
+    tasks = {o.name: o for m in flow_modules for o in m.values() if isinstance(o, Task)}
     assert {"collect", "validate", "prepare", "train", "export", "promote", "report"} <= set(tasks)
     retrying = {name for name, t in tasks.items() if t.retries}
     assert retrying == {"collect", "version"}
