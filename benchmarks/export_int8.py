@@ -29,8 +29,8 @@ from flywheel import runtime
 from flywheel.config import load_config
 from flywheel.metrics import compute_metrics
 from flywheel.models.bundle import ClassifierBundle, softmax
+from flywheel.models.graph import measure_latency, quantize
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
-from flywheel.tasks.export import measure_latency, quantize
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"

@@ -126,9 +126,9 @@ def models_promote(
     the current test split and VERSION's latency measured now. Exit 1 (nothing moves) if a gate
     fails, unless --force (recorded as forced in the audit log)."""
     from flywheel.io import read_parquet
+    from flywheel.models.graph import measure_latency
     from flywheel.promotion import manual_promotion
     from flywheel.registry import ModelRegistry
-    from flywheel.tasks.export import measure_latency
     from flywheel.tasks.prepare import split_path
 
     with user_errors(params):

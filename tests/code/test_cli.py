@@ -19,6 +19,7 @@ COMMANDS = [
     ["run"],
     ["validate"],
     ["stage"],
+    ["stages"],
     ["config"],
     ["serve"],
     ["monitor"],
@@ -143,3 +144,21 @@ def test_source_replaces_feedback_and_configured_labels_but_not_explicit_sets(tm
     assert explicit["validate.labels"] == ["a", "b"]
     assert explicit["data.feedback.enabled"] is True
     assert collect_overrides(None, source, labels="x, y")["validate.labels"] == ["x", "y"]
+
+
+def test_stages_lists_every_declared_stage_in_order():
+    from flywheel.flows.stages import STAGES
+
+    out = runner.invoke(app, ["stages"])
+    assert out.exit_code == 0, out.output
+    names = [line.split()[0] for line in out.output.splitlines()[1 : 1 + len(STAGES)]]
+    assert names == [s.name for s in STAGES]
+    assert "validate  raw table     yes" in out.output  # keyed on, dvc
+
+
+def test_stage_refuses_a_stage_dvc_does_not_run():
+    out = runner.invoke(app, ["stage", "train", *PARAMS])
+    assert out.exit_code == 2
+    assert "unknown stage 'train' for flywheel stage (one of collect, validate, prepare)" in (
+        out.output
+    )

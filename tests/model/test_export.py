@@ -15,24 +15,26 @@ import pytest
 
 from flywheel.metrics import MetricInputError
 from flywheel.models.bundle import ClassifierBundle, Preprocessing, resolve_base_model
-from flywheel.models.predictor import OnnxPredictor
-from flywheel.models.profile import load_profile, load_vocabulary
-from flywheel.tasks.export import (
+from flywheel.models.graph import (
     QUANTIZED_INPUT,
+    export_fp32,
+    node_groups,
+    optimize_graph,
+    quantize,
+)
+from flywheel.models.int8 import (
     GateBounds,
     Parity,
     Variant,
     _failures,
     choose,
     compare,
-    copy_preprocessing,
-    export_fp32,
-    node_groups,
-    optimize_graph,
-    quantize,
     search,
     to_gate,
 )
+from flywheel.models.predictor import OnnxPredictor
+from flywheel.models.profile import load_profile, load_vocabulary
+from flywheel.tasks.export import copy_preprocessing
 
 LABELS = ["neg", "pos"]
 TEXTS = [
@@ -342,15 +344,17 @@ def test_export_picks_an_int8_model_that_passes_and_writes_its_parity(tmp_path, 
 
 
 def test_export_falls_back_to_fp32_with_reasons(tmp_path, bundle_dir, monkeypatch):
+    from flywheel.models import int8
     from flywheel.tasks import export as stage
 
     val, test = splits()
     cfg = export_config(tmp_path)
 
     def always_fails(variant, *args, **kwargs):
-        return stage.Parity(variant, 20, 0.5, 0.2, 0.2, {}, ["overall: label agreement 50%"])
+        return int8.Parity(variant, 20, 0.5, 0.2, 0.2, {}, ["overall: label agreement 50%"])
 
-    monkeypatch.setattr(stage, "compare", always_fails)
+    monkeypatch.setattr(int8, "compare", always_fails)  # the search on val
+    monkeypatch.setattr(stage, "compare", always_fails)  # the gate on test
     result = stage.export(cfg, bundle_dir, val, test, train=val)
     assert result.chosen == "fp32" and result.test is None
     assert result.reasons == [

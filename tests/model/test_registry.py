@@ -15,10 +15,11 @@ import pytest
 from flywheel import gates, tracking
 from flywheel.config import Config, RegistryConfig
 from flywheel.models.bundle import ClassifierBundle, Preprocessing
+from flywheel.models.graph import export_fp32, measure_latency, quantize
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
 from flywheel.promotion import compare_versions, manual_promotion, promote, rollback
 from flywheel.registry import CHALLENGER, CHAMPION, PREVIOUS, ModelRegistry, RegistryError
-from flywheel.tasks.export import copy_preprocessing, export_fp32, measure_latency, quantize
+from flywheel.tasks.export import copy_preprocessing
 
 LENIENT = {"min_test_macro_f1": 0.0, "max_p95_latency_ms": 1000.0}  # an untrained model
 CFG = Config.model_validate(

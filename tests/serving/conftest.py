@@ -11,11 +11,12 @@ import pytest
 
 from flywheel import tracking
 from flywheel.models.bundle import ClassifierBundle, Preprocessing
+from flywheel.models.graph import export_fp32
 from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
 from flywheel.models.profile import build, load_vocabulary, save
 from flywheel.registry import CHAMPION, ModelRegistry
 from flywheel.serving.champion import ServedModel
-from flywheel.tasks.export import copy_preprocessing, export_fp32
+from flywheel.tasks.export import copy_preprocessing
 from tests.conftest import REPO
 
 LABELS = ["fresh", "rotten"]
