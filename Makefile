@@ -17,8 +17,9 @@ run: $(STAMP)  ## run the whole pipeline on the embedded default data
 test: $(STAMP)  ## run the test suite
 	$(BIN)/pytest
 
-lint: $(STAMP)  ## ruff, and the layer contracts of docs/architecture.md (import-linter)
+lint: $(STAMP)  ## ruff (lint + format), and the layer contracts of docs/architecture.md (import-linter)
 	$(BIN)/ruff check flywheel tests benchmarks
+	$(BIN)/ruff format --check flywheel tests benchmarks
 	$(BIN)/lint-imports
 
 install: $(STAMP)  ## create .venv and install flywheel with the dev extras

@@ -91,9 +91,7 @@ def main() -> None:
                 "seed": seed,
                 "seconds": round(time.perf_counter() - started, 1),
                 "best_val_macro_f1": round(result.best_val_macro_f1, 4),
-                "scores": {
-                    f"{e.slice}|{e.metric}": round(e.candidate, 4) for e in own.estimates
-                },
+                "scores": {f"{e.slice}|{e.metric}": round(e.candidate, 4) for e in own.estimates},
                 "rows": {e.slice: e.rows for e in own.estimates},
             }
         )

@@ -109,8 +109,12 @@ def main() -> None:
             labels = np.asarray(bundle.labels)
             answers = labels[bundle.predict_proba(test["text"].tolist()).argmax(axis=1)]
             own = gates.compare(
-                test["label"].tolist(), list(answers), list(answers), slice_masks(test),
-                cfg.registry, 0,
+                test["label"].tolist(),
+                list(answers),
+                list(answers),
+                slice_masks(test),
+                cfg.registry,
+                0,
             )
             held_answers = labels[bundle.predict_proba(held["text"].tolist()).argmax(axis=1)]
             rows.append(
@@ -130,7 +134,11 @@ def main() -> None:
             print(json.dumps({k: v for k, v in rows[-1].items() if k != "answers"}), flush=True)
     base_answers, warm_answers = rows[0].pop("answers"), rows[1].pop("answers")
     paired = gates.compare(
-        test["label"].tolist(), warm_answers, base_answers, slice_masks(test), cfg.registry,
+        test["label"].tolist(),
+        warm_answers,
+        base_answers,
+        slice_masks(test),
+        cfg.registry,
         cfg.seed,
     )
     record = {

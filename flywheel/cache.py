@@ -425,7 +425,8 @@ def make_plan(
         running_upstream = [u for u in stage.upstream if steps[u].runs]
         entry = ledger.entries(stage.name).get(key.digest)
         if stage.name in forced:
-            step = Step(stage, key, True, f"forced (--force-from {force_from})", forced=True)
+            why = f"forced (--force-from {force_from})" if force_from else "forced"
+            step = Step(stage, key, True, why, forced=True)
         elif running_upstream:
             step = Step(stage, key, True, f"{', '.join(running_upstream)} runs")
         elif entry is None:

@@ -220,7 +220,6 @@ def screen_feedback(cfg: Config, stored: pd.DataFrame | None = None) -> pd.DataF
     return feedback.screen(stored, rules, cfg.clean.mask_pii, known)
 
 
-
 def _to_raw(frame: pd.DataFrame, source: str) -> pd.DataFrame:
     out = frame[["text", "label", "origin"]].astype("string")
     out.insert(2, "source", pd.Series(source, index=out.index, dtype="string"))

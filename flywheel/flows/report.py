@@ -17,13 +17,15 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flywheel.flows.result import PipelineResult, summary_lines
+from flywheel.flows.stages import STAGES
 from flywheel.promotion import Decision
 from flywheel.tables import markdown_table
+from flywheel.tasks.export import ExportResult
 
 SUMMARY_KEY = "flywheel-run-summary"
 PER_CLASS_KEY = "flywheel-per-class"
 FAILURE_KEY = "flywheel-run-failure"
-REGISTRY_STAGES = ("register", "promote")
+REGISTRY_STAGES = tuple(s.name for s in STAGES if s.facts)  # they change the registry
 
 
 def summary_markdown(result: PipelineResult) -> str:
@@ -38,6 +40,8 @@ def summary_markdown(result: PipelineResult) -> str:
         return "\n".join([*lines, "", "Data stages only (no model trained)."]) + "\n"
     scores = markdown_table(["model", "accuracy", "macro-F1"], _scores(result))
     lines += ["", "## Test split", scores]
+    if result.export is not None:
+        lines += ["", "## Export", *_export(result.export)]
     decision = result.promotion
     if decision is not None:
         lines += ["", "## Promotion", f"- {decision.summary()}", *_evidence(decision)]
@@ -73,6 +77,23 @@ def _scores(result: PipelineResult) -> list[list[str]]:
             ]
         )
     return rows
+
+
+def _export(export: ExportResult) -> list[str]:
+    """The export's parity and speed in more detail than its summary line."""
+    parity = (
+        f"agreement with fp32 {export.test.agreement:.2%}, accuracy loss "
+        f"{100 * export.test.accuracy_loss:.2f} pts, macro-F1 loss "
+        f"{100 * export.test.macro_f1_loss:.2f} pts"
+        if export.test is not None
+        else "no int8 variant passed: " + "; ".join(export.reasons[-3:])
+    )
+    return [
+        f"- chosen: `{export.chosen}`; {parity}",
+        f"- ONNX fp32 vs PyTorch: max |logit difference| {export.fp32_max_logit_diff:.1e}",
+        f"- latency per text: p50 {export.latency.p50_ms:.1f} ms, p95 "
+        f"{export.latency.p95_ms:.1f} ms (fp32 p95 {export.fp32_latency.p95_ms:.1f} ms)",
+    ]
 
 
 def _evidence(decision: Decision) -> list[str]:

@@ -41,7 +41,6 @@ class PipelineResult:
         return self.version.data_version
 
 
-
 def export_line(export: ExportResult) -> str:
     """The export's choice, its parity and speed, or why it stayed fp32."""
     graph = "optimized" if export.graph.applied else "not optimized"

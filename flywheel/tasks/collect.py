@@ -44,7 +44,6 @@ class CollectResult:
     feedback: feedback.ScreenSummary | None = None  # what became of the feedback rows read
 
 
-
 def collect(cfg: Config) -> CollectResult:
     """Collect stage: read the sources, write the raw table atomically, count rows per source."""
     raw, screened = collect_frame(cfg.data, cfg.root, cfg.validate_, cfg.clean.mask_pii)
@@ -61,11 +60,11 @@ def collect(cfg: Config) -> CollectResult:
     return CollectResult(raw_path, len(raw), counts, file_md5(raw_path), newest, screened)
 
 
-
 def standalone(cfg: Config) -> str:
     """The stage without Prefect (`flywheel stage collect`, dvc.yaml): what it wrote."""
     result = collect(cfg)
     return f"collect: {result.rows:,} rows -> {result.raw_path}"
+
 
 @task(
     name="collect",

@@ -212,11 +212,11 @@ def prepare(cfg: Config, raw_path: Path, target: Path | None = None) -> PrepareR
     )
 
 
-
 def standalone(cfg: Config) -> str:
     """The stage without Prefect (`flywheel stage prepare`, dvc.yaml): what it wrote."""
     prepared = prepare(cfg, cfg.resolve(cfg.data.raw_path))
     return f"prepare: {prepared.rows_per_split} -> {prepared.prepared_dir}"
+
 
 @task(name="prepare", cache_policy=NO_CACHE)
 def prepare_task(

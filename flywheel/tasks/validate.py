@@ -351,11 +351,6 @@ def _failure(result) -> Failure:
     )
 
 
-def _plain(value: Any) -> Any:
-    """numpy scalars to Python numbers, so the checks file is plain JSON."""
-    return value.item() if hasattr(value, "item") else value
-
-
 def _short_error(message: str) -> str:
     if "does not exist" in message and "column" in message:
         return (
@@ -383,10 +378,10 @@ def validate(cfg: Config, raw_path: Path) -> ValidationReport:
     return report
 
 
-
 def standalone(cfg: Config) -> str:
     """The stage without Prefect (`flywheel stage validate`, dvc.yaml): its summary."""
     return validate(cfg, cfg.resolve(cfg.data.raw_path)).summary()
+
 
 @task(name="validate", cache_policy=NO_CACHE)
 def validate_task(cfg: Config, collected: CollectResult) -> ValidationReport:

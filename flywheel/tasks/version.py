@@ -36,8 +36,6 @@ STAGE = StageSpec(
 
 log = logging.getLogger(__name__)
 
-DATA_STAGES = ("collect", "validate", "prepare")
-
 
 @dataclass(frozen=True)
 class DataVersion:
@@ -79,7 +77,8 @@ def record_data_version(root: Path, prepared_dir: Path, pipeline_run: bool) -> D
         return DataVersion(version, None, 0, None, f"{root} is not a DVC project: hash only")
     relative = prepared_dir.relative_to(root).as_posix()
     if pipeline_run:
-        dvc(root, "commit", "--force", *(f"dvc.yaml:{stage}" for stage in DATA_STAGES))
+        stages = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))["stages"]
+        dvc(root, "commit", "--force", *(f"dvc.yaml:{stage}" for stage in stages))
         pointer, target = root / "dvc.lock", "dvc.yaml:prepare"
     else:
         dvc(root, "add", relative)

@@ -100,8 +100,8 @@ def test_a_degraded_retrain_is_rejected_with_the_figures_everywhere(runs, projec
     entry = registry.history()[-1]
     assert (entry.alias, entry.to_version) == (CHALLENGER, version)
     assert f"FAIL: {failed['overall accuracy']}" in entry.estimates
-    summary = flow_run_artifacts(
-        degraded.mlflow_run.lineage.flow_run_id
-    )["flywheel-run-summary"].data
+    summary = flow_run_artifacts(degraded.mlflow_run.lineage.flow_run_id)[
+        "flywheel-run-summary"
+    ].data
     assert failed["overall accuracy"] in summary
     assert "paired-bootstrap intervals" in summary
