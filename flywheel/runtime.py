@@ -1,13 +1,24 @@
 """Process-wide settings, applied once (never at import): offline flags and logging, and the
 seed, device, precision and thread choices for training, so they are set in one place.
+
+Logging: INFO and up to the console (stderr) and to the log file `.flywheel/logs/flywheel.log`;
+Python warnings are logged too. Library notes that mean nothing to a user (see `NOISE`) stay
+off the console and go to the file only.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import logging
+import logging.handlers
 import os
+import re
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any, TextIO
 
 from flywheel.config import ConfigError
 from flywheel.errors import FlywheelError
@@ -53,18 +64,176 @@ class NoTracebackForExpectedErrors(logging.Filter):
         return True
 
 
+# --- logging: the console, the log file, and what stays off the console ----------------------
+
+LOG_FILE = Path(".flywheel/logs/flywheel.log")  # under the project root; rotated at 5 MB, 3 kept
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+FILE_FORMAT = "%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s"  # with the date
+
+# Library notes that mean nothing to a user: matched against the whole message (for a Python
+# warning: "path/to/module.py:LINE: Category: text"). Off the console, still in the log file.
+NOISE = tuple(
+    re.compile(pattern, re.IGNORECASE | re.DOTALL)
+    for pattern in (
+        r"torchvision is not installed",  # torch.onnx's exporter skipping torchvision ops
+        r"requires torchvision \(not installed\)",  # transformers
+        r"Failed to load image Python extension",  # torchvision built for another torch
+        # deprecations raised inside the ML stack, not in anything a user wrote: in its files,
+        # or in the standard library's on its behalf (torch's "`isinstance(treespec, LeafSpec)`
+        # is deprecated" comes from copyreg.py)
+        r"(?:[/\\](?:torch|transformers|onnx|onnxscript|onnx_ir|onnxruntime)[/\\][^\n]*"
+        r"|[/\\]lib[/\\]python3\.\d+[/\\](?!site-packages[/\\])[^\n:]*|<frozen [^>]+>)"
+        r":\d+: (?:Future|Deprecation)Warning: ",
+        r"[/\\]mlflow[/\\][^\n]*:\d+: \w+: [^\n]*type hint",  # "Add type hints to `predict`"
+        r"pkg_resources is deprecated",
+    )
+)
+LIBRARIES = ("torch", "transformers", "mlflow")  # they log to stderr with handlers of their own
+
+
+class ConsoleNoise(logging.Filter):
+    """Keeps the `NOISE` messages off the handler it is attached to (the console)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return True
+        try:
+            message = record.getMessage()
+        except Exception:  # a malformed record: let the handler report it
+            return True
+        if record.name.startswith("mlflow") and "type hint" in message.lower():
+            return False
+        return not any(pattern.search(message) for pattern in NOISE)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class TidyWarning(logging.Filter):
+    """A Python warning as one tidy message: no colour codes, no trailing blank line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = ANSI.sub("", record.getMessage()).rstrip(), ()
+        return True
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """Writes to `sys.stderr` as it is at each line, so lines logged while a progress bar is
+    drawn land above it (the bar redirects stderr meanwhile); or to a fixed `stream`."""
+
+    def __init__(self, stream: TextIO | None = None):
+        super().__init__(stream or sys.stderr)
+        self.fixed = stream is not None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if not self.fixed:
+            self.stream = sys.stderr
+        super().emit(record)
+
+
+def log_handlers(log_file: Path | None, stream: TextIO | None = None) -> list[logging.Handler]:
+    """The console handler (noise filtered out) and, if `log_file` can be written, the file
+    handler (everything, with dates)."""
+    console = ConsoleHandler(stream)
+    console.set_name("flywheel.console")
+    console.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    console.addFilter(ConsoleNoise())
+    handlers: list[logging.Handler] = [console]
+    if log_file is not None:
+        try:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            return handlers  # a read-only project: the console only
+        file = logging.handlers.RotatingFileHandler(
+            log_file, maxBytes=5_000_000, backupCount=3, encoding="utf-8", delay=True
+        )
+        file.set_name("flywheel.file")
+        file.setFormatter(logging.Formatter(FILE_FORMAT))
+        handlers.append(file)
+    return handlers
+
+
+def configure_logging(log_file: Path | None, stream: TextIO | None = None) -> None:
+    """INFO and up to the console and `log_file`, Python warnings among them; library loggers
+    that print on their own (`LIBRARIES`) handed to these handlers once imported. Only if this
+    process's logging is not set up by someone else (pytest, an application embedding flywheel):
+    then theirs stays. A second call points the file handler at the new `log_file`."""
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if (h.get_name() or "").startswith("flywheel.")]
+    if root.handlers and not ours:
+        for handler in root.handlers:
+            if not any(isinstance(f, NoTracebackForExpectedErrors) for f in handler.filters):
+                handler.addFilter(NoTracebackForExpectedErrors())
+        return
+    for handler in ours:  # a second call: new handlers (the project may differ)
+        root.removeHandler(handler)
+        handler.close()
+    root.setLevel(logging.INFO)
+    for handler in log_handlers(log_file, stream):
+        handler.addFilter(NoTracebackForExpectedErrors())
+        root.addHandler(handler)
+    logging.captureWarnings(True)
+    warnings_logger = logging.getLogger("py.warnings")
+    if not any(isinstance(f, TidyWarning) for f in warnings_logger.filters):
+        warnings_logger.addFilter(TidyWarning())
+    route_library_logs()
+    if not any(isinstance(finder, RouteOnImport) for finder in sys.meta_path):
+        sys.meta_path.insert(0, RouteOnImport())
+
+
+def route_library_logs(libraries: Sequence[str] = LIBRARIES) -> None:
+    """Hand the loggers of `libraries` back to the root logger: drop the stderr handlers they
+    gave themselves and let their records propagate (levels stay as the library set them)."""
+    for name in list(logging.Logger.manager.loggerDict):
+        if name.split(".")[0] not in libraries:
+            continue
+        logger = logging.getLogger(name)
+        if logger.propagate:
+            continue
+        for handler in list(logger.handlers):
+            if type(handler) is logging.StreamHandler:  # exactly theirs: not a file handler
+                logger.removeHandler(handler)
+        logger.propagate = True
+
+
+class RouteOnImport(importlib.abc.MetaPathFinder):
+    """Runs `route_library_logs` right after one of `libraries` is imported (they set up their
+    handlers on import; torch and the rest are imported only by the commands that need them)."""
+
+    def __init__(self, libraries: Sequence[str] = LIBRARIES):
+        self.libraries = tuple(libraries)
+
+    def find_spec(self, fullname: str, path: Any, target: Any = None) -> Any:
+        if fullname not in self.libraries:
+            return None
+        for finder in sys.meta_path:
+            if finder is self or not hasattr(finder, "find_spec"):
+                continue
+            spec = finder.find_spec(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        loader = spec.loader
+        if loader is None or not hasattr(loader, "exec_module"):
+            return spec
+        exec_module = loader.exec_module
+
+        def exec_and_route(module: ModuleType) -> None:
+            exec_module(module)
+            route_library_logs((fullname,))
+
+        loader.exec_module = exec_and_route  # type: ignore[method-assign]
+        return spec
+
+
 def configure(root: Path) -> None:
-    """Set offline defaults and a project-local Prefect home (so the UI sees `flywheel run`s)."""
+    """Set offline defaults and a project-local Prefect home (so the UI sees `flywheel run`s),
+    and logging (console and `root / LOG_FILE`)."""
     for key, value in OFFLINE_DEFAULTS.items():
         os.environ.setdefault(key, value)
     os.environ.setdefault("PREFECT_HOME", str((root / ".prefect").resolve()))
-    logging.basicConfig(
-        level=logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(NoTracebackForExpectedErrors())
+    configure_logging(root / LOG_FILE)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(logging.WARNING)
 

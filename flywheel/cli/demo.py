@@ -154,32 +154,42 @@ class Client:
         self.http = httpx.Client(base_url=url, timeout=120)
         self.token, self.batch = token, batch
 
-    def predict(self, texts: Sequence[str]) -> list[dict]:
+    def predict(self, texts: Sequence[str], description: str = "predict") -> list[dict]:
         """Answers for every text, in order (sent in batches of serve.max_batch)."""
+        from flywheel.progress import progress
+
         answers: list[dict] = []
-        for start in range(0, len(texts), self.batch):
-            response = self.http.post(
-                "/predict", json={"texts": list(texts[start : start + self.batch])}
-            )
-            response.raise_for_status()
-            body = response.json()
-            answers += [p | {"model_version": body["model_version"]} for p in body["predictions"]]
+        with progress(f"demo: {description}", len(texts), unit="text", logger=log) as bar:
+            for start in range(0, len(texts), self.batch):
+                response = self.http.post(
+                    "/predict", json={"texts": list(texts[start : start + self.batch])}
+                )
+                response.raise_for_status()
+                body = response.json()
+                version = body["model_version"]
+                answers += [p | {"model_version": version} for p in body["predictions"]]
+                bar.advance(len(body["predictions"]))
         return answers
 
     def feedback(self, rows: pd.DataFrame, answers: Sequence[dict]) -> int:
-        """Send each row's true label; returns how many the server stored as new."""
+        """Send each row's true label (one request each); returns how many the server stored
+        as new."""
+        from flywheel.progress import progress
+
         created = 0
         headers = {"Authorization": f"Bearer {self.token}"}
-        for (_, row), answer in zip(rows.iterrows(), answers, strict=True):
-            payload = {
-                "id": f"demo-{row['origin']}".replace(":", "-"),
-                "text": row["text"],
-                "label": row["label"],
-                "prediction_id": answer["id"],
-            }
-            response = self.http.post("/feedback", json=payload, headers=headers)
-            response.raise_for_status()
-            created += response.json()["created"]
+        with progress("demo: feedback", len(rows), unit="request", logger=log) as bar:
+            for (_, row), answer in zip(rows.iterrows(), answers, strict=True):
+                payload = {
+                    "id": f"demo-{row['origin']}".replace(":", "-"),
+                    "text": row["text"],
+                    "label": row["label"],
+                    "prediction_id": answer["id"],
+                }
+                response = self.http.post("/feedback", json=payload, headers=headers)
+                response.raise_for_status()
+                created += response.json()["created"]
+                bar.advance(new=created)
         return created
 
     def model(self) -> dict:
@@ -248,8 +258,8 @@ def feedback_demo(params: Path, port: int = 0, limit: int | None = None) -> dict
     with served(params, port, token, registry.uri) as url:
         client = Client(url, token, cfg.serve.max_batch)
         print(f"serving champion {old} at {url}")
-        answers = client.predict(halves.feedback["text"].tolist())
-        before = client.predict(halves.held_back["text"].tolist())
+        answers = client.predict(halves.feedback["text"].tolist(), "predict the feedback half")
+        before = client.predict(halves.held_back["text"].tolist(), "predict the held-back half")
         old_accuracy = accuracy(before, halves.held_back["label"].tolist())
         print(f"champion {old} on the held-back half: accuracy {old_accuracy:.4f}")
         stored = client.feedback(halves.feedback, answers)
@@ -347,7 +357,7 @@ def rescored(
     candidate when it was not promoted, or None when nothing was trained."""
     if new != old:
         wait_for_version(client, new)
-        after = client.predict(held_back["text"].tolist())
+        after = client.predict(held_back["text"].tolist(), "predict the held-back half again")
     elif candidate is not None:  # not promoted: score the candidate all the same
         predicted = registry.load(candidate).predict(held_back["text"].tolist())
         after = [{"label": p.label} for p in predicted]

@@ -32,6 +32,7 @@ from flywheel.config import Config, TrainConfig
 from flywheel.io import read_parquet, recover_dir, replace_dir_atomic
 from flywheel.metrics import label_ids, macro_f1
 from flywheel.models.bundle import BUNDLE_FILE, ClassifierBundle, Preprocessing
+from flywheel.progress import progress
 from flywheel.stages import StageSpec
 from flywheel.tasks.prepare import PrepareResult
 
@@ -147,18 +148,24 @@ class Optimization:
 
 
 class Progress:
-    """This session's loss and throughput: the progress bar, the run's time and the points of
-    its loss curve (one per `log_every` steps, the mean loss since the last one)."""
+    """This session's loss and throughput: the progress bar (or its log lines), the run's time
+    and the points of its loss curve (one per `log_every` steps, the mean loss since the last
+    one). A context manager: the bar ends with the loop, however it ends."""
 
     def __init__(self, state: TrainState, total_steps: int, log_every: int):
-        from tqdm.auto import tqdm
-
         self.state, self.log_every = state, log_every
         self.started, self.seconds_before = time.perf_counter(), state.seconds
         self.samples, self.running = 0, []
-        self.bar = tqdm(
-            total=total_steps, initial=state.step, desc="train", unit="step", disable=None
+        self.shown = progress(
+            "train", total_steps, unit="step", completed=state.step, every=log_every, logger=log
         )
+
+    def __enter__(self) -> Progress:
+        self.bar = self.shown.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shown.__exit__(*exc)
 
     def batch(self, loss: float, samples: int) -> None:
         """A batch's (unscaled) loss and its number of texts."""
@@ -170,15 +177,11 @@ class Progress:
         """After an optimizer step: time, bar, and a point of the loss curve when due."""
         state, elapsed = self.state, time.perf_counter() - self.started
         state.seconds = self.seconds_before + elapsed
-        self.bar.update(1)
-        rate = self.samples / (time.perf_counter() - self.started)
-        self.bar.set_postfix(loss=f"{np.mean(self.running):.4f}", samples_s=f"{rate:.1f}")
+        loss = float(np.mean(self.running))
+        self.bar.advance(loss=loss, **{"samples/s": f"{self.samples / elapsed:.1f}"})
         if state.step % self.log_every == 0:
-            state.losses.append((state.step, float(np.mean(self.running))))
+            state.losses.append((state.step, loss))
             self.running = []
-
-    def close(self) -> None:
-        self.bar.close()
 
 
 def fit(
@@ -225,55 +228,54 @@ def fit(
         device,
     )
 
-    progress = Progress(state, total_steps, tc.log_every_steps)
-    for epoch in range(state.epoch, tc.epochs):
-        if state.stopped:
-            break
-        # The data order of an epoch depends on (seed, epoch) only: a resume sees the same.
-        generator = torch.Generator().manual_seed(cfg.seed + epoch)
-        order = torch.randperm(len(train_rows), generator=generator).tolist()
-        model.train()
-        first_batch = state.batch if epoch == state.epoch else 0
-        for batch_index in range(first_batch, batches_per_epoch):
-            # Forward and backward; gradients accumulate over grad_accum_steps batches.
-            ids = order[batch_index * tc.batch_size : (batch_index + 1) * tc.batch_size]
-            batch = bundle.pad([train_rows[i] for i in ids])
-            batch = {k: v.to(device.type) for k, v in batch.items()}
-            with torch.autocast(
-                device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
-            ):
-                loss = model(**batch).loss / tc.grad_accum_steps
-            opt.scaler.scale(loss).backward()
-            progress.batch(loss.item() * tc.grad_accum_steps, len(ids))
-            if (batch_index + 1) % tc.grad_accum_steps and batch_index + 1 != batches_per_epoch:
-                continue
-
-            # One optimizer step.
-            opt.step(model, tc.max_grad_norm)
-            state.step += 1
-            state.epoch, state.batch = epoch, batch_index + 1
-            progress.step()
-
-            # Validation: keep the best model; stop after `patience` validations without gain.
-            if state.step % eval_every == 0 or state.step == total_steps:
-                score = _evaluate(bundle, val_rows, tc.batch_size, len(labels))
-                log.info("train: step %d val macro-F1 %.4f", state.step, score)
-                if state.record_validation(score, epoch, tc.early_stopping_patience):
-                    replace_dir_atomic(best_dir, bundle.save)
-                model.train()
-
-            # Checkpoint, so a killed run resumes here.
-            if state.step % tc.checkpoint_every_steps == 0 or state.stopped:
-                _save_checkpoint(last_dir, bundle, opt, state, cfg, data_version)
-            if on_step is not None:
-                on_step(state.step)
+    with Progress(state, total_steps, tc.log_every_steps) as progress:
+        for epoch in range(state.epoch, tc.epochs):
             if state.stopped:
-                log.info("train: early stop at step %d (best %d)", state.step, state.best_step)
                 break
-        if state.stopped:
-            break
-        state.epoch, state.batch = epoch + 1, 0
-    progress.close()
+            # The data order of an epoch depends on (seed, epoch) only: a resume sees the same.
+            generator = torch.Generator().manual_seed(cfg.seed + epoch)
+            order = torch.randperm(len(train_rows), generator=generator).tolist()
+            model.train()
+            first_batch = state.batch if epoch == state.epoch else 0
+            for batch_index in range(first_batch, batches_per_epoch):
+                # Forward and backward; gradients accumulate over grad_accum_steps batches.
+                ids = order[batch_index * tc.batch_size : (batch_index + 1) * tc.batch_size]
+                batch = bundle.pad([train_rows[i] for i in ids])
+                batch = {k: v.to(device.type) for k, v in batch.items()}
+                with torch.autocast(
+                    device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+                ):
+                    loss = model(**batch).loss / tc.grad_accum_steps
+                opt.scaler.scale(loss).backward()
+                progress.batch(loss.item() * tc.grad_accum_steps, len(ids))
+                if (batch_index + 1) % tc.grad_accum_steps and batch_index + 1 != batches_per_epoch:
+                    continue
+
+                # One optimizer step.
+                opt.step(model, tc.max_grad_norm)
+                state.step += 1
+                state.epoch, state.batch = epoch, batch_index + 1
+                progress.step()
+
+                # Validation: keep the best model; stop after `patience` validations without gain.
+                if state.step % eval_every == 0 or state.step == total_steps:
+                    score = _evaluate(bundle, val_rows, tc.batch_size, len(labels))
+                    log.info("train: step %d val macro-F1 %.4f", state.step, score)
+                    if state.record_validation(score, epoch, tc.early_stopping_patience):
+                        replace_dir_atomic(best_dir, bundle.save)
+                    model.train()
+
+                # Checkpoint, so a killed run resumes here.
+                if state.step % tc.checkpoint_every_steps == 0 or state.stopped:
+                    _save_checkpoint(last_dir, bundle, opt, state, cfg, data_version)
+                if on_step is not None:
+                    on_step(state.step)
+                if state.stopped:
+                    log.info("train: early stop at step %d (best %d)", state.step, state.best_step)
+                    break
+            if state.stopped:
+                break
+            state.epoch, state.batch = epoch + 1, 0
     _save_checkpoint(last_dir, bundle, opt, state, cfg, data_version)
     return _result(state, best_dir, device, resumed_from)
 
