@@ -301,9 +301,26 @@ class ServeConfig(_Section):
         "127.0.0.1", min_length=1, description="Address to bind; 0.0.0.0 exposes the server."
     )
     port: int = Field(8000, ge=0, le=65535, description="Port (0: any free port).")
-    max_batch: int = Field(64, ge=1, description="Most texts in one /predict request.")
+    max_batch: int = Field(
+        64, ge=1, description="Most texts in one /predict request, and in one batched model call."
+    )
+    batch_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        le=1000,
+        description="Micro-batching: concurrent /predict requests are scored in one model call; "
+        "a request waits at most this long for others already on their way in (a request alone "
+        "never waits). 0: off, one model call per request.",
+    )
     max_text_chars: int = Field(
         5000, ge=1, description="Longest text accepted, in characters as sent."
+    )
+    threads: int = Field(
+        0,
+        ge=0,
+        description="ONNX Runtime threads of a model call; 0: one per core (fastest when the "
+        "server has the machine). 1 uses less CPU per request and is faster on a machine "
+        "busy with other work (training, benchmarks).",
     )
     long_text: Literal["reject", "truncate"] = Field(
         "reject",

@@ -8,7 +8,7 @@ length. More: docs/export.md; why: docs/decisions/0006-model-registry-and-promot
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,15 +52,23 @@ class OnnxPredictor:
 
     def logits(self, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
         """Raw scores, one row per text in input order, columns in `labels` order."""
+        out = np.zeros((len(texts), len(self._labels)), dtype=np.float32)
+        for members, feed in self.batches(texts, batch_size):
+            out[members] = self.session.run(None, feed)[0]
+        return out
+
+    def batches(
+        self, texts: Sequence[str], batch_size: int = 64
+    ) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray]]]:
+        """The model's inputs for `texts`, a batch at a time: texts sorted by token length, each
+        batch padded to its longest; with each batch, its texts' positions in `texts`."""
         if not len(texts):
-            return np.zeros((0, len(self._labels)), dtype=np.float32)
+            return
         encoded = self.preprocessing.encode(self.tokenizer, texts)
         order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
-        out = np.zeros((len(texts), len(self._labels)), dtype=np.float32)
         for start in range(0, len(order), batch_size):
             members = order[start : start + batch_size]
-            out[members] = self.session.run(None, self._feed(encoded, members))[0]
-        return out
+            yield members, self._feed(encoded, members)
 
     def _feed(self, encoded: Any, members: np.ndarray) -> dict[str, np.ndarray]:
         features = [{k: encoded[k][i] for k in self.input_names} for i in members]

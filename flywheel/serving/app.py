@@ -1,9 +1,10 @@
 """The HTTP API: the champion answers /predict, users correct it through /feedback.
 
-`create_app` mounts a router per concern (routers/) over one `ServerState` (state.py): answers
-are logged for drift (prediction_log.py), feedback goes to the store (feedback_intake.py), bad
-input is a 4xx saying what is wrong (errors.py); `serve` runs it under uvicorn. Endpoints:
-docs/serving.md. Why one process that swaps models in place: docs/decisions/0009.
+`create_app` mounts a router per concern (routers/) over one `ServerState` (state.py): texts are
+scored off the event loop, concurrent requests batched (scoring.py), answers logged for drift
+(prediction_log.py), feedback goes to the store (feedback_intake.py), bad input is a 4xx saying
+what is wrong (errors.py); `serve` runs it under uvicorn. Endpoints: docs/serving.md. Why one
+process that swaps models in place: docs/decisions/0009.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from flywheel.serving.champion import ChampionSlot, RegistrySource
 from flywheel.serving.errors import HANDLERS
 from flywheel.serving.metrics import RequestMetrics
 from flywheel.serving.routers import admin, feedback, predict, status
+from flywheel.serving.scoring import CountArrivals
 from flywheel.serving.state import ServerState, token_guard
 
 
@@ -31,6 +33,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         state.slot.stop()
+        await state.scorer.close()
         state.predictions.close()
 
 
@@ -45,6 +48,8 @@ def create_app(cfg: Config, slot: ChampionSlot, token: str | None = None) -> Fas
         exception_handlers=HANDLERS,
     )
     app.state.flywheel = state = ServerState.create(cfg, slot, token)
+    if state.scorer.batching:
+        app.add_middleware(CountArrivals, arrivals=state.scorer.arrivals)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
     guarded = [token_guard(cfg.serve.token_env)]
     app.include_router(predict.router)
@@ -56,7 +61,7 @@ def create_app(cfg: Config, slot: ChampionSlot, token: str | None = None) -> Fas
 
 def registry_slot(cfg: Config, poll_seconds: float) -> ChampionSlot:
     """A slot for the registry's champion (nothing loaded yet): what `flywheel serve` serves."""
-    return ChampionSlot(RegistrySource(ModelRegistry.of(cfg)), poll_seconds)
+    return ChampionSlot(RegistrySource(ModelRegistry.of(cfg), cfg.serve.threads), poll_seconds)
 
 
 def serve(

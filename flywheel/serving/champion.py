@@ -64,10 +64,11 @@ class ModelSource(Protocol):
 
 
 class RegistrySource:
-    """The champion alias of one registered model."""
+    """The champion alias of one registered model, loaded with `threads` ONNX Runtime threads
+    per model call (0: onnxruntime's default, one per core)."""
 
-    def __init__(self, registry: ModelRegistry):
-        self.registry = registry
+    def __init__(self, registry: ModelRegistry, threads: int = 0):
+        self.registry, self.threads = registry, threads
 
     def champion(self) -> str | None:
         return self.registry.alias(CHAMPION)
@@ -76,7 +77,8 @@ class RegistrySource:
         info = self.registry.version(version)
         with tempfile.TemporaryDirectory(prefix="flywheel-serve-") as tmp:
             folder = self.registry.download(version, Path(tmp))
-            predictor = OnnxPredictor(folder)  # session and tokenizer are in memory now
+            # session and tokenizer are in memory now
+            predictor = OnnxPredictor(folder, threads=self.threads)
             vocabulary = load_vocabulary(folder)
         tags = info.tags
         metrics = {

@@ -50,6 +50,7 @@ def resolve_prediction(body: FeedbackRequest, state: ServerState) -> tuple[str |
     unknown."""
     if body.prediction_id is None:
         return body.predicted_label, None
+    state.predictions.flush()  # the answer it is about may still be on its way to the log
     logged = predictions.lookup(state.predictions_path, body.prediction_id)
     if logged is None:
         return body.predicted_label, None

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import time
 
-from fastapi import Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from flywheel.serving.champion import Reload
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class Metrics:
@@ -55,6 +54,12 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.model_calls = Histogram(
+            "flywheel_model_call_texts",
+            "Texts per model call (more than a request's when requests are batched).",
+            buckets=BATCH_BUCKETS,
+            registry=self.registry,
+        )
         self.log_errors = Counter(
             "flywheel_prediction_log_errors",
             "Predictions answered but not written to the prediction log.",
@@ -73,21 +78,30 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-class RequestMetrics(BaseHTTPMiddleware):
-    """Every request counted and timed under its route's path (`unmatched`: no route)."""
+class RequestMetrics:
+    """Every request counted and timed under its route's path (`unmatched`: no route).
+
+    Plain ASGI, not Starlette's BaseHTTPMiddleware, which runs each request's app in a task of
+    its own and passes the response through a memory stream."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
-        super().__init__(app)
-        self.metrics = metrics
+        self.app, self.metrics = app, metrics
 
-    async def dispatch(self, request: Request, call_next: RequestResponseEndpoint) -> Response:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
         started, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
         try:
-            response = await call_next(request)
-            status = response.status_code
-            return response
+            await self.app(scope, receive, send_status)
         finally:
-            route = request.scope.get("route")
-            endpoint = getattr(route, "path", "unmatched")
-            self.metrics.requests.labels(endpoint, request.method, str(status)).inc()
+            endpoint = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(endpoint, scope["method"], str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(time.perf_counter() - started)

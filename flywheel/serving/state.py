@@ -16,17 +16,19 @@ from flywheel.serving.champion import ChampionSlot, ServedModel
 from flywheel.serving.errors import ApiError
 from flywheel.serving.metrics import Metrics
 from flywheel.serving.prediction_log import PredictionLogger
+from flywheel.serving.scoring import Scorer, current_model
 
 
 @dataclass(frozen=True)
 class ServerState:
-    """One app's model slot, settings, metrics, prediction log and paths."""
+    """One app's model slot, settings, metrics, prediction log, scorer and paths."""
 
     cfg: Config
     slot: ChampionSlot
     token: str | None  # guards /feedback and /reload; None: open
     metrics: Metrics
     predictions: PredictionLogger
+    scorer: Scorer
     feedback_path: Path
     predictions_path: Path
 
@@ -41,7 +43,12 @@ class ServerState:
         logger = PredictionLogger(
             path, cfg.monitor.keep_predictions, cfg.monitor.log_text, metrics.log_errors
         )
-        return cls(cfg, slot, token, metrics, logger, cfg.resolve(cfg.data.feedback.path), path)
+        scorer = Scorer(
+            slot, cfg.serve.batch_wait_ms, cfg.serve.max_batch, metrics.model_calls.observe
+        )
+        return cls(
+            cfg, slot, token, metrics, logger, scorer, cfg.resolve(cfg.data.feedback.path), path
+        )
 
     @property
     def limits(self) -> ServeConfig:
@@ -49,13 +56,11 @@ class ServerState:
 
     def served(self) -> ServedModel:
         """The model answering this request, read once: the request keeps it to its end."""
-        model = self.slot.current
-        if model is None:
-            raise ApiError(503, "no model loaded yet")
-        return model
+        return current_model(self.slot)
 
 
-def server_state(request: Request) -> ServerState:
+async def server_state(request: Request) -> ServerState:
+    # async: FastAPI runs a plain-def dependency in its thread pool, a thread hop per request
     return request.app.state.flywheel
 
 
@@ -69,7 +74,7 @@ def token_guard(token_env: str) -> Any:
 
     # The bearer is a default value, not in Annotated[...]: annotations are strings here and
     # `bearer` is local, so FastAPI could not resolve it from an annotation.
-    def require_token(
+    async def require_token(
         state: State,
         credentials: HTTPAuthorizationCredentials | None = Depends(bearer),  # noqa: B008
     ) -> None:

@@ -59,6 +59,7 @@ def test_predict_one_and_a_batch_logs_each_answer(api, tmp_path, exports):
     assert [p["label"] for p in batch] == [LABELS[i] for i in expected.argmax(axis=1)]
     assert not any(p["truncated"] for p in batch)
 
+    assert api.app.state.flywheel.predictions.flush()  # written off the request path
     logged = predictions.read(tmp_path / "predictions.db")
     assert logged["id"].tolist() == [body["predictions"][0]["id"]] + [p["id"] for p in batch]
     assert logged["model_version"].unique().tolist() == ["1"]
@@ -257,6 +258,7 @@ def test_a_failing_prediction_log_costs_the_log_row_not_the_answer(api, monkeypa
 
     monkeypatch.setattr(predictions.PredictionLog, "write", broken)
     assert api.post("/predict", json={"texts": TEXTS[:2]}).status_code == 200
+    assert api.app.state.flywheel.predictions.flush()
     assert metric(api.get("/metrics").text, "flywheel_prediction_log_errors_total") == 2
 
 
