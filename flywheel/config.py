@@ -169,7 +169,16 @@ class TrainConfig(_Section):
         "auto", description="auto picks CUDA, then MPS, then CPU."
     )
     precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
-        "auto", description="Mixed precision on CUDA (auto: bf16 if supported, else fp16)."
+        "auto",
+        description="auto: on CUDA bf16 if supported, else fp16 with loss scaling; on a CPU with "
+        "native bf16 (AVX-512 BF16 or AMX) bf16 autocast, else fp32. bf16 on a CPU without it "
+        "is refused (emulated, slower than fp32).",
+    )
+    group_by_length: bool = Field(
+        False,
+        description="Batch texts of similar token length (sorted within pools of 50 batches of "
+        "the shuffled epoch, batch order shuffled again): less padding, 2x faster on the "
+        "default data, but 1-2 points less accurate there (docs/decisions/0016).",
     )
     threads: int | None = Field(2, ge=1, description="CPU threads for torch; null: torch default.")
     max_train_rows: int | None = Field(
@@ -230,7 +239,10 @@ class ExportConfig(_Section):
         "changing, a smaller slice's loss varies by more than 0.5 points by chance alone.",
     )
     sensitivity_rows: int = Field(
-        256, ge=1, description="Validation texts used to rank node groups by int8 sensitivity."
+        64,
+        ge=1,
+        description="Validation texts used to rank node groups by int8 sensitivity (64 ranks "
+        "them as 256 do: Spearman 0.99 on the default model, same top groups; 4x faster).",
     )
     max_fp32_groups: int = Field(
         12,

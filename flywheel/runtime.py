@@ -246,11 +246,21 @@ class Device:
     """Where training runs and in which precision."""
 
     type: str  # "cuda", "mps" or "cpu"
-    autocast_dtype: str | None  # "bfloat16" / "float16" under autocast on CUDA; None = fp32
+    autocast_dtype: str | None  # "bfloat16" (CUDA, or a CPU with native bf16) / "float16"
+    # (CUDA) under autocast; None = fp32
     grad_scaler: bool  # fp16 needs loss scaling; bf16 and fp32 do not
 
     def __str__(self) -> str:
         return f"{self.type} ({self.autocast_dtype or 'float32'})"
+
+
+def cpu_bf16_supported() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX-512 BF16 or AMX tiles), as oneDNN, which
+    runs torch's CPU autocast, sees it. Without it bf16 is emulated, and slower than fp32."""
+    import torch
+
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
 
 
 def select_device(
@@ -260,12 +270,15 @@ def select_device(
     cuda_available: bool | None = None,
     mps_available: bool | None = None,
     bf16_supported: bool | None = None,
+    cpu_bf16: bool | None = None,
 ) -> Device:
-    """CUDA > MPS > CPU unless `preference` names one; mixed precision only on CUDA.
+    """CUDA > MPS > CPU unless `preference` names one, and the precision to train in.
 
-    The availability flags default to asking torch; tests inject them to cover GPU machines.
-    `precision`: "auto" (bf16 where supported, else fp16 with a grad scaler), "bf16", "fp16",
-    "fp32".
+    The availability flags default to asking torch; tests inject them to cover GPU machines and
+    CPUs without bf16. `precision`: "auto" (CUDA: bf16 where supported, else fp16 with a grad
+    scaler; CPU: bf16 autocast where the CPU has native bf16, `cpu_bf16`, else fp32 — measured
+    in docs/decisions/0016-bf16-training-on-cpu.md), "bf16", "fp16" (CUDA only; fp32
+    elsewhere), "fp32". MPS trains in fp32.
     """
     if cuda_available is None or mps_available is None or bf16_supported is None:
         import torch
@@ -287,6 +300,17 @@ def select_device(
         kind = preference
     else:
         raise ConfigError(f"unknown device {preference!r} (auto, cuda, mps, cpu)")
+    if precision not in ("auto", "bf16", "fp16", "fp32"):
+        raise ConfigError(f"unknown precision {precision!r} (auto, bf16, fp16, fp32)")
+    if kind == "cpu" and precision in ("auto", "bf16"):
+        native = cpu_bf16_supported() if cpu_bf16 is None else cpu_bf16
+        if native:
+            return Device("cpu", "bfloat16", False)
+        if precision == "bf16":
+            raise ConfigError(
+                "train.precision is bf16 but this CPU has no native bfloat16 (AVX-512 BF16 or "
+                "AMX): emulated, it trains slower than fp32 (use auto or fp32)"
+            )
     if kind != "cuda" or precision == "fp32":
         return Device(kind, None, False)
     if precision == "bf16" or (precision == "auto" and bf16_supported):
@@ -295,9 +319,7 @@ def select_device(
                 "train.precision is bf16 but this GPU does not support bfloat16 (use auto or fp16)"
             )
         return Device(kind, "bfloat16", False)
-    if precision in ("fp16", "auto"):
-        return Device(kind, "float16", True)
-    raise ConfigError(f"unknown precision {precision!r} (auto, bf16, fp16, fp32)")
+    return Device(kind, "float16", True)
 
 
 def seed_everything(seed: int) -> None:

@@ -1,26 +1,28 @@
 """The int8 search and its gate: a variant against fp32 on the same texts (agreement, accuracy
-and macro-F1 loss, overall and per slice: `compare`), node groups kept in fp32 by sensitivity
-(`search`), and the pure choice of the variant to ship (`choose`).
+and macro-F1 loss, overall and per slice: `compare`), node groups kept in fp32 by their
+simulated int8 error (`sensitivity`, `search`), and the pure choice of the variant to ship
+(`choose`: by measured parity; timing only checks the minimum speed-up).
 Why, and the measurements behind the bounds: docs/decisions/0005-onnx-export-and-int8-search.md.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from flywheel.config import ExportConfig
 from flywheel.metrics import MetricInputError, label_ids, label_scores
-from flywheel.models.graph import (
-    quantize,
-    timed_logits,
-)
+from flywheel.models.bundle import ClassifierBundle
+from flywheel.models.graph import quantize, timed_logits
 from flywheel.models.predictor import OnnxPredictor
+from flywheel.progress import progress
 from flywheel.slices import slice_masks
 
 log = logging.getLogger(__name__)
@@ -154,24 +156,99 @@ def _failures(
     return out
 
 
+SCHEMES = {"int8": False, "int8-per-channel": True}  # name -> per-channel weights
+
+
 def sensitivity(
-    fp32: Path,
-    directory: Path,
-    groups: dict[str, list[str]],
-    texts: Sequence[str],
-    reference: np.ndarray,
-    work: Path,
-) -> dict[str, float]:
-    """How much quantizing one group alone (per-tensor int8, every other group of `groups` in
-    fp32) moves the logits of `texts`: mean |logit - fp32 logit|."""
-    out = {}
-    everything = [n for nodes in groups.values() for n in nodes]
-    for group, nodes in groups.items():
-        others = [n for n in everything if n not in set(nodes)]
-        path = quantize(fp32, work / "probe.onnx", per_channel=False, keep_fp32=others)
-        logits = OnnxPredictor(directory, path).logits(texts)
-        out[group] = float(np.abs(logits - reference).mean())
+    bundle: ClassifierBundle, groups: Mapping[str, Sequence[str]], texts: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """How much int8 in one group alone moves the logits of `texts`, per scheme (`SCHEMES`):
+    mean |logit - fp32 logit|, every other group in fp32.
+
+    Simulated on the PyTorch model, one forward pass per group and scheme, instead of one
+    quantized ONNX model per group: the group's Linear layers see their input and weights
+    rounded as onnxruntime's dynamic int8 rounds them (activations uint8 with one scale per
+    call, weights int8 symmetric per tensor or per output channel), an embedding table its
+    weights. Deterministic for the same model and texts, and nothing is timed. A group is a
+    module path of the classifier (`node_groups`)."""
+    model = bundle.model.eval()
+    encoded = bundle.encode(texts)
+    order = np.argsort([len(ids) for ids in encoded["input_ids"]], kind="stable")
+    rows = [{k: encoded[k][i] for k in encoded} for i in order]  # batched as onnxruntime does
+    reference = bundle.logits_of_encoded(rows)
+    out: dict[str, dict[str, float]] = {}
+    for scheme, per_channel in SCHEMES.items():
+        out[scheme] = {}
+        for group in groups:
+            try:
+                module = model.get_submodule(group)
+            except AttributeError:  # a node the exporter named after no module: ranked last
+                out[scheme][group] = 0.0
+                continue
+            with _fake_int8(module, per_channel):
+                logits = bundle.logits_of_encoded(rows)
+            out[scheme][group] = float(np.abs(logits - reference).mean())
     return out
+
+
+@contextmanager
+def _fake_int8(module: Any, per_channel: bool) -> Iterator[None]:
+    """While open: the Linear layers of `module` (itself, or its direct children: a fused
+    attention's query, key and value) compute with int8-rounded inputs and weights, its
+    embedding tables hold int8-rounded weights."""
+    import torch
+
+    linears = (
+        [module]
+        if isinstance(module, torch.nn.Linear)
+        else [m for m in module.children() if isinstance(m, torch.nn.Linear)]
+    )
+    tables = (
+        [module]
+        if isinstance(module, torch.nn.Embedding)
+        else [m for m in module.children() if isinstance(m, torch.nn.Embedding)][:1]
+    )  # the word table: what onnxruntime quantizes in a fused embedding layer
+    saved = [(m, m.weight.data) for m in linears + tables]
+    hooks = []
+    for m in linears:
+        weight = _int8_weights(m.weight.data.T, per_channel).T  # (out, in): channels are rows
+        m.weight.data = weight
+
+        def hook(layer: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Any, ...]:
+            return (_int8_activations(args[0]), *args[1:]), kwargs
+
+        hooks.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+    for m in tables:
+        m.weight.data = _int8_weights(m.weight.data, per_channel=False)
+    try:
+        yield
+    finally:
+        for handle in hooks:
+            handle.remove()
+        for m, weight in saved:
+            m.weight.data = weight
+
+
+def _int8_activations(x: Any) -> Any:
+    """`x` (a torch tensor) through onnxruntime's DynamicQuantizeLinear (uint8, one scale for
+    the tensor, zero included in the range) and back."""
+    low, high = min(float(x.min()), 0.0), max(float(x.max()), 0.0)
+    scale = (high - low) / 255.0 or 1.0
+    zero = round(-low / scale)
+    return ((x / scale).round().add(zero).clamp(0, 255).sub(zero)) * scale
+
+
+def _int8_weights(w: Any, per_channel: bool) -> Any:
+    """`w` (a torch tensor, in x out) rounded to symmetric int8, one scale per tensor or per
+    output column, and back."""
+    largest = w.abs().amax(dim=0, keepdim=True) if per_channel else w.abs().max()
+    scale = (largest / 127.0).clamp(min=1e-12)
+    return (w / scale).round() * scale
+
+
+def ranked(groups: Mapping[str, Sequence[str]], scores: Mapping[str, float]) -> list[str]:
+    """Groups, most sensitive first; equal scores by name (the order is deterministic)."""
+    return sorted(groups, key=lambda g: (-scores.get(g, 0.0), g))
 
 
 @dataclass(frozen=True)
@@ -183,10 +260,10 @@ class Variant:
     keep_fp32: tuple[str, ...]  # node groups left in fp32, most sensitive first
     path: Path
     val: Parity
-    seconds: float  # time to score the validation split (lower is faster)
 
 
 def search(
+    bundle: ClassifierBundle,
     fp32: Path,
     groups: dict[str, list[str]],
     directory: Path,
@@ -195,74 +272,107 @@ def search(
     sensitivity_rows: int,
     max_fp32_groups: int,
     work: Path,
-) -> tuple[list[Variant], float, dict[str, float]]:
-    """Int8 candidates of `fp32` on the validation split: per scheme (per-tensor, per-channel
-    weights), the fewest most-sensitive node groups kept in fp32 that pass the gate (or
-    `max_fp32_groups`). Returns the candidates, the fp32 scoring time and each group's
-    sensitivity."""
+    accept: Callable[[Variant], bool] | None = None,
+) -> tuple[list[Variant], dict[str, dict[str, float]]]:
+    """Int8 candidates of `fp32` on the validation split: for k = 0, 1, ... (at most
+    `max_fp32_groups`), each scheme (per-tensor, per-channel weights) with its k most sensitive
+    node groups kept in fp32, stopping after the first k at which a candidate passing the gate
+    is accepted: `accept` (the export stage's speed check and test gate) is asked about the
+    candidates passing val at that k in `preference` order; without it, passing val is enough.
+    `preference` takes the fewest groups in fp32 first, so no candidate with more could be
+    chosen. Returns the candidates and each group's sensitivity per scheme (`sensitivity`, on
+    the first `sensitivity_rows` validation texts; computed only if whole-model int8 fails).
+    Nothing here is timed: the same model and data give the same candidates under any load
+    (and so does `accept` if its timing only checks a minimum speed-up)."""
     texts = val_frame["text"].tolist()
     fp32_predictor = OnnxPredictor(directory, fp32)
     labels = fp32_predictor.labels
-    reference, fp32_seconds = timed_logits(fp32_predictor, texts)
-    scores: dict[str, float] = {}
-    if max_fp32_groups:  # ranking only matters when groups may be kept in fp32
-        probe = val_frame.head(sensitivity_rows)["text"].tolist()
-        scores = sensitivity(fp32, directory, groups, probe, reference[: len(probe)], work)
-    ranked = sorted(groups, key=lambda g: -scores.get(g, 0.0))
-    log.info("export: %d node groups; most sensitive: %s", len(groups), ", ".join(ranked[:3]))
-    candidates = []
-    for per_channel in (False, True):
-        scheme = "int8-per-channel" if per_channel else "int8"
-        for k in range(min(max_fp32_groups, len(ranked)) + 1):
-            keep = tuple(ranked[:k])
-            name = f"{scheme}-fp32x{k}" if k else scheme
-            nodes = [n for g in keep for n in groups[g]]
-            path = quantize(fp32, work / f"{name}.onnx", per_channel, nodes)
-            logits, seconds = timed_logits(OnnxPredictor(directory, path), texts)
-            parity = compare(name, reference, logits, val_frame, labels, bounds)
-            candidates.append(Variant(name, per_channel, keep, path, parity, seconds))
-            log.info(
-                "export: %s on val: agreement %.2f%%, accuracy loss %.2f pts, %.2fx fp32 speed%s",
-                name,
-                100 * parity.agreement,
-                100 * parity.accuracy_loss,
-                fp32_seconds / seconds,
-                "" if parity.passed else " (fails)",
+    reference = fp32_predictor.logits(texts)
+    scores: dict[str, dict[str, float]] = {}
+    candidates: list[Variant] = []
+    with progress("export: int8 search", None, unit="candidate", every=1, logger=log) as bar:
+        for k in range(min(max_fp32_groups, len(groups)) + 1):
+            if k and not scores:  # whole-model int8 failed: rank the groups
+                probe = val_frame.head(sensitivity_rows)["text"].tolist()
+                scores = sensitivity(bundle, groups, probe)
+                for scheme in SCHEMES:
+                    top = ranked(groups, scores[scheme])[:3]
+                    log.info("export: %s, most sensitive groups: %s", scheme, ", ".join(top))
+            for scheme, per_channel in SCHEMES.items():
+                keep = tuple(ranked(groups, scores[scheme])[:k]) if k else ()
+                name = f"{scheme}-fp32x{k}" if k else scheme
+                nodes = [n for g in keep for n in groups[g]]
+                path = quantize(fp32, work / f"{name}.onnx", per_channel, nodes)
+                logits = OnnxPredictor(directory, path).logits(texts)
+                parity = compare(name, reference, logits, val_frame, labels, bounds)
+                candidates.append(Variant(name, per_channel, keep, path, parity))
+                bar.advance(
+                    candidate=name,
+                    agreement=f"{parity.agreement:.2%}",
+                    verdict="passes" if parity.passed else "fails",
+                )
+            passing = sorted(
+                (c for c in candidates[-len(SCHEMES) :] if c.val.passed), key=preference
             )
-            if parity.passed:
+            if any(accept is None or accept(c) for c in passing):  # stops at the first accepted
                 break
-    return candidates, fp32_seconds, scores
+    return candidates, scores
+
+
+def preference(variant: Variant) -> tuple[int, float, float, str]:
+    """The order in which candidates passing val are taken: fewest groups kept in fp32 (the
+    most int8), then the higher val agreement, the smaller val macro-F1 loss, the name. Measured
+    figures that do not depend on the machine's load."""
+    v = variant.val
+    return (len(variant.keep_fp32), -v.agreement, v.macro_f1_loss, variant.name)
+
+
+def speedups(
+    fp32: Path, variants: Sequence[Variant], directory: Path, texts: Sequence[str], rounds: int = 2
+) -> dict[str, float]:
+    """fp32 time / each variant's time scoring `texts`: `rounds` interleaved rounds after a
+    warm-up, the best round of each (the one least disturbed by other work)."""
+    engines = {"fp32": OnnxPredictor(directory, fp32)}
+    engines |= {v.name: OnnxPredictor(directory, v.path) for v in variants}
+    best = dict.fromkeys(engines, float("inf"))
+    for round_ in range(rounds):
+        for name, engine in engines.items():
+            _, seconds = timed_logits(engine, texts, warm_up=round_ == 0)
+            best[name] = min(best[name], seconds)
+    return {v.name: best["fp32"] / best[v.name] for v in variants}
 
 
 def to_gate(
-    candidates: Sequence[Variant], fp32_seconds: float, min_speedup: float
+    candidates: Sequence[Variant], speedup: Mapping[str, float], min_speedup: float
 ) -> list[Variant]:
-    """The candidates worth gating on the test split, fastest first: those that pass the gate
-    on val and score val at least `min_speedup` times as fast as fp32."""
-    passed = [c for c in candidates if c.val.passed]
-    faster = [c for c in passed if fp32_seconds / c.seconds >= min_speedup]
-    return sorted(faster, key=lambda c: c.seconds)
+    """The candidates worth gating on the test split, in `preference` order: those that pass
+    the gate on val and score val at least `min_speedup` times as fast as fp32 (a candidate
+    the search did not time, after the accepted one, is not)."""
+    passed = [c for c in candidates if c.val.passed and c.name in speedup]
+    faster = [c for c in passed if speedup[c.name] >= min_speedup]
+    return sorted(faster, key=preference)
 
 
 def choose(
     candidates: Sequence[Variant],
     on_test: Mapping[str, Parity],
-    fp32_seconds: float,
+    speedup: Mapping[str, float],
     min_speedup: float,
 ) -> tuple[Variant | None, Parity | None, list[str]]:
     """The int8 variant to ship, its parity on the test split, and why the others are not.
 
-    A pure function of measured figures: each candidate's val parity and val scoring time,
-    fp32's time, and `on_test`, the test parity of each candidate `to_gate` names. The first
-    of `to_gate` (the fastest) whose test parity passes is chosen; one failing test makes the
-    next fastest be taken. None passing: (None, None, reasons), the first val failure of each
-    candidate first (the fp32 model is the export)."""
-    gated = to_gate(candidates, fp32_seconds, min_speedup)
+    A pure function of measured figures: each candidate's val parity, the speed-up of those
+    that pass val, and `on_test`, the test parity of each candidate `to_gate` names. The first
+    of `to_gate` (by `preference`) whose test parity passes is chosen; one failing test makes
+    the next be taken. Timing only decides whether a variant clears `min_speedup`, never which
+    of two passing variants ships. None passing: (None, None, reasons), the first val failure of
+    each candidate first (the fp32 model is the export)."""
+    gated = to_gate(candidates, speedup, min_speedup)
     reasons = [
-        f"{c.name} passes val at {fp32_seconds / c.seconds:.2f}x fp32 speed "
+        f"{c.name} passes val at {speedup[c.name]:.2f}x fp32 speed "
         f"(export.min_int8_speedup {min_speedup:g})"
         for c in candidates
-        if c.val.passed and c not in gated
+        if c.val.passed and c.name in speedup and c not in gated
     ]
     for variant in gated:
         parity = on_test[variant.name]

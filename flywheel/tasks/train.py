@@ -16,7 +16,7 @@ import math
 import random
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -211,6 +211,7 @@ def fit(
     bundle = ClassifierBundle.from_base(tc.base_model, labels, Preprocessing.of(cfg))
     model = bundle.model.to(device.type)
     train_rows, val_rows = (_rows(bundle, frame, labels) for frame in (train_frame, val_frame))
+    lengths = [len(row["input_ids"]) for row in train_rows]
     batches_per_epoch = math.ceil(len(train_rows) / tc.batch_size)
     steps_per_epoch = math.ceil(batches_per_epoch / tc.grad_accum_steps)
     total_steps = steps_per_epoch * tc.epochs
@@ -233,13 +234,12 @@ def fit(
             if state.stopped:
                 break
             # The data order of an epoch depends on (seed, epoch) only: a resume sees the same.
-            generator = torch.Generator().manual_seed(cfg.seed + epoch)
-            order = torch.randperm(len(train_rows), generator=generator).tolist()
+            order = epoch_batches(lengths, tc.batch_size, cfg.seed + epoch, tc.group_by_length)
             model.train()
             first_batch = state.batch if epoch == state.epoch else 0
             for batch_index in range(first_batch, batches_per_epoch):
                 # Forward and backward; gradients accumulate over grad_accum_steps batches.
-                ids = order[batch_index * tc.batch_size : (batch_index + 1) * tc.batch_size]
+                ids = order[batch_index]
                 batch = bundle.pad([train_rows[i] for i in ids])
                 batch = {k: v.to(device.type) for k, v in batch.items()}
                 with torch.autocast(
@@ -296,6 +296,33 @@ def _result(
         losses=[tuple(x) for x in state.losses],
         resumed_from_step=resumed_from,
     )
+
+
+POOL_BATCHES = 50  # group_by_length sorts within pools of this many batches
+
+
+def epoch_batches(
+    lengths: Sequence[int], batch_size: int, seed: int, group_by_length: bool
+) -> list[list[int]]:
+    """One epoch's batches of row indices: a shuffle of every row (by `seed`), cut in batches.
+
+    With `group_by_length`, each pool of `POOL_BATCHES` batches of the shuffle is sorted by token
+    length before it is cut, and the batches are shuffled again: a batch holds texts of similar
+    length (little padding) yet comes from anywhere in the epoch; the number of batches is the
+    same (every pool but the last is a whole number of batches)."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(lengths), generator=generator).tolist()
+    if not group_by_length:
+        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    pool = batch_size * POOL_BATCHES
+    batches = []
+    for start in range(0, len(order), pool):
+        members = sorted(order[start : start + pool], key=lengths.__getitem__)  # stable
+        batches += [members[i : i + batch_size] for i in range(0, len(members), batch_size)]
+    shuffle = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in shuffle]
 
 
 def _rows(bundle: ClassifierBundle, frame: pd.DataFrame, labels: list[str]) -> list[dict]:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import bz2
 import io
 import json
+import subprocess
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +32,11 @@ from flywheel.models.int8 import (
     _failures,
     choose,
     compare,
+    preference,
+    ranked,
     search,
+    sensitivity,
+    speedups,
     to_gate,
 )
 from flywheel.models.predictor import OnnxPredictor
@@ -106,7 +113,32 @@ def test_node_groups_are_torch_modules(exported):
     assert {"classifier", "bert.embeddings.word_embeddings"} <= set(groups)
     # attention scores multiply two activations: int8 leaves them fp32, so they are no group
     assert "bert.encoder.layer.0.attention.self" not in groups
-    assert len(groups["bert.encoder.layer.3.attention.self.query"]) == 1
+    assert groups["bert.encoder.layer.3.attention.self.query"] == [
+        "/model/bert/encoder/layer.3/attention/self/query/MatMul"
+    ]
+
+
+@pytest.fixture(scope="module")
+def optimized(exported, tmp_path_factory):
+    """The module's export through the transformer optimizer (applied whatever its speed)."""
+    _, out = exported
+    path = tmp_path_factory.mktemp("optimized") / "optimized.onnx"
+    texts = TEXTS * 5
+    return optimize_graph(out / "fp32.onnx", path, 12, 384, out, texts, 1e-4, 0.0), path
+
+
+def test_the_optimizer_fuses_attention_and_groups_follow_the_fused_nodes(optimized):
+    result, path = optimized
+    # the traced export (docs/decisions/0015): every layer's attention and the embeddings fuse
+    assert result.fused["Attention"] == 6 and result.fused["EmbedLayerNormalization"] == 1
+    groups = node_groups(path)
+    # per layer fused q/k/v, attention out, FFN in, FFN out; pooler, head; the embeddings
+    assert len(groups) == 6 * 4 + 2 + 1
+    ops = {n.name: n.op_type for n in onnx.load(str(path)).graph.node}
+    attention = [n for n, op in ops.items() if op == "Attention"]
+    assert [groups[f"bert.encoder.layer.{i}.attention.self"][0] for i in range(6)] == attention
+    assert ops[groups["bert.embeddings"][0]] == "EmbedLayerNormalization"
+    assert ops[groups["bert.encoder.layer.2.output.dense"][0]] == "MatMul"
 
 
 def test_quantize_leaves_the_kept_groups_in_fp32(exported, tmp_path):
@@ -203,49 +235,62 @@ def parity(name: str, failures: tuple[str, ...] = ()) -> Parity:
     return Parity(name, 200, 0.99 if failures else 1.0, 0.0, 0.0, {}, list(failures))
 
 
-def variant(name: str, seconds: float, *val_failures: str) -> Variant:
+def variant(name: str, *val_failures: str, agreement: float | None = None) -> Variant:
     k = int(name.partition("fp32x")[2] or 0)
     keep = ("classifier", "bert.pooler.dense")[:k]
-    return Variant(
-        name, "per-channel" in name, keep, Path(name), parity(name, val_failures), seconds
-    )
+    val = parity(name, val_failures)
+    if agreement is not None:
+        val = replace(val, agreement=agreement)
+    return Variant(name, "per-channel" in name, keep, Path(name), val)
 
 
 # What the search found on val: whole-model int8 flips too many labels; one group in fp32 passes;
 # per-channel weights pass with none.
 SEARCHED = [
-    variant("int8", 1.0, "overall: label agreement 98.00% < 98.50%"),
-    variant("int8-fp32x1", 1.1),
-    variant("int8-per-channel", 1.2),
+    variant("int8", "overall: label agreement 98.00% < 98.50%"),
+    variant("int8-fp32x1"),
+    variant("int8-per-channel"),
 ]
+FAST = {"int8": 2.0, "int8-fp32x1": 1.8, "int8-per-channel": 2.0}  # fp32 time / variant time
 
 
-def test_a_variant_that_passes_val_but_fails_test_makes_the_next_fastest_be_taken():
-    # int8 failed val; the other two are gated on test, fastest first
-    assert [c.name for c in to_gate(SEARCHED, 2.0, 1.0)] == ["int8-fp32x1", "int8-per-channel"]
+def test_a_variant_that_passes_val_but_fails_test_makes_the_next_preferred_be_taken():
+    # int8 failed val; the other two are gated on test, the most int8 first
+    assert [c.name for c in to_gate(SEARCHED, FAST, 1.0)] == ["int8-per-channel", "int8-fp32x1"]
     on_test = {
-        "int8-fp32x1": parity("int8-fp32x1", ("overall: accuracy loss 0.80 pts > 0.50",)),
-        "int8-per-channel": parity("int8-per-channel"),
+        "int8-per-channel": parity("int8-per-channel", ("overall: accuracy loss 0.80 pts > 0.50",)),
+        "int8-fp32x1": parity("int8-fp32x1"),
     }
-    chosen, test, reasons = choose(SEARCHED, on_test, 2.0, 1.0)
-    assert chosen is SEARCHED[2] and test is on_test["int8-per-channel"]
-    assert reasons == ["int8-fp32x1 on test: overall: accuracy loss 0.80 pts > 0.50"]
+    chosen, test, reasons = choose(SEARCHED, on_test, FAST, 1.0)
+    assert chosen is SEARCHED[1] and test is on_test["int8-fp32x1"]
+    assert reasons == ["int8-per-channel on test: overall: accuracy loss 0.80 pts > 0.50"]
 
 
-def test_the_fastest_variant_that_passes_both_splits_is_chosen():
+def test_the_variant_with_fewest_fp32_groups_is_chosen_whatever_the_timing():
     on_test = {name: parity(name) for name in ("int8-fp32x1", "int8-per-channel")}
-    chosen, test, reasons = choose(SEARCHED, on_test, 2.0, 1.0)
-    assert chosen is SEARCHED[1] and test is on_test["int8-fp32x1"] and reasons == []
-    assert chosen.keep_fp32 == ("classifier",)
+    for timing in (FAST, {**FAST, "int8-fp32x1": 2.5}):  # the fp32x1 variant timed faster
+        chosen, test, reasons = choose(SEARCHED, on_test, timing, 1.0)
+        assert chosen is SEARCHED[2] and test is on_test["int8-per-channel"] and reasons == []
+
+
+def test_preference_takes_fewer_fp32_groups_then_higher_agreement():
+    fewer = variant("int8-per-channel-fp32x1", agreement=0.986)
+    more = variant("int8-fp32x2", agreement=0.999)
+    assert sorted([more, fewer], key=preference) == [fewer, more]  # fewer groups wins ...
+    better = variant("int8-fp32x1", agreement=0.995)
+    assert sorted([fewer, better], key=preference) == [better, fewer]  # ... then agreement
+    tie = variant("int8-per-channel-fp32x1", agreement=0.995)
+    assert sorted([tie, better], key=preference) == [better, tie]  # ... then the name
 
 
 def test_with_nothing_passing_fp32_is_the_export_with_every_reason():
     # int8-per-channel passes val but is too slow: it is not gated on test
-    assert [c.name for c in to_gate(SEARCHED, 2.0, 1.7)] == ["int8-fp32x1"]
+    slow = {**FAST, "int8-per-channel": 1.67}
+    assert [c.name for c in to_gate(SEARCHED, slow, 1.7)] == ["int8-fp32x1"]
     on_test = {
         "int8-fp32x1": parity("int8-fp32x1", ("length=0-59: label agreement 97.00% < 98.50%",)),
     }
-    chosen, test, reasons = choose(SEARCHED, on_test, 2.0, 1.7)
+    chosen, test, reasons = choose(SEARCHED, on_test, slow, 1.7)
     assert chosen is None and test is None
     assert reasons == [
         "int8 on val: overall: label agreement 98.00% < 98.50%",
@@ -261,7 +306,7 @@ def default_export_settings():
     return load_config(REPO / "params.yaml").export
 
 
-def measured(name: str, flips: int, seconds: float, ec) -> tuple[Variant, Parity]:
+def measured(name: str, flips: int, ec) -> tuple[Variant, Parity]:
     """A variant measured against an fp32 model that is right on 1000 texts (one slice of each
     kind, all judged): its val figures, and its test parity, each with `flips` labels changed."""
     frame = frame_of(1000)
@@ -274,21 +319,23 @@ def measured(name: str, flips: int, seconds: float, ec) -> tuple[Variant, Parity
         candidate[changed] = candidate[changed, ::-1]
         parities.append(compare(name, reference, candidate, frame, LABELS, bounds))
     val, test = parities
-    return Variant(name, False, (), Path(name), val, seconds), test
+    return Variant(name, False, (), Path(name), val), test
 
 
 def test_with_the_default_bounds_a_variant_within_them_is_shipped():
     ec = default_export_settings()
-    variant, test = measured("int8", 3, 0.6, ec)  # 99.7 % agreement, 0.3 pts lost, 1.67x fp32
-    chosen, on_test, reasons = choose([variant], {"int8": test}, 1.0, ec.min_int8_speedup)
+    variant, test = measured("int8", 3, ec)  # 99.7 % agreement, 0.3 pts lost
+    speedup = {"int8": 1.67}
+    chosen, on_test, reasons = choose([variant], {"int8": test}, speedup, ec.min_int8_speedup)
     assert chosen is variant and on_test is test and test.passed and reasons == []
 
 
 def test_with_the_default_bounds_a_variant_flipping_2_percent_of_labels_is_not():
     ec = default_export_settings()
-    variant, _ = measured("int8", 20, 0.6, ec)  # 98.0 % agreement: below the default 98.5 %
-    assert to_gate([variant], 1.0, ec.min_int8_speedup) == []  # not worth a test pass
-    chosen, on_test, reasons = choose([variant], {}, 1.0, ec.min_int8_speedup)
+    variant, _ = measured("int8", 20, ec)  # 98.0 % agreement: below the default 98.5 %
+    speedup = {"int8": 1.67}
+    assert to_gate([variant], speedup, ec.min_int8_speedup) == []  # not worth a test pass
+    chosen, on_test, reasons = choose([variant], {}, speedup, ec.min_int8_speedup)
     assert chosen is None and on_test is None
     assert reasons == ["int8 on val: overall: label agreement 98.00% < 98.50%"]
 
@@ -375,23 +422,27 @@ def test_a_wrong_export_stops_and_leaves_nothing(tmp_path, bundle_dir):
     assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["best"]
 
 
-def test_graph_optimization_keeps_logits_and_the_node_names_groups_refer_to(exported, tmp_path):
+def test_graph_optimization_keeps_logits_and_int8_runs_the_fused_operators(
+    exported, optimized, tmp_path
+):
     bundle, out = exported
-    raw = out / "fp32.onnx"
-    optimized = tmp_path / "optimized.onnx"
+    result, path = optimized
     texts = TEXTS * 5
-    result = optimize_graph(raw, optimized, 12, 384, out, texts, 1e-4, min_speedup=0.0)
     assert result.applied and result.fused.get("SkipLayerNormalization", 0) > 0
     assert result.max_logit_diff < 1e-4
-    assert onnx.load(str(optimized)).graph.node[0].metadata_props == []  # metadata dropped ...
-    names = {n.name for n in onnx.load(str(optimized)).graph.node}
-    assert {n for nodes in node_groups(raw).values() for n in nodes} <= names  # ... names kept
-    groups = node_groups(raw)
-    mixed = quantize(optimized, tmp_path / "mixed.onnx", False, next(iter(groups.values())))
+    fused = np.abs(OnnxPredictor(out, path).logits(texts) - bundle.logits(texts)).max()
+    assert fused < 1e-4  # the additive mask and traced attention compute the model's logits
+    groups = node_groups(path)
+    keep = groups["bert.encoder.layer.0.attention.self"]
+    mixed = quantize(path, tmp_path / "mixed.onnx", False, keep)
+    ops = [n.op_type for n in onnx.load(str(mixed)).graph.node]
+    assert ops.count("QAttention") == 5 and ops.count("Attention") == 1  # layer 0 kept fp32
+    assert "QEmbedLayerNormalization" in ops
     assert np.abs(OnnxPredictor(out, mixed).logits(texts) - bundle.logits(texts)).max() < 0.5
-    slower = optimize_graph(raw, optimized, 12, 384, out, texts, 1e-4, min_speedup=100.0)
+    raw = out / "fp32.onnx"
+    slower = optimize_graph(raw, tmp_path / "slow.onnx", 12, 384, out, texts, 1e-4, 100.0)
     assert not slower.applied
-    assert optimized.read_bytes() == raw.read_bytes()  # not faster: the raw export is kept
+    assert (tmp_path / "slow.onnx").read_bytes() == raw.read_bytes()  # not faster: raw is kept
 
 
 # --- the int8 search on small trained models ----------------------------------------------------
@@ -470,15 +521,20 @@ def on_the_boundary(labels: tuple[str, ...], tiny_base: Path, tmp_path_factory) 
     bundle = ClassifierBundle.load(trained.model_dir)
     out = base / "onnx"
     copy_preprocessing(trained.model_dir, out)
-    raw = export_fp32(bundle, out / "raw.onnx", opset=18)
-
     texts = val["text"].tolist()
-    reference = OnnxPredictor(out, raw).logits(texts)
+    # the graph the export stage searches: traced, then fused by the transformer optimizer
+    raw = export_fp32(bundle, base / "raw.onnx", opset=18)
+    config = bundle.model.config
+    fused = out / "fused.onnx"
+    optimize_graph(
+        raw, fused, config.num_attention_heads, config.hidden_size, out, texts, 1e-4, 0.0
+    )
+    reference = OnnxPredictor(out, fused).logits(texts)
     rows = np.arange(len(texts))
     first, second = np.argsort(-reference, axis=1)[:, :2].T
     errors = []  # per scheme: int8 change of (second - first) logit, per text
     for per_channel in (False, True):
-        int8 = OnnxPredictor(out, quantize(raw, base / "int8.onnx", per_channel)).logits(texts)
+        int8 = OnnxPredictor(out, quantize(fused, base / "int8.onnx", per_channel)).logits(texts)
         change = int8 - reference
         errors.append(change[rows, second] - change[rows, first])
     same_sign = np.sign(errors[0]) == np.sign(errors[1])
@@ -489,13 +545,13 @@ def on_the_boundary(labels: tuple[str, ...], tiny_base: Path, tmp_path_factory) 
     error = np.sign(errors[0][i]) * smaller[i]
     shift = float(reference[i, first[i]] - reference[i, second[i]] - error / 2)
 
-    model = onnx.load(str(raw))
-    (bias,) = [t for t in model.graph.initializer if t.name == "classifier.bias"]
+    model = onnx.load(str(fused))
+    (bias,) = [t for t in model.graph.initializer if t.name.endswith("classifier.bias")]
     values = onnx.numpy_helper.to_array(bias).copy()
     values[second[i]] += shift
     bias.CopyFrom(onnx.numpy_helper.from_array(values, bias.name))
     onnx.save(model, str(out / "fp32.onnx"))
-    raw.unlink()
+    fused.unlink()
     with torch.no_grad():
         bundle.model.classifier.bias[second[i]] += shift
     bundle.save(base / "run" / "best")
@@ -519,40 +575,142 @@ def computed_in_fp32(model_path: Path) -> set[str]:
     }
 
 
+def searched(boundary: dict, work: Path, accept=None) -> tuple[dict, list[Variant], dict]:
+    """The search on `boundary`'s model with a gate that allows no flip, at most 2 groups in
+    fp32: its node groups, candidates and sensitivity scores."""
+    out = boundary["onnx"]
+    groups = node_groups(out / "fp32.onnx")
+    bundle = ClassifierBundle.load(boundary["bundle_dir"])
+    val = boundary["val"]
+    candidates, scores = search(
+        bundle, out / "fp32.onnx", groups, out, val, STRICT, 16, 2, work, accept
+    )
+    return groups, candidates, scores
+
+
+def test_a_candidate_the_test_gate_rejects_makes_the_search_go_on(three_class, tmp_path):
+    asked = []
+
+    def accept_from_k1(candidate: Variant) -> bool:  # as if whole-model int8 failed on test
+        asked.append(candidate.name)
+        return len(candidate.keep_fp32) >= 1
+
+    groups = node_groups(three_class["onnx"] / "fp32.onnx")
+    bundle = ClassifierBundle.load(three_class["bundle_dir"])
+    out = three_class["onnx"]
+    loose = GateBounds(0.5, 0.5, 500)  # every candidate passes val
+    args = (bundle, out / "fp32.onnx", groups, out, three_class["val"], loose, 16, 2, tmp_path)
+    candidates, _ = search(*args, accept_from_k1)
+    # k = 0: both pass val, both asked (per-channel first: the higher agreement, or the name)
+    # and refused; k = 1: the first asked is accepted and the search stops
+    assert [c.name for c in candidates] == [
+        "int8",
+        "int8-per-channel",
+        "int8-fp32x1",
+        "int8-per-channel-fp32x1",
+    ]
+    assert len(asked) == 3 and set(asked[:2]) == {"int8", "int8-per-channel"}
+    assert asked[2].endswith("fp32x1")
+    refused, _ = search(*args, lambda candidate: False)
+    assert len(refused) == 6  # k = 0, 1, 2: max_fp32_groups, nothing accepted
+
+
 @pytest.mark.parametrize("model", ["binary", "three_class"])
 def test_search_keeps_the_most_sensitive_groups_in_fp32_until_the_gate_passes(
     model, request, tmp_path
 ):
     boundary = request.getfixturevalue(model)
-    out = boundary["onnx"]
-    groups = node_groups(out / "fp32.onnx")
-    assert len(groups) == 2 * 6 + 2 + 3 and {"classifier", "bert.pooler.dense"} <= set(groups)
-    candidates, fp32_seconds, scores = search(
-        out / "fp32.onnx", groups, out, boundary["val"], STRICT, 16, 2, tmp_path
-    )
-    assert fp32_seconds > 0
-    assert set(scores) == set(groups) and min(scores.values()) > 0  # every group probed alone
-    ranked = sorted(groups, key=lambda g: -scores[g])
-    assert scores[ranked[0]] > scores[ranked[-1]]
+    groups, candidates, scores = searched(boundary, tmp_path)
+    # per layer fused q/k/v, attention out, FFN in, FFN out; pooler, head; the embeddings
+    assert len(groups) == 2 * 4 + 2 + 1
+    assert {"classifier", "bert.encoder.layer.1.attention.self", "bert.embeddings"} <= set(groups)
+    # k = 0, 1, ... groups in fp32, both schemes at each k, until a candidate passes (or k = 2)
+    levels = len(candidates) // 2
+    assert [c.name for c in candidates] == [
+        f"{scheme}-fp32x{k}" if k else scheme
+        for k in range(levels)
+        for scheme in ("int8", "int8-per-channel")
+    ]
+    assert not any(c.val.passed for c in candidates[:-2])
+    assert any(c.val.passed for c in candidates[-2:]) or levels == 3
     for scheme, per_channel in (("int8", False), ("int8-per-channel", True)):
+        # every group's simulated int8 error, alone: all move the logits, by different amounts
+        assert set(scores[scheme]) == set(groups) and min(scores[scheme].values()) > 0
+        order = ranked(groups, scores[scheme])
+        assert scores[scheme][order[0]] > scores[scheme][order[-1]]
         tried = [c for c in candidates if c.per_channel == per_channel]
-        assert [c.name for c in tried] == [scheme] + [
-            f"{scheme}-fp32x{k}" for k in range(1, len(tried))
-        ]
-        # k = 0, 1, ...: the k groups whose int8 moves the logits most stay in fp32
-        assert [c.keep_fp32 for c in tried] == [tuple(ranked[:k]) for k in range(len(tried))]
+        # the k groups whose int8 moves the logits most stay in fp32
+        assert [c.keep_fp32 for c in tried] == [tuple(order[:k]) for k in range(levels)]
         # whole-model int8 flips the boundary text, so the search had to go on
         whole = tried[0].val
         assert not whole.passed and whole.failures[0].startswith("overall: label agreement")
         assert boundary["text"] in [example["text"] for example in whole.worst]
-        # every candidate but the last failed; the last passed, or kept max_fp32_groups (2)
-        assert [c.val.passed for c in tried[:-1]] == [False] * (len(tried) - 1)
-        assert tried[-1].val.passed or len(tried) == 3
         # the kept groups are really fp32 in the variant's graph, and the others int8
         k = len(tried[-1].keep_fp32)
         fp32 = computed_in_fp32(tried[-1].path)
-        assert {n for g in ranked[:k] for n in groups[g]} <= fp32
-        assert not {n for g in ranked[k:] for n in groups[g]} & fp32
+        assert {n for g in order[:k] for n in groups[g]} <= fp32
+        assert not {n for g in order[k:] for n in groups[g]} & fp32
+
+
+def test_sensitivity_is_the_simulated_error_of_one_group_alone(binary):
+    bundle = ClassifierBundle.load(binary["bundle_dir"])
+    groups = node_groups(binary["onnx"] / "fp32.onnx")
+    texts = binary["val"]["text"].tolist()[:16]
+    before = bundle.logits(texts)
+    scores = sensitivity(bundle, groups, texts)
+    assert np.array_equal(bundle.logits(texts), before)  # the model is left as it was
+    assert scores == sensitivity(bundle, groups, texts)  # the same texts, the same scores
+    # per-channel weights round each output's weights to its own range: a smaller error
+    total = {scheme: sum(by_group.values()) for scheme, by_group in scores.items()}
+    assert total["int8-per-channel"] < total["int8"]
+
+
+@pytest.fixture
+def busy_cores():
+    """Both cores kept busy by other processes while the test runs."""
+    spin = [sys.executable, "-c", "while True: pass"]
+    hogs = [subprocess.Popen(spin) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for hog in hogs:
+            hog.kill()
+            hog.wait()
+
+
+def choice(boundary: dict, work: Path) -> tuple[list[tuple], str | None, dict[str, float]]:
+    """The search and the choice as the export stage makes them (speed-ups timed here), with a
+    test gate that lets the val survivors through: what was tried, what ships, the timing."""
+    work.mkdir()
+    groups, candidates, _ = searched(boundary, work)
+    out, val, test = boundary["onnx"], boundary["val"], boundary["test"]
+    passed = [c for c in candidates if c.val.passed]
+    speed = speedups(out / "fp32.onnx", passed, out, val["text"].tolist())
+    reference = OnnxPredictor(out, out / "fp32.onnx").logits(test["text"].tolist())
+    lenient = GateBounds(0.9, 0.1, 500)
+    on_test = {
+        c.name: compare(
+            c.name,
+            reference,
+            OnnxPredictor(out, c.path).logits(test["text"].tolist()),
+            test,
+            boundary["labels"],
+            lenient,
+        )
+        for c in to_gate(candidates, speed, 0.0)
+    }
+    chosen, _, _ = choose(candidates, on_test, speed, 0.0)
+    tried = [(c.name, c.keep_fp32, c.val.agreement, c.val.macro_f1_loss) for c in candidates]
+    return tried, chosen.name if chosen else None, speed
+
+
+def test_the_search_chooses_the_same_variant_under_other_load(binary, tmp_path, request):
+    idle = choice(binary, tmp_path / "idle")
+    request.getfixturevalue("busy_cores")  # two spinning processes from here on
+    loaded = choice(binary, tmp_path / "loaded")
+    assert loaded[0] == idle[0]  # the same candidates, kept groups and val figures
+    assert loaded[1] == idle[1] is not None  # and the same variant ships
+    assert all(s > 0 for s in (*idle[2].values(), *loaded[2].values()))
 
 
 def test_export_of_a_model_int8_cannot_match_is_fp32_with_the_reasons(three_class, tmp_path):

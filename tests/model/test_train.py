@@ -10,9 +10,17 @@ import pytest
 import torch
 
 from flywheel.config import EmbeddedSource, load_config
+from flywheel.models.bundle import ClassifierBundle
 from flywheel.runtime import Device
 from flywheel.sources import read_embedded
-from flywheel.tasks.train import META_FILE, STATE_FILE, TrainState, fit, run_key
+from flywheel.tasks.train import (
+    META_FILE,
+    STATE_FILE,
+    TrainState,
+    epoch_batches,
+    fit,
+    run_key,
+)
 from tests.conftest import REPO
 
 CPU = Device("cpu", None, False)
@@ -155,3 +163,35 @@ def test_an_early_stopped_run_stays_stopped_when_resumed(tmp_path, slices):
     # time and throughput cover the whole run, not just the (empty) resumed part
     assert again.seconds == pytest.approx(stopped.seconds)
     assert again.samples_per_second == pytest.approx(stopped.samples_per_second)
+
+
+def test_length_grouped_batches_hold_every_row_once_with_less_padding():
+    rng = torch.Generator().manual_seed(1)
+    lengths = torch.randint(3, 65, (1000,), generator=rng).tolist()
+
+    def padding(batches):  # padded positions: each batch is padded to its longest text
+        return sum(
+            max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in batches
+        )
+
+    plain = epoch_batches(lengths, 16, seed=7, group_by_length=False)
+    grouped = epoch_batches(lengths, 16, seed=7, group_by_length=True)
+    for batches in (plain, grouped):
+        assert len(batches) == 63 and sorted(i for b in batches for i in b) == list(range(1000))
+        assert all(len(b) == 16 for b in batches if len(b) != 1000 % 16)
+    assert grouped == epoch_batches(lengths, 16, seed=7, group_by_length=True)  # resumable
+    assert grouped != epoch_batches(lengths, 16, seed=8, group_by_length=True)  # an epoch's own
+    assert padding(grouped) < padding(plain) / 5
+    # batches come from the whole epoch, not in length order
+    longest = [max(lengths[i] for i in b) for b in grouped]
+    assert longest != sorted(longest) and longest != sorted(longest, reverse=True)
+
+
+def test_bf16_autocast_on_cpu_trains_and_keeps_fp32_weights(tmp_path, slices):
+    cfg = tiny_config(tmp_path, epochs=2)
+    result = fit(cfg, *slices, data_version="d.dir", device=Device("cpu", "bfloat16", False))
+    assert result.device == "cpu (bfloat16)"
+    losses = [loss for _, loss in result.losses]
+    assert losses[-1] < losses[0]
+    bundle = ClassifierBundle.load(result.model_dir)
+    assert {p.dtype for p in bundle.model.parameters()} == {torch.float32}  # export reads fp32
