@@ -1,12 +1,13 @@
 """The `flywheel` command line: run the pipeline, validate a file, run one stage for DVC, manage
-the registered models and the feedback store, serve, look at runs (`ui`), schedule retraining.
+the registered models and the feedback store, serve, look at runs (`ui`), schedule retraining,
+measure performance (`bench`).
 This module makes the app and registers the commands; each group lives in its own module."""
 
 from __future__ import annotations
 
 import typer
 
-from flywheel.cli import check, demo, feedback, models, run, schedule, serve, stages
+from flywheel.cli import bench, check, demo, feedback, models, run, schedule, serve, stages
 
 app = typer.Typer(
     help="Flywheel: a Prefect-orchestrated MLOps pipeline for text classification.\n\n"
@@ -27,6 +28,7 @@ app.command()(serve.ui)
 app.command()(serve.serve)
 app.command()(serve.monitor)
 app.command()(run.retrain)
+app.command()(bench.bench)
 app.add_typer(schedule.schedule_app, name="schedule")
 app.add_typer(models.models_app, name="models")
 app.add_typer(demo.demo_app, name="demo")

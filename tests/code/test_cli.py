@@ -24,6 +24,7 @@ COMMANDS = [
     ["serve"],
     ["monitor"],
     ["retrain"],
+    ["bench"],
     ["schedule"],
     ["schedule", "add"],
     ["schedule", "serve"],
