@@ -142,13 +142,19 @@ def markdown(record: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(record: dict[str, Any], results: Path = RESULTS) -> Path:
-    name = "bench.quick" if record["quick"] else "bench"
+def save(record: dict[str, Any], text: str, name: str, results: Path = RESULTS) -> Path:
+    """A benchmark's record as `results/<name>.json` and its table as `<name>.md` (a quick run's
+    as `<name>.quick.*`, which git ignores); the markdown's path."""
+    name = f"{name}.quick" if record.get("quick") else name
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     path = results / f"{name}.md"
-    path.write_text(markdown(record))
+    path.write_text(text)
     return path
+
+
+def write(record: dict[str, Any], results: Path = RESULTS) -> Path:
+    return save(record, markdown(record), "bench", results)
 
 
 def main(argv: list[str] | None = None) -> None:

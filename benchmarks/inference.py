@@ -217,6 +217,7 @@ def run(run_dir: Path | None = None, quick: bool = False, rounds: int = 3) -> di
             }
         )
     return {
+        "quick": quick,
         "texts": len(texts),
         "single_texts": len(single),
         "origin": origin,
@@ -282,10 +283,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     record = run(args.run_dir, args.quick, args.rounds)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "inference.json").write_text(json.dumps(record, indent=2) + "\n")
-    (RESULTS / "inference.md").write_text(markdown(record))
-    print(markdown(record))
+    from bench import save  # a sibling script: benchmarks/ is on sys.path
+
+    print(save(record, markdown(record), "inference", RESULTS).read_text())
 
 
 if __name__ == "__main__":

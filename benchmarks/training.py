@@ -306,12 +306,9 @@ def markdown(record: dict[str, Any]) -> str:
 
 
 def write(record: dict[str, Any]) -> Path:
-    name = "training.quick" if record["quick"] else "training"
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    path = RESULTS / f"{name}.md"
-    path.write_text(markdown(record))
-    return path
+    from bench import save  # a sibling script: benchmarks/ is on sys.path
+
+    return save(record, markdown(record), "training", RESULTS)
 
 
 def main() -> None:
