@@ -69,6 +69,8 @@ def build(run_dir: Path | None, work: Path, threads: int) -> tuple[dict[str, Any
         bundle = ClassifierBundle.load(bundle_dir)
         parity = json.loads((onnx_dir / "parity.json").read_text())
         chosen, optimized = parity["chosen"], onnx_dir / "fp32.onnx"
+        if not parity.get("graph", {}).get("applied", False):  # the export kept the raw graph
+            optimized = work / "optimized.onnx"
         where = run_dir.relative_to(ROOT) if run_dir.is_relative_to(ROOT) else run_dir
         origin = {"run": str(where), "trained": True, "chosen": chosen}
         directory = onnx_dir
@@ -83,7 +85,7 @@ def build(run_dir: Path | None, work: Path, threads: int) -> tuple[dict[str, Any
         chosen, optimized = None, directory / "fp32.onnx"
         origin = {"run": None, "trained": False, "chosen": None}
     raw = export_fp32(bundle, work / "raw.onnx", cfg.export.opset)
-    if run_dir is None:
+    if not optimized.is_file():  # fused here, whatever its fp32 speed (int8 needs it)
         config = bundle.model.config
         sample = ["a short text", "a somewhat longer text for the optimizer to time"] * 16
         optimize_graph(

@@ -34,6 +34,10 @@ OFFLINE_DEFAULTS = {
     # flywheel's loggers also log outside flows (serve, monitor): no warning for each line
     "PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW": "ignore",
     "PREFECT_UI_ENABLED": "false",
+    # A new project's first ephemeral Prefect server migrates its database: over the default 20 s
+    # when two runs start at once on 2 busy cores (a CI failure: "Failed to connect to
+    # ephemeral Prefect API server" at 21 s).
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     # transformers' load reports and per-file progress bars; training has its own progress bar.
     "TRANSFORMERS_VERBOSITY": "error",
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",
@@ -277,8 +281,8 @@ def select_device(
     The availability flags default to asking torch; tests inject them to cover GPU machines and
     CPUs without bf16. `precision`: "auto" (CUDA: bf16 where supported, else fp16 with a grad
     scaler; CPU: bf16 autocast where the CPU has native bf16, `cpu_bf16`, else fp32 — measured
-    in docs/decisions/0016-bf16-training-on-cpu.md), "bf16", "fp16" (CUDA only; fp32
-    elsewhere), "fp32". MPS trains in fp32.
+    in docs/decisions/0016-bf16-and-length-grouped-training-on-cpu.md), "bf16", "fp16" (CUDA
+    only; fp32 elsewhere), "fp32". MPS trains in fp32.
     """
     if cuda_available is None or mps_available is None or bf16_supported is None:
         import torch

@@ -83,8 +83,8 @@ class ExportResult:
     fp32_max_logit_diff: float  # onnxruntime fp32 vs PyTorch on the test split
     test: Parity | None  # the chosen int8 variant vs fp32 on the test split (None: fp32 chosen)
     candidates: list[Variant]  # the search on the validation split, with paths dropped
-    speedups: dict[str, float]  # fp32 time / variant time on val, for variants that pass val
-    speedup: float  # fp32 time / chosen time, scoring the validation split
+    speedups: dict[str, float]  # fp32 time / variant time, for the candidates the search timed
+    speedup: float  # fp32 time / chosen time, scoring the first SPEED_TEXTS validation texts
     latency: Latency  # of the chosen model
     fp32_latency: Latency
     reasons: list[str]  # variants rejected on test; with fp32 chosen, why each val candidate failed

@@ -62,12 +62,13 @@ def test_bench_quick_writes_every_section_with_sane_values(tmp_path):
     assert engines["pytorch fp32"]["size_mb"] > 10
 
     training = record["training"]["throughput"]
-    assert set(training) == {"fp32", "bf16"}
+    skipped = record["training"]["skipped"]  # bf16 on a CPU without native bf16
+    assert set(training) | set(skipped) == {"fp32", "bf16"} and "fp32" in training
     for name, row in training.items():
         assert row["samples_per_second"] > 0 and row["peak_rss_mb"] > 100, name
         assert 0 <= row["padding_share"] < 1 and 0 <= row["pad_share"] < 1, name
-    # the same seed cuts the same batches, whatever the precision
-    assert training["bf16"]["padding_share"] == training["fp32"]["padding_share"]
+    if "bf16" in training:  # the same seed cuts the same batches, whatever the precision
+        assert training["bf16"]["padding_share"] == training["fp32"]["padding_share"]
 
     serving = record["serving"]
     if "skipped" in serving:  # a fresh clone has no champion to serve
