@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -44,33 +43,6 @@ VARIANTS = {
 }
 BEFORE, AFTER = "fp32", "bf16"  # before issue 17, the default on a CPU with native bf16
 SHAPES = [(32, 32), (64, 16), (64, 32), (64, 64), (128, 32)]  # (max_length, batch_size)
-
-
-def machine() -> dict[str, Any]:
-    """CPU model and the flags that matter here, cores, torch's threads and versions."""
-    import torch
-
-    flags: set[str] = set()
-    model = platform.processor()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        for line in cpuinfo.read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                flags = set(value.split())
-    wanted = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_tile", "avx_vnni")
-    from flywheel.runtime import cpu_bf16_supported
-
-    return {
-        "cpu": model,
-        "flags": [f for f in wanted if f in flags],
-        "cores": __import__("os").cpu_count(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "native_bf16": cpu_bf16_supported(),
-    }
 
 
 def child(spec: dict[str, Any]) -> dict[str, Any]:
@@ -193,6 +165,8 @@ def in_child(spec: dict[str, Any]) -> dict[str, Any]:
 
 def run(quick: bool = False, steps: int = 25, rounds: int = 2, seeds: int = 2) -> dict[str, Any]:
     """Every measurement; the record `write` saves."""
+    from bench import machine  # a sibling script: benchmarks/ is on sys.path
+
     if not quick and not (PREPARED / "train.parquet").is_file():
         raise SystemExit("no prepared data: run `make run` first (or use --quick)")
     if quick:
@@ -240,7 +214,7 @@ def run(quick: bool = False, steps: int = 25, rounds: int = 2, seeds: int = 2) -
     return {
         "benchmark": "training",
         "quick": quick,
-        "machine": machine(),
+        "machine": machine(),  # bench.py's: one description of the machine for every section
         "settings": {"steps": steps, "rounds": rounds, "seeds": seeds, "variants": VARIANTS},
         "throughput": {name: median_round(r) for name, r in throughput.items()},
         "skipped": skipped,
@@ -263,7 +237,8 @@ def markdown(record: dict[str, Any]) -> str:
         "# Training on CPU: fp32 vs bf16 autocast, unsorted vs length-grouped batches",
         "",
         f"{m['cpu']}, {m['cores']} cores, flags {', '.join(m['flags'])}; native bf16: "
-        f"{m['native_bf16']}; torch {m['torch']}, Python {m['python']}; {record['date']}. "
+        f"{m['native_bf16']}; torch {m['versions']['torch']}, Python {m['python']}; "
+        f"{record['date']}. "
         "`.venv/bin/python benchmarks/training.py`" + (" --quick" if record["quick"] else ""),
         "",
         f"## Throughput: {record['settings']['steps']} steps of the default training per "
