@@ -1,4 +1,5 @@
-"""CPU training: fp32 vs bf16 autocast, with and without length-grouped batches, in one run.
+"""CPU training: fp32 vs bf16 autocast, dropout, the optimizer and attention kernels, and
+length-grouped batches, in one run.
 
     .venv/bin/python benchmarks/training.py            # throughput + 2 seeds of full training
     .venv/bin/python benchmarks/training.py --quick    # throughput of fp32 and the default only
@@ -11,9 +12,11 @@ next):
   shares of the time spent tokenising and padding; plus the max-length / batch-size trade-off
   for the default precision.
 - full training (not with --quick): the default training (params.yaml, one epoch) in fp32
-  (before issue 17), bf16 (the default on a CPU with native bf16) and bf16 with grouped
-  batches, each seed interleaved: wall seconds, peak memory, test accuracy and macro-F1 of the
-  best checkpoint (decision 0016).
+  with the code before issue 17 and today's default (bf16 autocast, fused AdamW, eager
+  attention), each seed interleaved: wall seconds, peak memory, test accuracy and macro-F1 of
+  the best checkpoint. "fp32" and "bf16" run the code before decision 0017 (`before_0017`):
+  what the project shipped before. The full runs of the other variants are in
+  benchmarks/results/training.0017.md (decisions 0016, 0017).
 Ratios are within this run (shared, noisy machines). Writes benchmarks/results/training.{json,md}
 (or training.quick.* with --quick).
 """
@@ -36,12 +39,18 @@ PREPARED = ROOT / "data" / "prepared"
 
 # name -> train settings over params.yaml
 VARIANTS = {
-    "fp32": {"precision": "fp32", "group_by_length": False},  # before issue 17
-    "fp32, grouped": {"precision": "fp32", "group_by_length": True},
-    "bf16": {"precision": "bf16", "group_by_length": False},
-    "bf16, grouped": {"precision": "bf16", "group_by_length": True},
+    "fp32": {"precision": "fp32", "group_by_length": False, "dropout": None},  # before issue 17
+    "bf16": {"precision": "bf16", "group_by_length": False, "dropout": None},  # before 0017
+    "bf16, fused AdamW, eager": {"precision": "bf16", "group_by_length": False, "dropout": None},
+    "bf16, dropout 0": {"precision": "bf16", "group_by_length": False, "dropout": 0.0},
+    "bf16, dropout 0, grouped": {"precision": "bf16", "group_by_length": True, "dropout": 0.0},
 }
-BEFORE, AFTER = "fp32", "bf16"  # before issue 17, the default on a CPU with native bf16
+# Variants run with the training code as it was before decision 0017 (AdamW one tensor at a
+# time, torch's sdpa attention): what the project shipped before.
+BEFORE_0017 = {"fp32", "bf16"}
+# before issue 17; the default on a CPU with native bf16 (dropout: the base model's)
+BEFORE, AFTER = "fp32", "bf16, fused AdamW, eager"
+FULL = (BEFORE, AFTER)  # trained to the end, per seed (the rest: decisions 0016, 0017)
 SHAPES = [(32, 32), (64, 16), (64, 32), (64, 64), (128, 32)]  # (max_length, batch_size)
 
 
@@ -55,6 +64,8 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     from flywheel.runtime import select_device
     from flywheel.tasks import train as stage
 
+    if spec.get("before_0017"):
+        before_0017(stage)
     overrides = {f"train.{k}": v for k, v in spec["train"].items()}
     overrides["seed"] = spec.get("seed", 42)
     overrides["train.checkpoint_dir"] = spec["checkpoints"]
@@ -95,6 +106,7 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
     lengths = [len(r["input_ids"]) for r in rows]
     batches = stage.epoch_batches(lengths, tc.batch_size, cfg.seed, tc.group_by_length)
     model = bundle.model.train()
+    stage._for_training(model, device, tc.dropout)
     opt = stage.Optimization.of(model, tc, len(batches), device)
     dtype = getattr(torch, device.autocast_dtype) if device.autocast_dtype else None
     pad_seconds = step_seconds = 0.0
@@ -122,6 +134,26 @@ def child(spec: dict[str, Any]) -> dict[str, Any]:
         "peak_rss_mb": peak_rss_mb(),
         "device": str(device),
     }
+
+
+def before_0017(stage: Any) -> None:
+    """The training code before decision 0017, in this process: AdamW without `fused`, and the
+    model's own attention (sdpa) instead of the eager one on CPU; dropout stays a setting."""
+    import torch
+
+    adamw = torch.optim.AdamW
+
+    def unfused(*args: Any, fused: bool | None = None, **kwargs: Any) -> Any:
+        return adamw(*args, **kwargs)
+
+    def dropout_only(model: Any, device: Any, dropout: float | None) -> None:
+        if dropout is not None:
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = dropout
+
+    torch.optim.AdamW = unfused
+    stage._for_training = dropout_only
 
 
 def splits() -> tuple[Any, Any, Any]:
@@ -183,12 +215,18 @@ def run(quick: bool = False, steps: int = 25, rounds: int = 2, seeds: int = 2) -
     shapes: dict[str, list[dict[str, Any]]] = {f"{m}x{b}": [] for m, b in SHAPES}
     for round_ in range(rounds):
         for name, settings in variants.items():
-            spec = {"mode": "steps", "steps": steps, "train": settings, "checkpoints": str(work)}
+            spec = {
+                "mode": "steps",
+                "steps": steps,
+                "train": settings,
+                "checkpoints": str(work),
+                "before_0017": name in BEFORE_0017,
+            }
             throughput[name].append(in_child(spec))
         if not quick and round_ == 0 and not skipped:  # one round: a trade-off
             for max_length, batch in SHAPES:
                 settings = {
-                    **VARIANTS["bf16, grouped"],
+                    **VARIANTS["bf16, dropout 0, grouped"],
                     "max_length": max_length,
                     "batch_size": batch,
                 }
@@ -199,9 +237,7 @@ def run(quick: bool = False, steps: int = 25, rounds: int = 2, seeds: int = 2) -
                     "checkpoints": str(work),
                 }
                 shapes[f"{max_length}x{batch}"].append(in_child(spec))
-    full: dict[str, list[dict[str, Any]]] = {
-        name: [] for name in (BEFORE, AFTER, "bf16, grouped") if name not in skipped
-    }
+    full: dict[str, list[dict[str, Any]]] = {name: [] for name in FULL if name not in skipped}
     for seed in range(seeds):
         for name in full:
             spec = {
@@ -209,13 +245,20 @@ def run(quick: bool = False, steps: int = 25, rounds: int = 2, seeds: int = 2) -
                 "seed": 42 + seed,
                 "train": VARIANTS[name],
                 "checkpoints": str(work / f"{seed}-{name}"),
+                "before_0017": name in BEFORE_0017,
             }
             full[name].append({"seed": 42 + seed, **in_child(spec)})
     return {
         "benchmark": "training",
         "quick": quick,
         "machine": machine(),  # bench.py's: one description of the machine for every section
-        "settings": {"steps": steps, "rounds": rounds, "seeds": seeds, "variants": VARIANTS},
+        "settings": {
+            "steps": steps,
+            "rounds": rounds,
+            "seeds": seeds,
+            "variants": VARIANTS,
+            "before_0017": sorted(BEFORE_0017),
+        },
         "throughput": {name: median_round(r) for name, r in throughput.items()},
         "skipped": skipped,
         "shapes": {name: median_round(r) for name, r in shapes.items() if r},
@@ -234,7 +277,7 @@ def median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 def markdown(record: dict[str, Any]) -> str:
     m = record["machine"]
     lines = [
-        "# Training on CPU: fp32 vs bf16 autocast, unsorted vs length-grouped batches",
+        "# Training on CPU: fp32 vs bf16, dropout, fused AdamW + eager attention, grouped batches",
         "",
         f"{m['cpu']}, {m['cores']} cores, flags {', '.join(m['flags'])}; native bf16: "
         f"{m['native_bf16']}; torch {m['versions']['torch']}, Python {m['python']}; "
@@ -243,6 +286,9 @@ def markdown(record: dict[str, Any]) -> str:
         "",
         f"## Throughput: {record['settings']['steps']} steps of the default training per "
         f"variant, median of {record['settings']['rounds']} interleaved rounds",
+        "",
+        f"{', '.join(record['settings'].get('before_0017', []))}: the training code before "
+        "decision 0017 (AdamW one tensor at a time, sdpa attention, dropout 0.1).",
         "",
         "| variant | samples/s | vs fp32 | padding share | pad time share | peak MB | by round |",
         "|---|---|---|---|---|---|---|",
@@ -261,7 +307,7 @@ def markdown(record: dict[str, Any]) -> str:
     if record["shapes"]:
         lines += [
             "",
-            f"## Max length x batch size ({AFTER}, grouped, one round)",
+            "## Max length x batch size (bf16, dropout 0, grouped, one round)",
             "",
             "| max_length x batch | samples/s | padding share |",
             "|---|---|---|",
@@ -283,12 +329,14 @@ def markdown(record: dict[str, Any]) -> str:
                     f" | {r['peak_rss_mb']:.0f} | {r['test_accuracy']:.4f} | "
                     f"{r['test_macro_f1']:.4f} |"
                 )
-        if record["full"].get(AFTER):
-            before, after = (record["full"][k] for k in (BEFORE, AFTER))
-            ratio = statistics.mean(
-                a["seconds"] / b["seconds"] for a, b in zip(before, after, strict=True)
-            )
-            lines += ["", f"{AFTER} vs {BEFORE}, full training: {ratio:.2f}x faster (seed mean)."]
+        lines.append("")
+        for name in FULL[1:]:
+            if record["full"].get(name) and record["full"].get(BEFORE):
+                before, after = (record["full"][k] for k in (BEFORE, name))
+                ratio = statistics.mean(
+                    b["seconds"] / a["seconds"] for a, b in zip(after, before, strict=True)
+                )
+                lines.append(f"{name} vs {BEFORE}, full training: {ratio:.2f}x faster (seed mean).")
     return "\n".join(lines) + "\n"
 
 

@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from flywheel.config import EmbeddedSource, load_config
-from flywheel.models.bundle import ClassifierBundle
+from flywheel.models.bundle import ClassifierBundle, Preprocessing
 from flywheel.runtime import Device
 from flywheel.sources import read_embedded
 from flywheel.tasks.train import (
     META_FILE,
     STATE_FILE,
+    Optimization,
     TrainState,
+    _for_training,
     epoch_batches,
     fit,
     run_key,
@@ -195,3 +197,28 @@ def test_bf16_autocast_on_cpu_trains_and_keeps_fp32_weights(tmp_path, slices):
     assert losses[-1] < losses[0]
     bundle = ClassifierBundle.load(result.model_dir)
     assert {p.dtype for p in bundle.model.parameters()} == {torch.float32}  # export reads fp32
+
+
+@pytest.mark.parametrize(
+    ("device", "dropout", "attention", "p"),
+    [
+        (CPU, 0.0, "eager", 0.0),  # the default on CPU: no dropout, eager attention
+        (CPU, None, "eager", 0.1),  # null keeps the base model's dropout
+        (Device("cuda", "bfloat16", False), 0.2, "sdpa", 0.2),  # CUDA keeps torch's sdpa
+    ],
+)
+def test_training_settings_of_the_model(device, dropout, attention, p):
+    cfg = load_config(REPO / "params.yaml")
+    bundle = ClassifierBundle.from_base(cfg.train.base_model, ["a", "b"], Preprocessing.of(cfg))
+    assert bundle.model.config._attn_implementation == "sdpa"
+    _for_training(bundle.model, device, dropout)
+    rates = {m.p for m in bundle.model.modules() if isinstance(m, torch.nn.Dropout)}
+    assert rates == {p}
+    assert bundle.model.config._attn_implementation == attention
+
+
+@pytest.mark.parametrize(("device", "fused"), [(CPU, True), (Device("mps", None, False), None)])
+def test_adamw_is_fused_where_torch_has_the_kernel(device, fused):
+    cfg = load_config(REPO / "params.yaml")
+    model = torch.nn.Linear(4, 2)
+    assert Optimization.of(model, cfg.train, 10, device).optimizer.defaults["fused"] is fused
