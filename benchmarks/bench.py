@@ -1,6 +1,6 @@
 """`flywheel bench`: every performance measurement of Flywheel in one process, one results file.
 
-    flywheel bench                # the full run (about 40 min on 2 cores; needs `make run` first)
+    flywheel bench                # the full run (about an hour on 2 cores; needs `make run` first)
     flywheel bench --quick        # under 3 minutes: fewer texts, steps and requests (CI runs it)
     flywheel bench --only inference training
 
@@ -8,7 +8,11 @@ Sections (each also a script of its own in benchmarks/): `machine` (CPU model an
 cores, threads, versions), `inference` (engines at batch 1/8/64, latency, size, accuracy,
 agreement: benchmarks/inference.py), `training` (fp32 vs bf16, unsorted vs length-grouped
 batches: benchmarks/training.py), `serving` (the real `flywheel serve` under a bounded load:
-benchmarks/serving.py; needs a champion in the registry, else recorded as skipped with why).
+benchmarks/serving.py; needs a champion in the registry, else recorded as skipped with why),
+`scale` (training time and inference throughput against rows and sequence length, with a plot:
+benchmarks/scale.py), `pipeline` (a first run of the whole pipeline on a throw-away copy of the
+project, then cached re-runs: time per stage, orchestration and tracking overhead:
+benchmarks/pipeline_cache.py; not with --quick, it is a whole run).
 Variants are compared within this run (interleaved rounds after a warm-up; medians and p99),
 since these machines are shared. Writes benchmarks/results/bench.json and bench.md (or
 bench.quick.*), which README includes.
@@ -27,7 +31,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
-SECTIONS = ("inference", "training", "serving")
+SECTIONS = ("inference", "training", "serving", "scale", "pipeline")
 FLAGS = (
     "avx2",
     "avx_vnni",
@@ -101,7 +105,7 @@ def run(quick: bool = False, only: tuple[str, ...] = SECTIONS) -> dict[str, Any]
         "machine": machine(),
         "seconds": {},
     }
-    for section in only:
+    for section in (s for s in SECTIONS if s in only):  # pipeline last: it moves the stores
         started = time.perf_counter()
         print(f"bench: {section} ...", flush=True)
         if section == "inference":
@@ -114,11 +118,20 @@ def run(quick: bool = False, only: tuple[str, ...] = SECTIONS) -> dict[str, Any]
             record["training"] = training.run(quick=quick)
         elif section == "serving":
             record["serving"] = serving_section(quick)
+        elif section == "scale":
+            import scale
+
+            record["scale"] = scale.run(quick=quick)
+        elif section == "pipeline":
+            import pipeline_cache
+
+            why = "a whole first run and three re-runs (about 10 min): not with --quick"
+            record["pipeline"] = {"skipped": why} if quick else pipeline_cache.run()
         record["seconds"][section] = round(time.perf_counter() - started, 1)
     return record
 
 
-def markdown(record: dict[str, Any]) -> str:
+def markdown(record: dict[str, Any], plot: str | None = None) -> str:
     m = record["machine"]
     lines = [
         "# `flywheel bench`" + (" --quick" if record["quick"] else ""),
@@ -148,6 +161,20 @@ def markdown(record: dict[str, Any]) -> str:
             import serving
 
             lines += ["", serving.markdown(serving_record).split("\n", 2)[2].strip()]
+    if "scale" in record:
+        import scale
+
+        body = scale.markdown(record["scale"], plot).split("\n", 2)[2]  # without its title
+        lines += ["", "## Scale", "", body.strip().replace("\n## ", "\n### ")]
+    if "pipeline" in record:
+        lines += ["", "## Pipeline"]
+        if "skipped" in record["pipeline"]:
+            lines += ["", f"Skipped: {record['pipeline']['skipped']}."]
+        else:
+            import pipeline_cache
+
+            body = pipeline_cache.markdown(record["pipeline"]).split("\n", 2)[2]
+            lines += ["", body.strip().replace("\n## ", "\n### ")]
     return "\n".join(lines) + "\n"
 
 
@@ -163,7 +190,16 @@ def save(record: dict[str, Any], text: str, name: str, results: Path = RESULTS) 
 
 
 def write(record: dict[str, Any], results: Path = RESULTS) -> Path:
-    return save(record, markdown(record), "bench", results)
+    """bench.{json,md} (bench.quick.* for a quick run) in `results`, and the scale section's
+    plot beside them."""
+    plot = None
+    if "scale" in record:
+        import scale
+
+        name = "bench-scale.quick.png" if record["quick"] else "bench-scale.png"
+        results.mkdir(parents=True, exist_ok=True)
+        plot = scale.plot(record["scale"], results / name).name
+    return save(record, markdown(record, plot), "bench", results)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,8 +1,9 @@
 """Inference engines on the same test texts: PyTorch fp32, ONNX Runtime fp32 (the traced export
-raw and transformer-optimized), int8 (plain, per-channel, the export stage's choice).
+raw and transformer-optimized), int8 (plain, per-channel, static calibrated, the export
+stage's choice).
 
     .venv/bin/python benchmarks/inference.py           # newest export under checkpoints/
-    .venv/bin/python benchmarks/inference.py --quick   # 256 texts, 2 rounds
+    .venv/bin/python benchmarks/inference.py --quick   # 128 texts, 2 rounds
 
 Per engine: throughput at batch 1, 8 and 64 (texts/s; the test split sorted by length for every
 engine alike, interleaved rounds after a warm-up pass, the median round), single-text latency
@@ -54,7 +55,9 @@ def test_texts(limit: int | None) -> tuple[list[str], list[str], str]:
     return frame["text"].tolist(), frame["label"].tolist(), origin
 
 
-def build(run_dir: Path | None, work: Path, threads: int) -> tuple[dict[str, Any], dict, dict]:
+def build(
+    run_dir: Path | None, work: Path, threads: int, calibration: int = 256
+) -> tuple[dict[str, Any], dict, dict]:
     """The engines (name -> object with .logits(texts, batch_size)), their sizes in bytes, and
     what they were built from."""
     from flywheel.config import load_config
@@ -109,10 +112,65 @@ def build(run_dir: Path | None, work: Path, threads: int) -> tuple[dict[str, Any
         path = quantize(optimized, work / f"{name.replace(' ', '-')}.onnx", per_channel)
         engines[f"ort {name}"] = OnnxPredictor(directory, path, threads=threads)
         files[f"ort {name}"] = path
+    static = quantize_static_int8(
+        engines["ort fp32 (optimized)"], work / "int8-static.onnx", calibration
+    )
+    engines["ort int8 static (calibrated)"] = OnnxPredictor(directory, static, threads=threads)
+    files["ort int8 static (calibrated)"] = static
     if chosen is not None and chosen != "fp32":
         engines[f"ort {chosen} (chosen)"] = OnnxPredictor(directory, MODEL_FILE, threads=threads)
         files[f"ort {chosen} (chosen)"] = directory / MODEL_FILE
     return engines, {k: p.stat().st_size for k, p in files.items()}, origin
+
+
+def calibration_texts(limit: int = 256) -> list[str]:
+    """Texts to calibrate static int8 on: the validation split (never the test texts the
+    engines are scored on), or before any run the embedded data's first rows."""
+    prepared = ROOT / "data" / "prepared" / "val.parquet"
+    if prepared.is_file():
+        return pd.read_parquet(prepared)["text"].head(limit).tolist()
+    from flywheel.config import EmbeddedSource
+    from flywheel.sources import read_embedded
+
+    return read_embedded(EmbeddedSource(kind="embedded"))["text"].head(limit).tolist()
+
+
+def quantize_static_int8(fp32: Any, out: Path, texts: int = 256, batch: int = 32) -> Path:
+    """Static int8 of the fused fp32 graph: the MatMuls outside the fused Attention nodes get
+    int8 weights (per channel) and int8 activations with fixed scales, calibrated (min-max) on
+    `texts` validation texts; QDQ format, which onnxruntime runs as QLinearMatMul. The fused
+    Attention and its QKV projection stay fp32: onnxruntime quantizes Attention only
+    dynamically."""
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+
+    feeds = [feed for _, feed in fp32.batches(calibration_texts(texts), batch)]
+
+    class Feeds(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.left = iter(feeds)
+
+        def get_next(self) -> dict | None:
+            return next(self.left, None)
+
+    quantize_static(
+        str(fp32.model_path),
+        str(out),
+        Feeds(),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True},
+    )
+    return out
 
 
 def timed_pass(
@@ -172,11 +230,11 @@ def run(run_dir: Path | None = None, quick: bool = False, rounds: int = 3) -> di
     cfg = load_config(ROOT / "params.yaml")
     threads = runtime.set_threads(cfg.train.threads)
     run_dir = run_dir or newest_run_dir()
-    texts, truth, origin = test_texts(256 if quick else None)
-    single = texts[:: max(1, len(texts) // (64 if quick else 300))]  # batch 1: a spread sample
+    texts, truth, origin = test_texts(128 if quick else None)
+    single = texts[:: max(1, len(texts) // (32 if quick else 300))]  # batch 1: a spread sample
     rounds = 2 if quick else rounds
     with tempfile.TemporaryDirectory() as tmp:
-        engines, sizes, built = build(run_dir, Path(tmp), threads)
+        engines, sizes, built = build(run_dir, Path(tmp), threads, 32 if quick else 256)
         labels = engines["ort fp32 (optimized)"].labels
         seconds: dict[tuple[str, int], list[float]] = {}
         calls: dict[str, list[float]] = {name: [] for name in engines}
@@ -195,6 +253,8 @@ def run(run_dir: Path | None = None, quick: bool = False, rounds: int = 3) -> di
                     if batch == 64:
                         logits[name] = out
         profiled = ("ort fp32 (optimized)", "ort int8 per-channel")
+        if not quick:
+            profiled += ("ort int8 static (calibrated)",)
         profiles = {
             name: op_profile(engine.model_path, engine.directory, texts, threads)
             for name, engine in engines.items()
@@ -281,7 +341,7 @@ def markdown(record: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run-dir", type=Path, help="checkpoints/<run key> (default: newest)")
-    parser.add_argument("--quick", action="store_true", help="256 texts, 2 rounds")
+    parser.add_argument("--quick", action="store_true", help="128 texts, 2 rounds")
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     record = run(args.run_dir, args.quick, args.rounds)

@@ -17,6 +17,8 @@ class Section(StrEnum):
     inference = "inference"
     training = "training"
     serving = "serving"
+    scale = "scale"
+    pipeline = "pipeline"
 
 
 def bench(
@@ -36,16 +38,19 @@ def bench(
     ] = None,
     params: ParamsOption = DEFAULT_PARAMS,
 ) -> None:
-    """Measure inference, training and serving on this machine, variants side by side.
+    """Measure inference, training, serving, scale and the pipeline on this machine.
 
     Inference: PyTorch fp32, ONNX Runtime fp32 (raw and fused) and int8 (plain, per-channel,
     the export's choice) at batch 1/8/64, latency p50/p99, size, accuracy, agreement. Training:
-    fp32 vs bf16 autocast, unsorted vs length-grouped batches, and (not with --quick) the
-    default training with two seeds each. Serving: the real `flywheel serve` under a bounded
-    load at concurrency 1, 8 and 32 (needs a champion: `make run` first). Variants run in
+    fp32 vs bf16 autocast, dropout, fused AdamW, length-grouped batches, and (not with --quick)
+    the default training with two seeds each. Serving: the real `flywheel serve` under a bounded
+    load at concurrency 1, 8 and 32 (needs a champion: `make run` first). Scale: training time
+    and inference throughput against rows (1k/4k/12k) and max length (32-256), with a plot.
+    Pipeline (not with --quick): a first run of the whole pipeline on a throw-away copy, then
+    cached re-runs: seconds per stage, orchestration and tracking overhead. Variants run in
     interleaved rounds in one process, so ratios hold on a busy machine. Writes
-    benchmarks/results/bench.json and bench.md (bench.quick.* with --quick); the full run takes
-    about 40 minutes on 2 cores.
+    benchmarks/results/bench.json, bench.md and bench-scale.png (bench.quick.* with --quick);
+    the full run takes about an hour on 2 cores.
     """
     root = params.resolve().parent
     script = root / "benchmarks" / "bench.py"

@@ -32,7 +32,8 @@ def test_bench_quick_writes_every_section_with_sane_values(tmp_path):
     record = json.loads((tmp_path / "bench.quick.json").read_text())
     markdown = (tmp_path / "bench.quick.md").read_text()
     assert record["quick"] is True
-    assert set(record["seconds"]) == {"inference", "training", "serving"}
+    assert set(record["seconds"]) == {"inference", "training", "serving", "scale", "pipeline"}
+    assert "not with --quick" in record["pipeline"]["skipped"]
     assert 0 < sum(record["seconds"].values()) <= seconds
 
     machine = record["machine"]
@@ -48,6 +49,7 @@ def test_bench_quick_writes_every_section_with_sane_values(tmp_path):
         "ort fp32 (optimized)",
         "ort int8 plain",
         "ort int8 per-channel",
+        "ort int8 static (calibrated)",
     } <= set(engines)
     for name, row in engines.items():
         assert all(row[f"texts_per_s_b{b}"] > 0 for b in (1, 8, 64)), name
@@ -63,12 +65,13 @@ def test_bench_quick_writes_every_section_with_sane_values(tmp_path):
 
     training = record["training"]["throughput"]
     skipped = record["training"]["skipped"]  # bf16 on a CPU without native bf16
-    assert set(training) | set(skipped) == {"fp32", "bf16"} and "fp32" in training
+    default = "bf16, fused AdamW, eager"
+    assert set(training) | set(skipped) == {"fp32", default} and "fp32" in training
     for name, row in training.items():
         assert row["samples_per_second"] > 0 and row["peak_rss_mb"] > 100, name
         assert 0 <= row["padding_share"] < 1 and 0 <= row["pad_share"] < 1, name
-    if "bf16" in training:  # the same seed cuts the same batches, whatever the precision
-        assert training["bf16"]["padding_share"] == training["fp32"]["padding_share"]
+    if default in training:  # the same seed cuts the same batches, whatever the precision
+        assert training[default]["padding_share"] == training["fp32"]["padding_share"]
 
     serving = record["serving"]
     if "skipped" in serving:  # a fresh clone has no champion to serve
@@ -79,5 +82,19 @@ def test_bench_quick_writes_every_section_with_sane_values(tmp_path):
             for row in by_concurrency.values():
                 assert row["rps"] > 0 and 0 < row["p50_ms"] <= row["p99_ms"]
                 assert row["errors"] == 0
-    for heading in ("## Inference", "## Training", "## Serving"):
+    scale = record["scale"]
+    assert [r["rows"] for r in scale["rows"]] == [128, 256]
+    assert [r["max_length"] for r in scale["lengths"]] == [32, 64]
+    for row in scale["rows"] + scale["lengths"]:
+        assert row["train"]["seconds"] > 0 and row["train"]["samples_per_second"] > 0, row
+        for engine in ("pytorch fp32", "onnx int8"):
+            assert row[engine]["texts_per_second"] > 0 and row[engine]["seconds"] > 0, row
+    # more rows take longer to train; the rate is a rate (texts over seconds)
+    assert scale["rows"][1]["train"]["seconds"] > scale["rows"][0]["train"]["seconds"]
+    first = scale["rows"][0]["onnx int8"]
+    assert first["texts_per_second"] * first["seconds"] == pytest.approx(128)
+    plot = tmp_path / "bench-scale.quick.png"
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({plot.name})" in markdown
+
+    for heading in ("## Inference", "## Training", "## Serving", "## Scale"):
         assert heading in markdown
