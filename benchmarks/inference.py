@@ -124,15 +124,11 @@ def build(
 
 
 def calibration_texts(limit: int = 256) -> list[str]:
-    """Texts to calibrate static int8 on: the validation split (never the test texts the
-    engines are scored on), or before any run the embedded data's first rows."""
-    prepared = ROOT / "data" / "prepared" / "val.parquet"
-    if prepared.is_file():
-        return pd.read_parquet(prepared)["text"].head(limit).tolist()
-    from flywheel.config import EmbeddedSource
-    from flywheel.sources import read_embedded
+    """Texts to calibrate static int8 on: the validation split (training.py's `splits`, never
+    the test texts the engines are scored on)."""
+    from training import splits  # a sibling script: benchmarks/ is on sys.path
 
-    return read_embedded(EmbeddedSource(kind="embedded"))["text"].head(limit).tolist()
+    return splits()[1]["text"].head(limit).tolist()
 
 
 def quantize_static_int8(fp32: Any, out: Path, texts: int = 256, batch: int = 32) -> Path:

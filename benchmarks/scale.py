@@ -35,20 +35,12 @@ BATCH = 64  # inference batch
 
 
 def texts_and_labels() -> tuple[list[str], list[str]]:
-    """The default data, every split (or the embedded data before any run), shuffled."""
+    """The default data, every split (training.py's `splits`: the prepared data, or the embedded
+    data before any run), shuffled."""
     import pandas as pd
+    from training import splits  # a sibling script: benchmarks/ is on sys.path
 
-    prepared = ROOT / "data" / "prepared"
-    if (prepared / "train.parquet").is_file():
-        frame = pd.concat(
-            [pd.read_parquet(prepared / f"{s}.parquet") for s in ("train", "val", "test")]
-        )
-    else:
-        from flywheel.config import EmbeddedSource
-        from flywheel.sources import read_embedded
-
-        frame = read_embedded(EmbeddedSource(kind="embedded"))
-    frame = frame.sample(frac=1.0, random_state=0)
+    frame = pd.concat(splits()).sample(frac=1.0, random_state=0)
     return frame["text"].tolist(), frame["label"].tolist()
 
 
@@ -68,15 +60,16 @@ def filled(texts: list[str], labels: list[str], tokens: int, n: int, tokenizer: 
 
 def engines(work: Path) -> tuple[Any, Any, str]:
     """PyTorch fp32 and the int8 ONNX model (see the module's docstring), and where from."""
+    from inference import newest_run_dir  # a sibling script: benchmarks/ is on sys.path
+
     from flywheel.config import load_config
     from flywheel.models.bundle import ClassifierBundle, Preprocessing
     from flywheel.models.graph import export_fp32, quantize
     from flywheel.models.predictor import MODEL_FILE, OnnxPredictor
     from flywheel.tasks.export import copy_preprocessing
 
-    found = sorted(ROOT.glob("checkpoints/*/onnx/parity.json"), key=lambda p: p.stat().st_mtime)
-    if found:
-        run_dir = found[-1].parent.parent
+    run_dir = newest_run_dir()
+    if run_dir is not None:
         bundle = ClassifierBundle.load(run_dir / "best")
         return bundle, OnnxPredictor(run_dir / "onnx", MODEL_FILE, threads=2), run_dir.name
     cfg = load_config(ROOT / "params.yaml")

@@ -148,9 +148,7 @@ def before_0017(stage: Any) -> None:
 
     def dropout_only(model: Any, device: Any, dropout: float | None) -> None:
         if dropout is not None:
-            for module in model.modules():
-                if isinstance(module, torch.nn.Dropout):
-                    module.p = dropout
+            stage.set_dropout(model, dropout)
 
     torch.optim.AdamW = unfused
     stage._for_training = dropout_only

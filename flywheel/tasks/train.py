@@ -288,14 +288,19 @@ def _for_training(model: Any, device: runtime.Device, dropout: float | None) -> 
     """The training-time settings of the model: `dropout` on every dropout layer (None: the
     base model's), and on CPU the eager attention: with dropout 0, torch's sdpa picks a CPU
     flash kernel whose bf16 backward is 1.6x slower than the eager one (docs/decisions/0017)."""
-    import torch
-
     if dropout is not None:
-        for module in model.modules():
-            if isinstance(module, torch.nn.Dropout):
-                module.p = dropout
+        set_dropout(model, dropout)
     if device.type == "cpu" and getattr(model.config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation("eager")
+
+
+def set_dropout(model: Any, rate: float) -> None:
+    """`rate` on every dropout layer of `model` (hidden, attention probabilities, head)."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = rate
 
 
 def _result(
