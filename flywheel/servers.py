@@ -157,12 +157,15 @@ def base_env() -> dict[str, str]:
     return {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
-def prefect_spec(home: Path, port: int, log_name: str = "prefect-server.log") -> ServerSpec:
-    """`prefect server start` on 127.0.0.1:`port` with the database in `home`, UI enabled."""
+def prefect_spec(
+    home: Path, port: int, log_name: str = "prefect-server.log", ui: bool = True
+) -> ServerSpec:
+    """`prefect server start` on 127.0.0.1:`port` with the database in `home`; `ui`: with the
+    web UI (a server only a command talks to starts faster without it)."""
     url = f"http://{HOST}:{port}"
     env = base_env() | {
         "PREFECT_HOME": str(home),
-        "PREFECT_UI_ENABLED": "true",  # the CLI's default is false (no UI for `flywheel run`)
+        "PREFECT_UI_ENABLED": str(ui).lower(),  # the CLI's default is false
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         # The UI's API address comes from settings, not from --host/--port: without these it
         # would call port 4200, or whatever server PREFECT_API_URL names.
@@ -312,12 +315,24 @@ def stop_all(servers: list[Server], timeout: float = STOP_TIMEOUT) -> None:
 def running(specs: list[ServerSpec]) -> Iterator[list[Server]]:
     """Start the servers, wait until all are healthy, yield them; stop all on the way out
     (including when one fails to start or the caller is interrupted)."""
+    with starting(specs) as ready:
+        yield ready()
+
+
+@contextlib.contextmanager
+def starting(specs: list[ServerSpec]) -> Iterator[Callable[[], list[Server]]]:
+    """Start the servers and yield at once a `ready()` that waits until all are healthy (and
+    returns them): the caller does other work while they start. Stops all on the way out."""
     servers: list[Server] = []
+
+    def ready() -> list[Server]:
+        wait_until_healthy(servers)
+        return servers
+
     try:
         for spec in specs:
             servers.append(start(spec))
-        wait_until_healthy(servers)
-        yield servers
+        yield ready
     finally:
         with interrupts_deferred():  # a second Ctrl-C must not leave servers behind
             stop_all(servers)
@@ -408,19 +423,28 @@ def read_state(home: Path, check_health: bool = True) -> UiState | None:
 # --- which Prefect server a command talks to --------------------------------------------------
 
 
+def _up() -> None:
+    """A server that is already up."""
+
+
 @dataclass(frozen=True)
 class PrefectApi:
     """The Prefect API a command uses, and where that choice came from."""
 
     url: str  # http://host:port/api
     source: str  # "PREFECT_API_URL", "flywheel ui" or "started for this command"
+    ready: Callable[[], object] = _up  # waits until the server answers (one started now)
 
 
 @contextlib.contextmanager
-def prefect_api(root: Path, announce: Callable[[str], None]) -> Iterator[PrefectApi]:
+def prefect_api(
+    root: Path, announce: Callable[[str], None], wait: bool = True
+) -> Iterator[PrefectApi]:
     """Point Prefect at a server for the duration of the block: PREFECT_API_URL if set, else the
     running `flywheel ui`, else a server started now on a free port and stopped afterwards (it
-    uses the project's Prefect database, so what it records stays for `flywheel ui`)."""
+    uses the project's Prefect database, so what it records stays for `flywheel ui`).
+    `wait=False`: the block starts while that server starts (9-20 s, a new project's database
+    is migrated): call the api's `ready()` before the first flow."""
     home = prefect_home(root)
     if os.environ.get("PREFECT_API_URL"):
         yield PrefectApi(os.environ["PREFECT_API_URL"], "PREFECT_API_URL")
@@ -429,16 +453,32 @@ def prefect_api(root: Path, announce: Callable[[str], None]) -> Iterator[Prefect
         if url is not None:
             yield PrefectApi(url, "flywheel ui")
             return
-    spec = prefect_spec(home, free_port(), log_name=f"prefect-server-{os.getpid()}.log")
+    spec = prefect_spec(home, free_port(), f"prefect-server-{os.getpid()}.log", ui=False)
     announce(
         f"no Prefect server running (no PREFECT_API_URL, no `flywheel ui`): starting one at "
         f"{spec.url} for this command, on {home}"
     )
-    with running([spec]):
-        api = PrefectApi(f"{spec.url}/api", "started for this command")
+    with starting([spec]) as ready:
+        if wait:
+            ready()
+        api = PrefectApi(f"{spec.url}/api", "started for this command", _up if wait else ready)
         with use_api(api.url):
-            yield api
+            try:
+                yield api
+            finally:
+                send_pending_to_prefect()
     spec.log_path.unlink(missing_ok=True)  # kept only when the server failed
+
+
+def send_pending_to_prefect(timeout: float = 5.0) -> None:
+    """Let Prefect's background workers send the logs and events they still hold, while the
+    server is up: once it stops they would retry its dead address at exit for about a minute
+    ("Error logging to API: All connection attempts failed")."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all(timeout=timeout)
+    EventsWorker.drain_all(timeout=timeout)
 
 
 @contextlib.contextmanager

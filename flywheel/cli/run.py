@@ -3,7 +3,7 @@ per-stage report both print of what a run did."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
@@ -113,16 +113,17 @@ def run_pipeline(
 ) -> Any:
     """The pipeline flow on a loaded config; its PipelineResult."""
     from flywheel import runtime
-
-    if not data_only:
-        runtime.select_device(cfg.train.device, cfg.train.precision)
     from flywheel.flows.limits import run_lock_path, runs_of
-    from flywheel.flows.pipeline import pipeline
     from flywheel.locks import ensure_free
 
     if no_wait:  # fail fast, before Prefect starts; the flow checks again as it takes it
         ensure_free(run_lock_path(cfg.root), runs_of(cfg.root))
-    with on_ui_server(cfg.root):
+    with on_prefect_server(cfg.root) as prefect_ready:
+        if not data_only:
+            runtime.select_device(cfg.train.device, cfg.train.precision)
+        from flywheel.flows.pipeline import pipeline
+
+        prefect_ready()
         return pipeline(
             params_path=params.resolve(),
             overrides=overrides or None,
@@ -134,15 +135,19 @@ def run_pipeline(
 
 
 @contextmanager
-def on_ui_server(root: Path) -> Iterator[None]:
-    """Send the flow runs inside to the running `flywheel ui`'s Prefect server, if there is one,
-    and say so."""
+def on_prefect_server(root: Path) -> Iterator[Callable[[], object]]:
+    """The Prefect server for the flow runs inside (servers.prefect_api): PREFECT_API_URL, else
+    the running `flywheel ui` (said on the terminal: the run shows live there), else one started
+    now and stopped afterwards. Yields `ready()`, to call before the flow: a server started now
+    starts while the caller imports torch, transformers and MLflow, not after."""
+    import logging
+
     from flywheel import servers
 
-    with servers.ui_server(root) as url:
-        if url is not None:
-            typer.echo(f"flywheel ui is running: this run goes to its Prefect server ({url})")
-        yield
+    with servers.prefect_api(root, logging.getLogger(__name__).info, wait=False) as api:
+        if api.source == "flywheel ui":
+            typer.echo(f"flywheel ui is running: this run goes to its Prefect server ({api.url})")
+        yield api.ready
 
 
 def retrain(
@@ -170,12 +175,14 @@ def retrain(
     hourly check: `flywheel schedule serve --flow retrain`.
     """
     from flywheel import runtime
-    from flywheel.flows.retrain import retrain as retrain_flow
 
     with user_errors(params):
         cfg = load_config(params)
-        runtime.select_device(cfg.train.device, cfg.train.precision)
-        with on_ui_server(cfg.root):
+        with on_prefect_server(cfg.root) as prefect_ready:
+            runtime.select_device(cfg.train.device, cfg.train.precision)
+            from flywheel.flows.retrain import retrain as retrain_flow
+
+            prefect_ready()
             result = retrain_flow(params_path=params.resolve(), if_needed=if_needed)
     typer.echo(text_table([check_row(c) for c in result.decision.checks]))
     typer.echo(result.decision.headline())
