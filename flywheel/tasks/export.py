@@ -88,7 +88,7 @@ class ExportResult:
     latency: Latency  # of the chosen model
     fp32_latency: Latency
     reasons: list[str]  # variants rejected on test; with fp32 chosen, why each val candidate failed
-    sensitivity: dict[str, dict[str, float]]  # scheme -> node group -> simulated int8 error
+    sensitivity: dict[str, dict[str, float]]  # scheme -> node group -> int8 margin change
 
     @property
     def parity_passed(self) -> bool:

@@ -26,16 +26,20 @@ from flywheel.models.graph import (
     quantize,
 )
 from flywheel.models.int8 import (
+    EXACT_TOP,
+    SCHEMES,
     GateBounds,
     Parity,
     Variant,
     _failures,
     choose,
     compare,
+    estimated_sensitivity,
     preference,
     ranked,
     search,
     sensitivity,
+    simulated_sensitivity,
     speedups,
     to_gate,
 )
@@ -652,16 +656,33 @@ def test_search_keeps_the_most_sensitive_groups_in_fp32_until_the_gate_passes(
         assert not {n for g in order[k:] for n in groups[g]} & fp32
 
 
-def test_sensitivity_is_the_simulated_error_of_one_group_alone(binary):
-    bundle = ClassifierBundle.load(binary["bundle_dir"])
-    groups = node_groups(binary["onnx"] / "fp32.onnx")
-    texts = binary["val"]["text"].tolist()[:16]
+@pytest.mark.parametrize("model", ["binary", "three_class"])
+def test_sensitivity_ranks_groups_as_their_simulated_int8_error_does(model, request):
+    from scipy.stats import spearmanr
+
+    boundary = request.getfixturevalue(model)
+    bundle = ClassifierBundle.load(boundary["bundle_dir"])
+    groups = node_groups(boundary["onnx"] / "fp32.onnx")
+    texts = boundary["val"]["text"].tolist()[:48]
     before = bundle.logits(texts)
     scores = sensitivity(bundle, groups, texts)
     assert np.array_equal(bundle.logits(texts), before)  # the model is left as it was
-    assert scores == sensitivity(bundle, groups, texts)  # the same texts, the same scores
+    assert scores == sensitivity(bundle, groups, texts)  # deterministic
+    estimated = estimated_sensitivity(bundle, groups, texts, batch_size=16)  # three batches
+    simulated = simulated_sensitivity(bundle, groups, texts)
+    for scheme in SCHEMES:
+        # the one-pass estimate orders the groups about as one simulation per group does
+        rho = spearmanr(
+            [estimated[scheme][g] for g in groups], [simulated[scheme][g] for g in groups]
+        ).statistic
+        assert rho > 0.8, (scheme, rho)
+        # and the groups the search keeps in fp32 first are ranked by the simulation: the
+        # estimate only decides which groups are simulated
+        top = ranked(groups, scores[scheme])[:EXACT_TOP]
+        assert top[:3] == ranked(groups, simulated[scheme])[:3]
+        assert all(scores[scheme][g] == simulated[scheme][g] for g in top)
     # per-channel weights round each output's weights to its own range: a smaller error
-    total = {scheme: sum(by_group.values()) for scheme, by_group in scores.items()}
+    total = {scheme: sum(by_group.values()) for scheme, by_group in simulated.items()}
     assert total["int8-per-channel"] < total["int8"]
 
 
