@@ -12,9 +12,7 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from flywheel.config import Config, dotted
-from flywheel.io import write_json
+from flywheel.io import write_json_atomic
 from flywheel.stages import StageSpec
 
 log = logging.getLogger(__name__)
@@ -314,10 +312,7 @@ class Ledger:
     def _write(self, stage: str, entries: dict[str, dict[str, Any]]) -> list[str]:
         ordered = sorted(entries.items(), key=lambda kv: kv[1]["used"], reverse=True)
         kept, dropped = dict(ordered[:KEEP_ENTRIES]), ordered[KEEP_ENTRIES:]
-        handle, staging = tempfile.mkstemp(dir=self.directory, prefix=f".{stage}.", suffix=".tmp")
-        os.close(handle)
-        write_json(Path(staging), {"stage": str(stage), "entries": kept})
-        os.replace(staging, self._path(stage))
+        write_json_atomic(self._path(stage), {"stage": str(stage), "entries": kept})
         return [entry["record"] for _, entry in dropped]
 
 

@@ -12,7 +12,6 @@ import getpass
 import hashlib
 import os
 import sqlite3
-import tempfile
 import uuid
 from collections import Counter
 from collections.abc import Collection, Iterable, Sequence
@@ -25,6 +24,7 @@ import pandas as pd
 from flywheel import stores
 from flywheel.config import ValidateConfig
 from flywheel.errors import FlywheelError
+from flywheel.io import write_atomic
 from flywheel.pii import clean_and_mask
 from flywheel.text import normalised_key
 
@@ -368,15 +368,11 @@ def export(path: Path, target: Path) -> int:
             f"name the file *{' or *'.join(EXPORT_FORMATS)}"
         )
     frame = read(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        if suffix == ".csv":
-            frame.to_csv(tmp, index=False)
-        else:
-            frame.to_json(tmp, orient="records", lines=True, force_ascii=False)
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    if suffix == ".csv":
+        write_atomic(target, lambda tmp: frame.to_csv(tmp, index=False))
+    else:
+        write_atomic(
+            target,
+            lambda tmp: frame.to_json(tmp, orient="records", lines=True, force_ascii=False),
+        )
     return len(frame)

@@ -21,16 +21,64 @@ T = TypeVar("T")
 OUTPUT_MARKER = ".flywheel-output"
 
 
-def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
-    """Write a table to a temporary file beside `path`, then rename it into place."""
+# --- durable replacement: after a crash or power loss, the old content or the whole new one ----
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file's data, or a folder's entries, to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under `folder`, then every folder, deepest first (`folder` last)."""
+    folders = [folder]
+    for path in sorted(folder.rglob("*")):
+        if path.is_symlink():
+            continue
+        if path.is_dir():
+            folders.append(path)
+        else:
+            fsync_path(path)
+    for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        fsync_path(path)
+
+
+def replace_durably(written: Path | str, target: Path) -> None:
+    """Rename the file `written` (beside `target`) to `target`, so that even after a power
+    loss `target` holds the old content or the whole new one: the data reaches the disk before
+    the rename (else a journaling file system may keep the rename and lose the data: an empty
+    file), and the rename, by an fsync of the folder, before this returns."""
+    fsync_path(Path(written))
+    os.replace(written, target)
+    fsync_path(target.parent)
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """`write(temporary path)` beside `path`, then `replace_durably` into place; on error
+    `path` is untouched and the temporary file removed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
-        frame.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
+        write(Path(tmp))
+        replace_durably(tmp, path)
     finally:
         Path(tmp).unlink(missing_ok=True)
+
+
+def write_parquet_atomic(frame: pd.DataFrame, path: Path) -> None:
+    """Write a table whole or not at all (`write_atomic`)."""
+    write_atomic(path, lambda tmp: frame.to_parquet(tmp, index=False))
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """`write_json`, whole or not at all (`write_atomic`): for state files that later runs
+    read (the stage ledger, the retrain state)."""
+    write_atomic(path, lambda tmp: write_json(tmp, payload))
 
 
 def file_md5(path: Path) -> str:
@@ -108,7 +156,8 @@ def recover_dir(target: Path) -> None:
 
 
 def replace_dir_atomic(target: Path, fill: Callable[[Path], T]) -> T:
-    """Fill a staging folder beside `target`, then swap it in; on error `target` is untouched.
+    """Fill a staging folder beside `target`, then swap it in; on error `target` is untouched,
+    and after a power loss it is the old folder or the whole new one (`sync_tree`).
 
     A non-empty `target` that Flywheel did not write (no marker file) is never replaced: a
     mistyped --report-dir must not delete someone's folder.
@@ -130,9 +179,11 @@ def replace_dir_atomic(target: Path, fill: Callable[[Path], T]) -> T:
     try:
         result = fill(staging)
         (staging / OUTPUT_MARKER).write_text("written by flywheel; replaced whole on each run\n")
+        sync_tree(staging)  # its files on disk before the folder takes the target's name
         if target.exists():
             os.replace(target, old)
         os.replace(staging, target)
+        fsync_path(target.parent)
         return result
     finally:
         if old.exists() and not target.exists():  # stopped between the renames: keep the old

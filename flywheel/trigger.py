@@ -22,7 +22,7 @@ from flywheel import feedback
 from flywheel.config import Config, RetrainConfig
 from flywheel.drift import Drift, MonitorError, monitor
 from flywheel.errors import FlywheelError
-from flywheel.io import write_json
+from flywheel.io import write_json_atomic
 from flywheel.registry import CHAMPION, ModelRegistry
 from flywheel.sources import screen_feedback
 from flywheel.tables import markdown_table
@@ -320,10 +320,7 @@ def last_firing(root: Path) -> Firing | None:
 
 def write_firing(root: Path, firing: Firing) -> None:
     """Written whole or not at all (a torn file would stop every later check)."""
-    path = root / STATE_FILE
-    partial = path.with_suffix(".tmp")
-    write_json(partial, asdict(firing))
-    partial.replace(path)
+    write_json_atomic(root / STATE_FILE, asdict(firing))
 
 
 def start_firing(root: Path, decision: TriggerDecision) -> None:

@@ -8,7 +8,6 @@ Its figures on the default data: docs/training.md.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flywheel import tracking
 from flywheel.config import Config
-from flywheel.io import read_parquet
+from flywheel.io import read_parquet, write_atomic
 from flywheel.metrics import label_ids, macro_f1
 from flywheel.models.bundle import Preprocessing
 from flywheel.stages import StageSpec
@@ -55,10 +54,8 @@ class BaselineModel:
         """Write beside `path`, then rename: a killed run leaves no half-written file."""
         import joblib
 
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        joblib.dump({"pipeline": self.pipeline, "preprocessing": self.preprocessing}, tmp)
-        os.replace(tmp, path)
+        payload = {"pipeline": self.pipeline, "preprocessing": self.preprocessing}
+        write_atomic(path, lambda tmp: joblib.dump(payload, tmp))
 
     @classmethod
     def load(cls, path: Path) -> BaselineModel:
