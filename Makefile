@@ -36,5 +36,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
-clean-state:  ## delete generated state (data contents, stores, DVC remote); keeps .venv
-	rm -rf data/raw data/validation data/prepared data/monitoring mlflow .prefect .flywheel dvc-remote reports checkpoints .dvc/cache .dvc/tmp
+clean-state:  ## delete generated state (data contents, caches, checkpoints, reports); keeps the model registry (mlflow/), the DVC remote and .venv unless ALL=1
+	rm -rf data/raw data/validation data/prepared data/monitoring .prefect .flywheel reports checkpoints .dvc/cache .dvc/tmp
+	@if [ "$(ALL)" = "1" ]; then rm -rf mlflow dvc-remote; echo "deleted the model registry (mlflow/) and the DVC remote (dvc-remote/) too"; \
+	else echo "kept mlflow/ (the model registry, its champion) and dvc-remote/ (data versions): make clean-state ALL=1 deletes them too"; fi

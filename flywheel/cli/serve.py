@@ -126,6 +126,14 @@ def serve(
     log_level: Annotated[
         str, typer.Option("--log-level", help="uvicorn log level (debug, info, warning).")
     ] = "info",
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Allow a --host beyond loopback with no token set (/feedback and /reload "
+            "open to anyone who reaches the port); refused without it.",
+        ),
+    ] = False,
 ) -> None:
     """Serve the champion model over HTTP (FastAPI + uvicorn) until Ctrl-C.
 
@@ -134,14 +142,16 @@ def serve(
     /health, /model, /metrics (Prometheus); POST /reload. OpenAPI docs at /docs. When the
     champion alias moves (a promotion or `flywheel models rollback`) the server swaps to the
     new version without failing a request. Set the environment variable named by
-    serve.token_env (FLYWHEEL_API_TOKEN) to require a bearer token on /feedback and /reload.
-    Limits (batch size, text length, long texts cut or refused) are in params.yaml `serve:`.
+    serve.token_env (FLYWHEEL_API_TOKEN) to require a bearer token on /feedback and /reload;
+    a --host other than loopback (127.0.0.1, ::1, localhost) refuses to start without one
+    unless --insecure is given. Limits (batch size, text length, long texts cut or refused) are
+    in params.yaml `serve:`.
     """
     from flywheel.serving.app import serve as run_server
 
     with user_errors(params):
         cfg = load_config(params)
-        run_server(cfg, host, port, reload_seconds, log_level)
+        run_server(cfg, host, port, reload_seconds, log_level, insecure)
 
 
 def monitor(

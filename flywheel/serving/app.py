@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from flywheel import __version__
 from flywheel.config import Config
+from flywheel.errors import FlywheelError
 from flywheel.registry import ModelRegistry
 from flywheel.serving.champion import ChampionSlot, RegistrySource
 from flywheel.serving.errors import HANDLERS
@@ -35,6 +36,45 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state.slot.stop()
         await state.scorer.close()
         state.predictions.close()
+
+
+class ExposedWithoutTokenError(FlywheelError):
+    """`flywheel serve` asked to listen beyond this machine with /feedback and /reload open."""
+
+
+def is_loopback(host: str) -> bool:
+    """Whether binding `host` keeps the server on this machine: localhost or a loopback address
+    (127.0.0.0/8, ::1). Any other name or address (0.0.0.0, a LAN address) is reachable from
+    elsewhere."""
+    import ipaddress
+
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def check_exposure(host: str, token: str | None, token_env: str, insecure: bool) -> str | None:
+    """Refuse to listen beyond this machine without a token: anyone who reaches the port could
+    then write feedback (the next training data) and force reloads. Raises
+    ExposedWithoutTokenError naming both ways out; returns the warning to print when `insecure`
+    allows it anyway, None when there is nothing to say."""
+    if token or is_loopback(host):
+        return None
+    if not insecure:
+        raise ExposedWithoutTokenError(
+            f"--host {host} makes the server reachable from other machines, and no token is set "
+            f"(${token_env}): anyone could write feedback (the next training data) and force "
+            f"reloads. Set {token_env}=<a long random secret> (clients send "
+            "`Authorization: Bearer <it>`), bind 127.0.0.1, or pass --insecure if this network "
+            "is trusted"
+        )
+    return (
+        f"WARNING: serving on {host} with /feedback and /reload open to anyone who reaches it "
+        f"(--insecure, no ${token_env})"
+    )
 
 
 def create_app(cfg: Config, slot: ChampionSlot, token: str | None = None) -> FastAPI:
@@ -70,18 +110,24 @@ def serve(
     port: int | None = None,
     reload_seconds: float | None = None,
     log_level: str = "info",
+    insecure: bool = False,
 ) -> None:
-    """Load the champion and serve it with uvicorn until stopped (Ctrl-C, SIGTERM)."""
+    """Load the champion and serve it with uvicorn until stopped (Ctrl-C, SIGTERM). A host
+    beyond loopback needs a token, or `insecure` (`check_exposure`), checked before anything
+    loads."""
     import os
 
     import uvicorn
 
     sc = cfg.serve
+    token = os.environ.get(sc.token_env) or None
+    host, port = host or sc.host, sc.port if port is None else port
+    warning = check_exposure(host, token, sc.token_env, insecure)
     poll = sc.reload_seconds if reload_seconds is None else reload_seconds
     slot = registry_slot(cfg, poll)
     loaded = slot.reload()
-    token = os.environ.get(sc.token_env) or None
-    host, port = host or sc.host, sc.port if port is None else port
+    if warning:
+        print(warning)
     print(
         f"serving {cfg.registry.model_name} version {loaded.current} on http://{host}:{port} "
         f"(docs: /docs; champion checked every {poll:g} s" + (")" if poll else ": off)")
