@@ -36,15 +36,47 @@ from flywheel.tasks.train import META_FILE
 from tests.conftest import run
 from tests.flows.conftest import flow_run_artifacts, small_project
 
+# In the environment of the `trained` run, as a deployment would have them: none may reach
+# MLflow, Prefect or the project's files.
+SECRETS = {
+    "FLYWHEEL_API_TOKEN": "tok-7f3a9c2e5b1d4086",
+    "AWS_SECRET_ACCESS_KEY": "aws-secret-0c8e2f6a4b9d1357",
+    "MLFLOW_TRACKING_PASSWORD": "mlflow-pass-5e7c1a3f9b2d4680",
+}
+
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """One uninterrupted run of the whole flow, with its wall time."""
+    """One uninterrupted run of the whole flow (with SECRETS in its environment), with its wall
+    time."""
     base = tmp_path_factory.mktemp("trained")
     root = small_project(base / "project", base / "remote")
     started = time.perf_counter()
-    result = pipeline(params_path=root / "params.yaml")
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in SECRETS.items():
+            patch.setenv(name, value)
+        result = pipeline(params_path=root / "params.yaml")
     return root, result, time.perf_counter() - started
+
+
+def test_no_secret_from_the_environment_reaches_mlflow_prefect_or_the_files(trained):
+    root, result, _ = trained
+    client = store(root)
+    texts = []  # every MLflow param and tag, of runs and registered versions
+    for run_ in client.search_runs([client.get_experiment_by_name("flywheel").experiment_id]):
+        texts += [f"{k}={v}" for k, v in {**run_.data.params, **run_.data.tags}.items()]
+    for version in client.search_model_versions():
+        texts += [f"{k}={v}" for k, v in version.tags.items()]
+    for artifact in flow_run_artifacts(result.mlflow_run.lineage.flow_run_id).values():
+        texts.append(str(artifact.data))
+    assert len(texts) > 50  # the scan saw the run's records
+    blob = "\n".join(texts)
+    files = [p for p in root.rglob("*") if p.is_file() and ".git" not in p.parts]
+    assert any(p.suffix == ".db" for p in files)  # MLflow's store, scanned byte for byte
+    for name, value in SECRETS.items():
+        assert value not in blob, name
+        leaked = [p for p in files if value.encode() in p.read_bytes()]
+        assert not leaked, (name, leaked)
 
 
 def store(root: Path) -> MlflowClient:
