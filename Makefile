@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help run test lint install dvc-repro clean-state
+.PHONY: help run test reliability lint install dvc-repro clean-state
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -16,6 +16,13 @@ run: $(STAMP)  ## run the whole pipeline on the embedded default data
 
 test: $(STAMP)  ## run the test suite
 	$(BIN)/pytest
+
+reliability: $(STAMP)  ## the reliability and security suite alone (tests/reliability) and pip-audit of .venv (report: benchmarks/results/pip-audit.json)
+	$(BIN)/pytest -m reliability
+	$(BIN)/pip-audit --skip-editable --progress-spinner off --format json --output benchmarks/results/pip-audit.json \
+	  || { echo "pip-audit: known vulnerabilities, see benchmarks/results/pip-audit.json"; exit 1; }
+	@$(BIN)/python -c 'import json; d = json.load(open("benchmarks/results/pip-audit.json"))["dependencies"]; \
+	  print("pip-audit:", len(d), "packages,", sum(len(x.get("vulns", [])) for x in d), "known vulnerabilities")'
 
 lint: $(STAMP)  ## ruff (lint + format), and the layer contracts of docs/architecture.md (import-linter)
 	$(BIN)/ruff check flywheel tests benchmarks
