@@ -20,6 +20,7 @@ from flywheel.errors import FlywheelError
 from flywheel.registry import ModelRegistry
 from flywheel.serving.champion import ChampionSlot, RegistrySource
 from flywheel.serving.errors import HANDLERS
+from flywheel.serving.limits import BodyLimit, max_body_bytes
 from flywheel.serving.metrics import RequestMetrics
 from flywheel.serving.routers import admin, feedback, predict, status
 from flywheel.serving.scoring import CountArrivals
@@ -91,6 +92,7 @@ def create_app(cfg: Config, slot: ChampionSlot, token: str | None = None) -> Fas
     if state.scorer.batching:
         app.add_middleware(CountArrivals, arrivals=state.scorer.arrivals)
     app.add_middleware(RequestMetrics, metrics=state.metrics)
+    app.add_middleware(BodyLimit, limit=max_body_bytes(cfg.serve))  # outermost: before any read
     guarded = [token_guard(cfg.serve.token_env)]
     app.include_router(predict.router)
     app.include_router(feedback.router, dependencies=guarded)
