@@ -446,8 +446,9 @@ def prefect_api(
     `wait=False`: the block starts while that server starts (9-20 s, a new project's database
     is migrated): call the api's `ready()` before the first flow."""
     home = prefect_home(root)
-    if os.environ.get("PREFECT_API_URL"):
-        yield PrefectApi(os.environ["PREFECT_API_URL"], "PREFECT_API_URL")
+    configured = configured_api_url()
+    if configured:
+        yield PrefectApi(configured, "PREFECT_API_URL")
         return
     with ui_server(root) as url:
         if url is not None:
@@ -479,6 +480,14 @@ def send_pending_to_prefect(timeout: float = 5.0) -> None:
 
     APILogWorker.drain_all(timeout=timeout)
     EventsWorker.drain_all(timeout=timeout)
+
+
+def configured_api_url() -> str | None:
+    """The Prefect API this process is configured for, else None: PREFECT_API_URL from the
+    environment, a Prefect profile or a settings context (a test harness sets one)."""
+    from prefect.settings import PREFECT_API_URL
+
+    return PREFECT_API_URL.value() or None
 
 
 @contextlib.contextmanager

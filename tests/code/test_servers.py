@@ -344,3 +344,18 @@ def test_flywheel_ui_stops_prefect_and_fails_when_mlflow_dies(tmp_path):
         assert f"Uvicorn running on http://127.0.0.1:{mlflow_port}" in rest  # its log tail
         assert not servers.group_alive(state["prefect_pid"])
         assert not state_file.exists()
+
+
+def test_a_configured_prefect_api_is_used_and_nothing_started(tmp_path, monkeypatch):
+    """PREFECT_API_URL set in Prefect's settings (as a test harness or a profile sets it, not in
+    os.environ): prefect_api uses it and starts no server; without it, one is started."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(servers, "starting", lambda specs: pytest.fail("started a server"))
+    configured = temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"})
+    with configured, servers.prefect_api(tmp_path, print, wait=False) as api:
+        assert (api.url, api.source) == ("http://127.0.0.1:9/api", "PREFECT_API_URL")
+    unset = temporary_settings({PREFECT_API_URL: None})
+    with unset, pytest.raises(pytest.fail.Exception), servers.prefect_api(tmp_path, print):
+        pass
