@@ -487,7 +487,7 @@ def configured_api_url() -> str | None:
     environment, a Prefect profile or a settings context (a test harness sets one)."""
     from prefect.settings import PREFECT_API_URL
 
-    return PREFECT_API_URL.value() or None
+    return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value() or None
 
 
 @contextlib.contextmanager
@@ -495,7 +495,7 @@ def ui_server(root: Path) -> Iterator[str | None]:
     """Point Prefect at the running `flywheel ui` of this project for the block and yield its API
     URL (a `flywheel run` then shows live there, on one server); None, changing nothing, when
     PREFECT_API_URL is set or no `flywheel ui` runs."""
-    state = None if os.environ.get("PREFECT_API_URL") else read_state(prefect_home(root))
+    state = None if configured_api_url() else read_state(prefect_home(root))
     if state is None:
         yield None
         return
