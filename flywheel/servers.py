@@ -29,6 +29,8 @@ from flywheel.tracking import default_uri, display_uri, tracking_uri
 HOST = "127.0.0.1"
 STATE_FILE = "flywheel-ui.json"
 LOG_DIR = "flywheel-ui"  # under the Prefect home: one log file per server
+START_LOCK = "server-start.lock"  # under the Prefect home: one server starts on it at a time
+_HELD: set[Path] = set()  # locks this process holds (servers.held)
 PREFECT_START_TIMEOUT = 120.0  # seconds; ~6 s on an idle 2-core machine, far more when busy
 MLFLOW_START_TIMEOUT = 180.0  # ~18 s idle
 SERVE_START_TIMEOUT = 180.0  # loading the champion from the registry: ~10 s idle
@@ -50,6 +52,9 @@ class ServerSpec:
     health_url: str  # answers 200 once the server is ready
     log_path: Path
     start_timeout: float
+    # Held from the start until the server answers: two Prefect servers starting at once on one
+    # database both migrate it, and one fails ("Online migration expected to match one row").
+    start_lock: Path | None = None
 
 
 @dataclass
@@ -188,6 +193,7 @@ def prefect_spec(
         health_url=f"{url}/api/health",
         log_path=home / LOG_DIR / log_name,
         start_timeout=PREFECT_START_TIMEOUT,
+        start_lock=home / START_LOCK,
     )
 
 
@@ -322,20 +328,58 @@ def running(specs: list[ServerSpec]) -> Iterator[list[Server]]:
 @contextlib.contextmanager
 def starting(specs: list[ServerSpec]) -> Iterator[Callable[[], list[Server]]]:
     """Start the servers and yield at once a `ready()` that waits until all are healthy (and
-    returns them): the caller does other work while they start. Stops all on the way out."""
+    returns them): the caller does other work while they start. Stops all on the way out.
+    A spec's start lock is held from before its start until `ready()` returns (or the block
+    ends): a second process starting a server on the same database waits for it."""
     servers: list[Server] = []
+    locks = contextlib.ExitStack()
 
     def ready() -> list[Server]:
-        wait_until_healthy(servers)
+        try:
+            wait_until_healthy(servers)
+        finally:
+            locks.close()
         return servers
 
     try:
         for spec in specs:
+            if spec.start_lock is not None:
+                locks.enter_context(held(spec.start_lock, f"{spec.name} server start"))
             servers.append(start(spec))
         yield ready
     finally:
+        locks.close()
         with interrupts_deferred():  # a second Ctrl-C must not leave servers behind
             stop_all(servers)
+
+
+@contextlib.contextmanager
+def held(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (flock: released when this process dies) for the block,
+    waiting, with a log line, while another process holds it. Re-entrant within this process
+    (two flocks of one file from one process would wait for each other)."""
+    import fcntl
+    import logging
+
+    path = path.resolve()
+    if path in _HELD:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logging.getLogger(__name__).info(
+                "another process is in its %s on %s: waiting for it", what, path.parent
+            )
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        _HELD.add(path)
+        try:
+            yield
+        finally:
+            _HELD.discard(path)
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

@@ -359,3 +359,60 @@ def test_a_configured_prefect_api_is_used_and_nothing_started(tmp_path, monkeypa
     unset = temporary_settings({PREFECT_API_URL: None})
     with unset, pytest.raises(pytest.fail.Exception), servers.prefect_api(tmp_path, print):
         pass
+
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from flywheel import servers
+with servers.held(Path(sys.argv[1]), "test"):
+    print("holding", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+def test_a_held_start_lock_makes_the_next_process_wait_until_it_is_let_go(tmp_path):
+    lock = tmp_path / "home" / servers.START_LOCK
+    started = time.monotonic()
+    with servers.held(lock, "test"):  # nobody else holds it: no wait
+        assert time.monotonic() - started < 1
+        with servers.held(lock, "test"):  # re-entrant in one process
+            pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(lock), "3"], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "holding"
+    started = time.monotonic()
+    with servers.held(lock, "test"):
+        waited = time.monotonic() - started
+        assert holder.poll() is not None or waited > 1.5
+    assert holder.wait(timeout=30) == 0
+    assert waited > 1.5
+
+
+STARTER = """
+import sys
+from pathlib import Path
+from flywheel import servers
+spec = servers.prefect_spec(Path(sys.argv[1]), servers.free_port(), sys.argv[2], ui=False)
+with servers.running([spec]):
+    print("up", flush=True)
+"""
+
+
+def test_two_prefect_servers_starting_at_once_on_a_new_home_both_come_up(tmp_path):
+    """Both would migrate the new database at once and one would fail ("Online migration
+    expected to match one row", about every other time): the start lock lines them up."""
+    home = tmp_path / "prefect-home"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", STARTER, str(home), f"p{i}.log"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    outputs = [proc.communicate(timeout=300)[0] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert all("up" in output for output in outputs)
