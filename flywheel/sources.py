@@ -12,7 +12,8 @@ import bz2
 import csv
 import io
 import json
-from collections.abc import Collection, Sequence
+import numbers as numbers_
+from collections.abc import Collection, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from flywheel.config import (
 )
 from flywheel.errors import FlywheelError
 from flywheel.io import read_verified
+from flywheel.stores import StoreError
 
 RAW_COLUMNS = ["text", "label", "source", "origin"]
 MAX_FIELD_BYTES = 64 * 1024 * 1024
@@ -77,8 +79,11 @@ def list_files(path: Path) -> list[Path]:
     return files
 
 
-def read_table(path: Path) -> pd.DataFrame:
-    """Read one file as strings, strictly; errors name the file and, where known, the row."""
+def read_table(path: Path, columns: Mapping[str, bool] | None = None) -> pd.DataFrame:
+    """Read one file as strings, strictly; errors name the file and, where known, the row.
+    `columns`: those every record must have (checked per line in JSONL, where records may
+    differ), each mapped to whether whole numbers are allowed besides text (labels: yes)."""
+    columns = columns or {}
     kind = SUPPORTED_SUFFIXES[path.suffix.lower()]
     if path.stat().st_size == 0:
         raise SourceError(f"{path}: file is empty")
@@ -86,17 +91,39 @@ def read_table(path: Path) -> pd.DataFrame:
         if kind in ("csv", "tsv"):
             frame = _read_delimited(path, kind)
         elif kind == "jsonl":
-            frame = _read_jsonl(path)
+            frame = _read_jsonl(path, columns)
         else:
-            frame = _read_parquet(path)
-    except UnicodeDecodeError as exc:
-        raise SourceError(
-            f"{path}: not valid UTF-8 (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-            "re-save the file as UTF-8"
-        ) from None
+            frame = _read_parquet(path, columns)
+    except UnicodeDecodeError:
+        raise SourceError(f"{path}: {_first_bad_utf8(path)}; re-save the file as UTF-8") from None
     if frame.empty:
         raise SourceError(f"{path}: header only, no data rows")
     return frame
+
+
+def _first_bad_utf8(path: Path) -> str:
+    """Where the first byte that is not UTF-8 is: line, byte and offset."""
+    offset = 0
+    with path.open("rb") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = line[exc.start]
+                return (
+                    f"line {lineno}: not valid UTF-8 (byte {byte:#04x} at offset "
+                    f"{offset + exc.start}; a file in another encoding such as Latin-1 or "
+                    "Windows-1252, or lines from several encodings)"
+                )
+            offset += len(line)
+    return "not valid UTF-8"
+
+
+def _nul_error(path: Path, line: int) -> SourceError:
+    return SourceError(
+        f"{path}: line {line}: NUL byte in the text (the file looks binary or UTF-16, not "
+        "UTF-8 text); re-save it as UTF-8"
+    )
 
 
 def _read_delimited(path: Path, kind: str) -> pd.DataFrame:
@@ -107,12 +134,14 @@ def _read_delimited(path: Path, kind: str) -> pd.DataFrame:
     )
     # csv caps fields at 128 KiB; long texts are the validation stage's to judge, with the row.
     csv.field_size_limit(max(csv.field_size_limit(), MAX_FIELD_BYTES))
-    with path.open(encoding="utf-8", newline="") as handle:
+    with path.open(encoding="utf-8-sig", newline="") as handle:  # -sig: a BOM is not a column
         reader = csv.reader(handle, strict=True, **dialect)
         try:
             header = next(reader, None)
             if header is None:
                 raise SourceError(f"{path}: file is empty")
+            if any("\x00" in field for field in header):
+                raise _nul_error(path, 1)
             rows = []
             for row in reader:
                 if not row:
@@ -123,6 +152,8 @@ def _read_delimited(path: Path, kind: str) -> pd.DataFrame:
                         f"{len(header)} ({', '.join(header)}); quote fields that contain "
                         f"{'commas' if kind == 'csv' else 'tabs'}"
                     )
+                if any("\x00" in field for field in row):
+                    raise _nul_error(path, reader.line_num)
                 rows.append(row)
         except csv.Error as exc:
             raise SourceError(
@@ -131,28 +162,76 @@ def _read_delimited(path: Path, kind: str) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=header, dtype="string")
 
 
-def _read_parquet(path: Path) -> pd.DataFrame:
+def _read_parquet(path: Path, columns: Mapping[str, bool]) -> pd.DataFrame:
     # Only Arrow's own errors mean a bad file; an OSError stays an I/O error (and is retried).
     try:
-        return pd.read_parquet(path)
+        frame = pd.read_parquet(path)
     except pa.ArrowException as exc:
         raise SourceError(f"{path}: not a readable Parquet file ({exc})") from None
+    for column, numbers in columns.items():
+        if column in frame.columns:
+            wrong = frame[column].map(lambda v, n=numbers: not _is_value(v, n))
+            if wrong.any():
+                row = int(wrong.to_numpy().argmax()) + 1
+                raise SourceError(
+                    f"{path}: column {column!r} is of type {frame[column].dtype} (row {row}: "
+                    f"{_clip(frame[column].iloc[row - 1])}); it needs {_wanted(numbers)}: name "
+                    "another column with --text-col / --label-col, or convert this one"
+                )
+    return frame
 
 
-def _read_jsonl(path: Path) -> pd.DataFrame:
+def _read_jsonl(path: Path, columns: Mapping[str, bool]) -> pd.DataFrame:
     records = []
-    with path.open(encoding="utf-8") as handle:
+    with path.open(encoding="utf-8-sig") as handle:  # -sig: a BOM is not part of the first key
         for lineno, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
+            if "\x00" in line:
+                raise _nul_error(path, lineno)
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise SourceError(f"{path}: line {lineno}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
                 raise SourceError(f"{path}: line {lineno}: expected a JSON object per line")
+            for column, numbers in columns.items():
+                if column not in record:
+                    raise SourceError(
+                        f"{path}: line {lineno}: no {column!r} key (keys: "
+                        f"{', '.join(map(str, record)) or 'none'}); every line needs the same "
+                        "keys: fix the line, or name the keys with --text-col / --label-col"
+                    )
+                if not _is_value(record[column], numbers):
+                    raise SourceError(
+                        f"{path}: line {lineno}: {column!r} is {_clip(record[column])}; it needs "
+                        f"{_wanted(numbers)}"
+                    )
             records.append(record)
     return pd.DataFrame.from_records(records)
+
+
+def _is_value(value: object, numbers: bool) -> bool:
+    """Text or null (a null is the validation gate's to report, with its row); with `numbers`,
+    also a whole number (numeric labels)."""
+    if value is None or isinstance(value, str):
+        return True
+    if isinstance(value, float) and value != value:
+        return True  # NaN: a null
+    if not numbers or isinstance(value, bool):
+        return False
+    return isinstance(value, numbers_.Integral) or (
+        isinstance(value, numbers_.Real) and float(value).is_integer()
+    )
+
+
+def _wanted(numbers: bool) -> str:
+    return "text or whole numbers" if numbers else "text"
+
+
+def _clip(value: object, width: int = 60) -> str:
+    text = repr(value.item() if hasattr(value, "item") else value)  # numpy scalars as Python
+    return text if len(text) <= width else text[:width] + "..."
 
 
 def read_path_source(source: PathSource, root: Path) -> pd.DataFrame:
@@ -160,7 +239,7 @@ def read_path_source(source: PathSource, root: Path) -> pd.DataFrame:
     base = resolve_path(root, source.path)
     frames = []
     for file in list_files(base):
-        frame = read_table(file)
+        frame = read_table(file, {source.text_col: False, source.label_col: True})
         missing = [c for c in (source.text_col, source.label_col) if c not in frame.columns]
         if missing:
             raise SourceError(
@@ -179,7 +258,15 @@ def read_feedback(
 ) -> tuple[pd.DataFrame, feedback.ScreenSummary]:
     """The accepted feedback rows as raw rows (source 'feedback') and what became of every row
     read (its newest seq is the watermark); an absent store gives no rows."""
-    screened = feedback.screen(feedback.read(path), rules, mask, known_labels)
+    try:
+        stored = feedback.read(path)
+    except StoreError as exc:
+        raise SourceError(
+            f"{exc}: data.feedback.path must name the feedback store `flywheel serve` writes; "
+            "move this file away, point data.feedback.path elsewhere, or set "
+            "data.feedback.enabled: false"
+        ) from None
+    screened = feedback.screen(stored, rules, mask, known_labels)
     frame = screened[screened["status"] == feedback.ACCEPTED]
     frame = frame.assign(origin="feedback:" + frame["id"])
     return _to_raw(frame, feedback.SOURCE), feedback.summarise(screened)

@@ -10,18 +10,37 @@ from pathlib import Path
 
 import pandas as pd
 
+from flywheel.errors import FlywheelError
+
 BUSY_TIMEOUT_SECONDS = 30  # concurrent writers wait for each other instead of failing
 
 
-class StoreVersionError(RuntimeError):
+class StoreError(FlywheelError, ValueError):
+    """A file that is not a store Flywheel can use: not SQLite, or another program's database."""
+
+
+class StoreVersionError(StoreError):
     """A store written by a newer Flywheel."""
 
 
 def _version(conn: sqlite3.Connection, path: Path, latest: int) -> int:
-    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    """The store's schema version (0: new, empty); refuses a file that is not SQLite, one that
+    holds another program's tables, and one written by a newer Flywheel."""
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+    except sqlite3.DatabaseError as exc:
+        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+            raise
+        raise StoreError(f"{path}: not an SQLite database ({exc})") from None
     if version > latest:
         raise StoreVersionError(
             f"{path}: store schema version {version}, this flywheel reads up to {latest}"
+        )
+    if version == 0 and tables:
+        raise StoreError(
+            f"{path}: another program's SQLite database (tables: {', '.join(sorted(tables))}), "
+            "not a Flywheel store"
         )
     return version
 

@@ -119,6 +119,39 @@ def split_frame(frame: pd.DataFrame, seed: int, cfg: SplitConfig) -> dict[str, p
     return {name: out[split == name].reset_index(drop=True) for name in SPLITS}
 
 
+class CleanedAwayError(FlywheelError):
+    """Cleaning (HTML, invisible characters, blanks, conflicts, repeats) left a label, or the
+    whole data set, without rows."""
+
+
+def check_no_label_lost(raw: pd.DataFrame, kept: pd.DataFrame, report: CleanReport) -> None:
+    """Every label of the raw table keeps rows after cleaning; none silently disappears."""
+    before = raw["label"].astype("string").str.strip().value_counts()
+    lost = [label for label in before.index if label not in set(kept["label"])]
+    if not lost:
+        return
+    what = (
+        f"{report.emptied_by_cleaning:,} emptied by cleaning (HTML tags and entities, "
+        f"invisible characters, blanks), {report.conflicting_label_rows:,} with conflicting "
+        f"labels, {report.exact_duplicates + report.normalised_duplicates:,} repeats"
+    )
+    whom = (
+        "any label"
+        if kept.empty
+        else ", ".join(f"label {label!r} ({int(before[label]):,} rows)" for label in lost[:10])
+    )
+    examples = raw[raw["label"].astype("string").str.strip().isin(lost)].head(3)
+    shown = "; ".join(
+        f"row {o}: {t[:40]!r}" for o, t in zip(examples["origin"], examples["text"], strict=True)
+    )
+    where = ", ".join(map(str, examples["source"].unique()))
+    raise CleanedAwayError(
+        f"cleaning left no rows of {whom} ({where}): of {report.rows_in:,} rows, {what} (e.g. "
+        f"{shown}); "
+        "check that --text-col names the text, or remove those rows from the source"
+    )
+
+
 class EmptySplitError(FlywheelError):
     """A label ended up with no rows in some split (too few rows of it for the ratios)."""
 
@@ -175,7 +208,9 @@ def prepare(cfg: Config, raw_path: Path, target: Path | None = None) -> PrepareR
 
     `target` writes elsewhere the same bytes (`flywheel run --dry-run` hashes them there)."""
     require_validated(cfg, raw_path)
-    frame, report = clean_frame(read_parquet(raw_path), cfg.clean)
+    raw = read_parquet(raw_path)
+    frame, report = clean_frame(raw, cfg.clean)
+    check_no_label_lost(raw, frame, report)
     splits = split_frame(frame, cfg.seed, cfg.split)
     check_every_label_in_every_split(splits)
     target = target or cfg.resolve(cfg.split.prepared_dir)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -69,6 +70,7 @@ class Failure:
     observed: Any
     examples: list[dict[str, str]] = field(default_factory=list)
     error: str | None = None
+    fix: str | None = None  # the setting (and value) that would accept the data, or the action
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,7 @@ class ValidationReport:
     failures: list[Failure]
     report_dir: Path
     feedback_rows: int = 0  # held to the row checks only
+    sources: tuple[str, ...] = ()  # where the rows came from (files, the embedded set, feedback)
 
     @property
     def result_path(self) -> Path:
@@ -93,8 +96,12 @@ class ValidationReport:
     @property
     def headline(self) -> str:
         """One line: passed or failed, rows, expectations met."""
+        where = ""
+        if self.sources:
+            shown = self.sources if len(self.sources) <= 3 else (*self.sources[:3], "...")
+            where = f" from {', '.join(shown)}"
         return (
-            f"validation {'passed' if self.success else 'FAILED'}: {self.rows:,} rows, "
+            f"validation {'passed' if self.success else 'FAILED'}: {self.rows:,} rows{where}, "
             f"{self.evaluated - len(self.failures)}/{self.evaluated} expectations met"
         )
 
@@ -131,6 +138,8 @@ class ValidationReport:
                 lines.append(f"      not evaluated: {f.error}")
             elif f.observed is not None:
                 lines.append(f"      observed: {f.observed}")
+            if f.fix:
+                lines.append(f"      fix: {f.fix}")
             for ex in f.examples if examples else []:
                 shown = ", ".join(f"{k} {v}" for k, v in ex.items() if k != "row")
                 lines.append(f"      row {ex['row']}: {shown}")
@@ -163,11 +172,95 @@ def add_check_columns(frame: pd.DataFrame) -> pd.DataFrame:
         repeats[judged] = key.notna() & key.duplicated()
         out["text_repeats"] = repeats
     if "label" in out.columns:
+        out["label_variant"] = label_variants(out["label"].where(judged))
         sizes = out[judged].groupby("label", dropna=True)["label"].transform("size")
         out["label_rows"] = sizes.reindex(out.index)
         imbalance = sizes.max() / sizes if len(sizes.dropna()) else sizes
         out["label_imbalance"] = imbalance.reindex(out.index)
     return out
+
+
+def label_key(label: str) -> str:
+    """A label's spelling-insensitive key: case-folded, spacing collapsed."""
+    return " ".join(str(label).casefold().split())
+
+
+def label_variants(labels: pd.Series) -> pd.Series:
+    """True for rows whose label is a rarer spelling of another label ('Pos ' beside 'pos'); the
+    most frequent spelling of each key is the reference. Nulls (feedback rows) are null."""
+    counts = labels.dropna().value_counts()
+    reference: dict[str, str] = {}
+    for label in counts.index:  # most frequent first
+        reference.setdefault(label_key(label), label)
+    flags = labels.map(lambda v: reference[label_key(v)] != v, na_action="ignore")
+    return flags.astype("boolean")
+
+
+def with_fix(failure: Failure, checked: pd.DataFrame, cfg: ValidateConfig) -> Failure:
+    """The failure with what would accept the data: the setting and the value the data needs,
+    or what to change in the source."""
+    from dataclasses import replace
+
+    return replace(failure, fix=_fix(failure, checked[judged_by_set_checks(checked)], cfg))
+
+
+def setting(key: str, value: object) -> str:
+    """How to set validate.`key` to `value`: in params.yaml or for one run."""
+    shown = f"{value:g}" if isinstance(value, float) else str(value)
+    return f"set validate.{key}: {shown} in params.yaml (or --set validate.{key}={shown})"
+
+
+def _fix(failure: Failure, rows: pd.DataFrame, cfg: ValidateConfig) -> str | None:
+    column, kind = failure.column, failure.expectation
+    if failure.error or kind == "expect_column_to_exist":
+        return "name the text and label columns with --text-col / --label-col (data.sources)"
+    if kind == "expect_column_values_to_not_be_null" or (column == "label" and "length" in kind):
+        return f"fill in or remove the rows without a {column} in the source"
+    if column == "text_stripped_len":
+        return "remove the blank texts from the source (validate.min_text_chars is at least 1)"
+    if column == "text":
+        longest = int(rows["text"].astype("string").str.len().max())
+        return (
+            f"{setting('max_text_chars', longest)} (the longest text), or shorten or drop the "
+            "long texts"
+        )
+    if column == "label" and kind == "expect_column_unique_value_count_to_be_between":
+        found = rows["label"].nunique()
+        if found < 2:
+            return "a classifier needs at least 2 labels: add rows with another label"
+        return f"{setting('min_classes', found)}, or add rows with other labels"
+    if column == "label_rows":
+        sizes = rows["label"].value_counts()
+        return (
+            f"{setting('min_rows_per_class', int(sizes.min()))} (label {sizes.idxmin()!r} has "
+            f"{int(sizes.min())} rows), or add rows of the small labels, or drop them"
+        )
+    if column == "label_imbalance":
+        ratio = math.ceil(float(rows["label_imbalance"].max()) * 100) / 100
+        return (
+            f"{setting('max_class_imbalance', ratio)}, or add rows of the small labels (the "
+            "loss is not weighted by class)"
+        )
+    if column == "text_repeats":
+        share = math.ceil(float(rows["text_repeats"].astype(float).mean()) * 1000) / 1000
+        return (
+            f"{setting('max_duplicate_rate', share)} (repeats are dropped before training), or "
+            "remove them from the source"
+        )
+    if column == "label_variant":
+        groups: dict[str, set[str]] = {}
+        for label in rows["label"].dropna().unique():
+            groups.setdefault(label_key(label), set()).add(label)
+        spelled = [" / ".join(repr(v) for v in sorted(g)) for g in groups.values() if len(g) > 1]
+        return f"spell each label one way in the source: {'; '.join(spelled)}"
+    if column == "label":
+        found = sorted(map(str, rows["label"].dropna().unique()))
+        shown = ", ".join(found[:20]) + (", ..." if len(found) > 20 else "")
+        return (
+            f"set validate.labels: [{shown}] in params.yaml to accept every label found (or "
+            "null, or `flywheel run --labels`); or fix the rows' labels"
+        )
+    return None
 
 
 def build_suite(cfg: ValidateConfig):
@@ -208,6 +301,11 @@ def build_suite(cfg: ValidateConfig):
             column="label_imbalance",
             max_value=cfg.max_class_imbalance,
             description=f"largest class is at most {cfg.max_class_imbalance:g}x the smallest",
+        ),
+        gxe.ExpectColumnValuesToBeInSet(
+            column="label_variant",
+            value_set=[False],
+            description="no two labels differ only in case or spacing",
         ),
         gxe.ExpectColumnValuesToBeInSet(
             column="text_repeats",
@@ -310,9 +408,14 @@ def run_suite(
             success=bool(outcome.success),
             rows=len(frame),
             evaluated=len(outcome.results),
-            failures=[_failure(r) for r in outcome.results if not r.success],
+            failures=[
+                with_fix(_failure(r), checked, cfg) for r in outcome.results if not r.success
+            ],
             report_dir=report_dir,
             feedback_rows=int((~judged_by_set_checks(frame)).sum()),
+            sources=tuple(map(str, frame["source"].dropna().unique()))
+            if "source" in frame.columns
+            else (),
         )
         write_json(staging / "result.json", outcome.to_json_dict())
         (staging / "summary.txt").write_text(report.summary() + "\n", encoding="utf-8")

@@ -5,6 +5,7 @@ import pytest
 
 from flywheel import feedback
 from flywheel.feedback import FeedbackRecord
+from flywheel.stores import StoreError, StoreVersionError
 
 
 def test_schema_columns_and_version(tmp_path):
@@ -63,7 +64,7 @@ def test_newer_schema_is_refused(tmp_path):
     conn = sqlite3.connect(path)
     conn.execute("PRAGMA user_version = 99")
     conn.close()
-    with pytest.raises(RuntimeError, match="schema version 99"):
+    with pytest.raises(StoreVersionError, match="schema version 99"):
         feedback.read(path)
 
 
@@ -186,3 +187,24 @@ def test_export_refuses_an_unknown_suffix_and_writes_nothing(tmp_path):
     with pytest.raises(feedback.FeedbackError, match=r"name the file \*\.csv or \*\.jsonl"):
         feedback.export(tmp_path / "fb.db", tmp_path / "feedback.xlsx")
     assert not (tmp_path / "feedback.xlsx").exists()
+
+
+def test_a_file_that_is_not_a_flywheel_store_is_refused_naming_it(tmp_path):
+    text = tmp_path / "notes.db"
+    text.write_text("id,text,label\n1,hello,pos\n")
+    foreign = tmp_path / "shop.db"
+    conn = sqlite3.connect(foreign)
+    conn.execute("CREATE TABLE orders (id INTEGER)")
+    conn.commit()
+    conn.close()
+    for path, phrase in ((text, "not an SQLite database"), (foreign, "tables: orders")):
+        before = path.read_bytes()
+        with pytest.raises(StoreError, match=phrase) as info:
+            feedback.read(path)
+        assert str(path) in str(info.value)
+        with pytest.raises(StoreError, match=phrase):
+            feedback.add(path, [FeedbackRecord(text="a", label="b")])
+        assert path.read_bytes() == before  # not written into
+    ours = tmp_path / "feedback.db"
+    feedback.add(ours, [FeedbackRecord(text="a", label="b")])
+    assert len(feedback.read(ours)) == 1

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from flywheel.config import load_config
-from flywheel.tasks.prepare import EmptySplitError, prepare
+from flywheel.tasks.prepare import CleanedAwayError, EmptySplitError, prepare
 from flywheel.tasks.validate import DataNotValidatedError, DataValidationError, validate
 from tests.conftest import REPO, labelled_frame
 
@@ -64,3 +64,21 @@ def test_a_label_missing_from_a_split_is_an_error_and_writes_nothing(cfg):
     with pytest.raises(EmptySplitError, match=r"label 'rare' has no rows in the .* split"):
         prepare(cfg, raw)
     assert not cfg.split.prepared_dir.exists()
+
+
+def test_a_label_whose_texts_are_all_markup_is_an_error_and_writes_nothing(cfg):
+    markup = labelled_frame(40, ("html",)).assign(text=[f"<p>{'<br>' * i}</p>" for i in range(40)])
+    raw = write_raw(cfg, pd.concat([labelled_frame(200), markup], ignore_index=True))
+    validate(cfg, raw)  # 'html' rows are not blank before cleaning: the gate lets them by
+    with pytest.raises(CleanedAwayError) as info:
+        prepare(cfg, raw)
+    message = str(info.value)
+    assert "cleaning left no rows of label 'html' (40 rows) (test)" in message
+    assert "40 emptied by cleaning" in message
+    assert "row sample.csv:1: '<p></p>'" in message
+    assert not cfg.split.prepared_dir.exists()
+    # A few markup-only rows beside real texts of their label are dropped and counted.
+    some = pd.concat([labelled_frame(200), markup.head(3).assign(label="pos")], ignore_index=True)
+    raw = write_raw(cfg, some)
+    validate(cfg, raw)
+    assert prepare(cfg, raw).report.emptied_by_cleaning == 3

@@ -7,7 +7,7 @@ import pytest
 
 from flywheel.config import EmbeddedSource, ValidateConfig, load_config
 from flywheel.sources import read_embedded
-from flywheel.tasks.validate import run_suite
+from flywheel.tasks.validate import DataValidationError, run_suite
 from tests.conftest import REPO, labelled_frame
 
 CFG = ValidateConfig(labels=["pos", "neg"], min_rows_per_class=10, max_text_chars=200)
@@ -22,7 +22,7 @@ def test_default_data_passes_the_configured_suite(tmp_path):
     report = run_suite(read_embedded(EmbeddedSource(kind="embedded")), cfg.validate_, tmp_path)
     assert report.success, report.summary()
     assert report.rows == 12_808
-    assert report.evaluated == 12
+    assert report.evaluated == 13
     assert json.loads((tmp_path / "result.json").read_text())["success"] is True
     assert (tmp_path / "docs" / "index.html").is_file()
     assert "passed" in (tmp_path / "summary.txt").read_text()
@@ -75,6 +75,26 @@ BAD = {
         "largest class is at most 10x the smallest",
         None,
     ),
+    "label spellings": (
+        lambda f: mutate(mutate(f, 1, "label", "Pos "), 3, "label", "POS"),
+        "no two labels differ only in case or spacing",
+        "sample.csv:2",
+    ),
+}
+# What each failure says would accept the data: the setting and its value, or the action.
+FIXES = {
+    "missing column": "name the text and label columns with --text-col / --label-col",
+    "null text": "fill in or remove the rows without a text in the source",
+    "empty text": "remove the blank texts from the source",
+    "too long": "set validate.max_text_chars: 1000000 in params.yaml "
+    "(or --set validate.max_text_chars=1000000)",
+    "unknown label": "set validate.labels: [meh, neg, pos] in params.yaml",
+    "one class": "a classifier needs at least 2 labels: add rows with another label",
+    "rare class": "set validate.min_rows_per_class: 3 in params.yaml (or --set "
+    "validate.min_rows_per_class=3) (label 'odd' has 3 rows)",
+    "duplicates": "set validate.max_duplicate_rate: 0.25 in params.yaml",  # 20 of 80 rows
+    "imbalance": "set validate.max_class_imbalance: 25 in params.yaml",  # 300 / 12
+    "label spellings": "spell each label one way in the source: 'POS' / 'Pos ' / 'pos'",
 }
 
 
@@ -87,6 +107,8 @@ def test_each_bad_frame_fails_with_a_readable_summary(tmp_path, case):
     assert description in failures, report.summary()
     summary = report.summary()
     assert f"x {description}" in summary
+    assert f"fix: {FIXES[case]}" in summary
+    assert f"fix: {FIXES[case]}" in str(DataValidationError(report))  # what a run prints
     assert str(tmp_path / "result.json") in summary
     if example_row:
         assert f"row {example_row}:" in summary
