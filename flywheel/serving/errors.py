@@ -12,6 +12,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flywheel.serving.schemas import Problem
 
@@ -83,6 +84,22 @@ async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse
     return JSONResponse({"detail": detail, "errors": errors}, 422)
 
 
+# FastAPI's words for a body json.loads gave up on with something else than a syntax error.
+UNPARSED = "There was an error parsing the body"
+
+
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """Starlette's and FastAPI's own refusals (404, 405, an unparsable body) in the API's
+    shape, `{detail, errors}`."""
+    detail = exc.detail
+    if exc.status_code == 400 and detail == UNPARSED:
+        detail = (
+            "the body could not be read as JSON: send UTF-8 encoded JSON (this body has bytes "
+            "that are not UTF-8, nesting too deep or a number too long to read)"
+        )
+    return JSONResponse({"detail": detail, "errors": []}, exc.status_code, exc.headers)
+
+
 async def crashed(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unexpected error on %s %s", request.method, request.url.path)
     return JSONResponse(
@@ -94,5 +111,6 @@ async def crashed(request: Request, exc: Exception) -> JSONResponse:
 HANDLERS: dict[Any, Any] = {
     ApiError: api_error,
     RequestValidationError: invalid,
+    StarletteHTTPException: http_error,
     Exception: crashed,
 }

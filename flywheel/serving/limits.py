@@ -10,6 +10,7 @@ from typing import Any
 
 from flywheel.config import ServeConfig
 from flywheel.serving.errors import ApiError
+from flywheel.text import clean_text
 
 
 def check_batch(size: int, sc: ServeConfig) -> None:
@@ -25,15 +26,22 @@ def checked(text: str, where: str, sc: ServeConfig) -> tuple[str, bool]:
     """The text to score and whether it was cut; `where` names it in errors (`texts[2]`)."""
     if not text.strip():
         raise ApiError(422, f"{where} is empty or only whitespace")
-    if len(text) <= sc.max_text_chars:
-        return text, False
-    if sc.long_text == "truncate":
-        return text[: sc.max_text_chars], True
-    raise ApiError(
-        413,
-        f"{where} has {len(text):,} characters, over the limit of {sc.max_text_chars:,} "
-        "(serve.max_text_chars; serve.long_text: truncate cuts long texts instead)",
-    )
+    cut = len(text) > sc.max_text_chars
+    if cut and sc.long_text != "truncate":
+        raise ApiError(
+            413,
+            f"{where} has {len(text):,} characters, over the limit of {sc.max_text_chars:,} "
+            "(serve.max_text_chars; serve.long_text: truncate cuts long texts instead)",
+        )
+    if cut:
+        text = text[: sc.max_text_chars]
+    # Markup, entities or invisible characters may be all there is: the model would answer for
+    # an empty text. (Checked only where cleaning can remove something: a plain text skips it.)
+    if ("<" in text or "&" in text or not text.isprintable()) and not clean_text(text):
+        raise ApiError(
+            422, f"{where} is empty after cleaning (only markup or invisible characters)"
+        )
+    return text, cut
 
 
 # A text's characters as JSON bytes at worst: an astral character escaped as two \\uXXXX.

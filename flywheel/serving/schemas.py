@@ -7,9 +7,29 @@ are made by the app, so that each error names the limit and where it is set.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictStr, model_validator
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictStr, model_validator
 
 ID_PATTERN = r"^[A-Za-z0-9._:-]{1,128}$"
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _unicode(value: str) -> str:
+    """JSON may escape half of a UTF-16 pair ("\\ud800") alone: that is not Unicode text, and
+    neither the tokenizer nor the UTF-8 stores can take it."""
+    found = _SURROGATE.search(value)
+    if found:
+        raise ValueError(
+            f"holds a lone UTF-16 surrogate (U+{ord(found.group()):04X} at character "
+            f"{found.start()}), which is not Unicode text: send both halves of the pair, or "
+            "valid UTF-8"
+        )
+    return value
+
+
+Text = Annotated[StrictStr, AfterValidator(_unicode)]  # a string that is Unicode text
 
 
 class _Body(BaseModel):
@@ -17,8 +37,8 @@ class _Body(BaseModel):
 
 
 class PredictRequest(_Body):
-    text: StrictStr | None = Field(None, description="One text to classify.")
-    texts: list[StrictStr] | None = Field(
+    text: Text | None = Field(None, description="One text to classify.")
+    texts: list[Text] | None = Field(
         None, description="Several texts (at most serve.max_batch); answers keep their order."
     )
 
@@ -83,12 +103,12 @@ class FeedbackRequest(_Body):
         "Omitted: the server derives one from the text and the label, so the same text with "
         "the same label is stored once.",
     )
-    text: StrictStr = Field(description="The text the feedback is about.")
-    label: StrictStr = Field(description="The label the user says is right (a model label).")
+    text: Text = Field(description="The text the feedback is about.")
+    label: Text = Field(description="The label the user says is right (a model label).")
     prediction_id: str | None = Field(
         None, pattern=ID_PATTERN, description="The /predict answer this is about, if known."
     )
-    predicted_label: StrictStr | None = Field(
+    predicted_label: Text | None = Field(
         None, description="What the model answered, if known (else taken from prediction_id)."
     )
 
