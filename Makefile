@@ -14,11 +14,11 @@ help:  ## list the targets
 run: $(STAMP)  ## run the whole pipeline on the embedded default data
 	$(BIN)/flywheel run
 
-test: $(STAMP)  ## run the test suite
-	$(BIN)/pytest
+test: $(STAMP)  ## run the test suite (all but the long load tests of make reliability)
+	$(BIN)/pytest -m "not long"
 
 reliability: $(STAMP)  ## the reliability and security suite alone (tests/reliability) and pip-audit of .venv (report: benchmarks/results/pip-audit.json)
-	$(BIN)/pytest -m reliability
+	FLYWHEEL_LOAD_REPORT=benchmarks/results/load.json $(BIN)/pytest -m reliability
 	$(BIN)/pip-audit --skip-editable --progress-spinner off --format json --output benchmarks/results/pip-audit.json \
 	  || { echo "pip-audit: known vulnerabilities, see benchmarks/results/pip-audit.json"; exit 1; }
 	@$(BIN)/python -c 'import json; d = json.load(open("benchmarks/results/pip-audit.json"))["dependencies"]; \

@@ -101,6 +101,13 @@ def create_app(cfg: Config, slot: ChampionSlot, token: str | None = None) -> Fas
     return app
 
 
+# How long an idle connection stays open. Longer than the idle timeouts of clients and proxies
+# (httpx 5 s, a load balancer's 60 s): with uvicorn's 5 s the server closed connections a busy
+# client was just reusing, and that request failed with a reset (tests/reliability/test_load.py
+# at 64 clients on a loaded machine).
+KEEP_ALIVE_SECONDS = 75
+
+
 def registry_slot(cfg: Config, poll_seconds: float) -> ChampionSlot:
     """A slot for the registry's champion (nothing loaded yet): what `flywheel serve` serves."""
     return ChampionSlot(RegistrySource(ModelRegistry.of(cfg), cfg.serve.threads), poll_seconds)
@@ -139,4 +146,10 @@ def serve(
         if token
         else f"no token set (${sc.token_env}): /feedback and /reload are open"
     )
-    uvicorn.run(create_app(cfg, slot, token), host=host, port=port, log_level=log_level)
+    uvicorn.run(
+        create_app(cfg, slot, token),
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+    )
