@@ -27,6 +27,15 @@ _REFERENCE_BEFORE = re.compile(
     r"(?:\s*(?:number|no|nr|id)\b\.?)?|#)\s*[:#]?\s*$",
     re.I,
 )
+# Words that make a 7-digit local number ("566-7747") a phone: without one, NNN-NNNN is as often
+# a range, a room or a part number. Only in the 40 characters before the number.
+_PHONE_BEFORE = re.compile(
+    r"\b(?:call(?:ed|ing)?|phone[ds]?|tel|telephone|cell|mobile|fax|text(?:ed)?|sms|whatsapp|"
+    r"dial(?:ed)?|ring|reach|number)\b[^.!?\d]*$",
+    re.I,
+)
+_LOCAL_NUMBER = re.compile(r"\d{3}[ .-]\d{4}")
+_NANP = re.compile(r"1[ .-]\d{3}[ .-]\d{3}[ .-]\d{4}")
 _YEAR = re.compile(r"(?:19|20)\d\d")
 _DATE = re.compile(r"(?:19|20)\d\d[-./]\d\d?[-./]\d\d?|\d\d?[-./]\d\d?[-./](?:19|20)\d\d")
 
@@ -78,14 +87,18 @@ def _phone_ok(match: re.Match[str]) -> bool:
     international = candidate.startswith("+")
     trunk = candidate.lstrip("(").startswith("0")  # national prefix: 06 ..., 020 ..., (0)1 ...
     # Bare digit runs of 7-8 look like years, ids or dates; demand an international or area-code
-    # prefix for those, and accept 9-15 digits as they come.
-    if not (9 <= digits <= 15 or (7 <= digits <= 8 and candidate[0] in "+(")):
+    # prefix for those, or a local number written NNN-NNNN after a word such as "call" or
+    # "phone"; accept 9-15 digits as they come.
+    local = _LOCAL_NUMBER.fullmatch(candidate) and _PHONE_BEFORE.search(_before(match))
+    if not (9 <= digits <= 15 or (7 <= digits <= 8 and (candidate[0] in "+(" or local))):
         return False
     if re.match(r":\d", match.string[match.end() :]):  # "2024-01-15 12:30": a time follows
         return False
     if _REFERENCE_BEFORE.search(_before(match)):  # "order #123456789", "ticket 100-200-300"
         return False
-    if len(groups[0]) == 1 and candidate[0] not in "+(":  # "3-16-148410" out of an ISBN
+    # "3-16-148410" out of an ISBN; but "1-800-555-0199" is a North American number with its
+    # trunk prefix.
+    if len(groups[0]) == 1 and candidate[0] not in "+(" and not _NANP.fullmatch(candidate):
         return False
     # Runs of 2-digit groups are scores or lists ("10 20 30 40 50") unless written the French way,
     # with a leading 0 or a country code ("06 12 34 56 78", "+33 6 12 34 56 78").
