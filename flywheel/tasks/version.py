@@ -14,6 +14,7 @@ import logging
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from flywheel.config import Config
-from flywheel.io import file_md5
+from flywheel.io import file_md5, write_json_atomic
 from flywheel.retries import retry_on_io
 from flywheel.stages import StageSpec
 from flywheel.tasks.prepare import PrepareResult
@@ -35,6 +36,9 @@ STAGE = StageSpec(
 )
 
 log = logging.getLogger(__name__)
+
+PENDING_FILE = "flywheel-pending-push.json"
+PUSH_ATTEMPTS = 2  # then the push is left pending for the next run
 
 
 @dataclass(frozen=True)
@@ -88,14 +92,56 @@ def record_data_version(root: Path, prepared_dir: Path, pipeline_run: bool) -> D
     if recorded != version:
         raise RuntimeError(f"{pointer} records {recorded} for {relative}, computed {version}")
     remote = default_remote(root)
-    pushed = 0
+    pushed, pushed_note = 0, "no remote"
     if remote:
-        match = re.search(r"(\d+) files? pushed", dvc(root, "push", target))
-        pushed = int(match.group(1)) if match else 0
-    pushed_note = f"pushed {pushed} file(s) to DVC remote {remote!r}" if remote else "no remote"
+        pushed, pushed_note = push_with_pending(root, target, remote)
     note = f"recorded in {pointer.relative_to(root)}; {pushed_note}"
     log.info("version: data version %s; %s", version, note)
     return DataVersion(version, pointer, pushed, remote, note)
+
+
+def _push(root: Path, targets: list[str]) -> str:
+    """`dvc push` of the targets, tried PUSH_ATTEMPTS times (2 s apart) before it fails."""
+    for attempt in range(1, PUSH_ATTEMPTS + 1):
+        try:
+            return dvc(root, "push", *targets)
+        except OSError:
+            if attempt == PUSH_ATTEMPTS:
+                raise
+            time.sleep(2)
+    raise AssertionError("unreachable")
+
+
+def pending_path(root: Path) -> Path:
+    """The DVC targets whose push failed, for the next run to push (inside .dvc/tmp: local)."""
+    return root / ".dvc" / "tmp" / PENDING_FILE
+
+
+def push_with_pending(root: Path, target: str, remote: str) -> tuple[int, str]:
+    """Push `target` and every target an earlier run failed to push (still recorded); (files
+    pushed, a note for the run summary). An unreachable remote does not fail the run: the data
+    version is recorded locally, the targets are kept as pending and the note says so."""
+    path = pending_path(root)
+    pending = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+    # A pending one-off pointer that was since deleted has nothing left to push.
+    targets = [t for t in pending if t.startswith("dvc.yaml:") or (root / t).is_file()]
+    targets = [*dict.fromkeys([*targets, target])]
+    try:
+        out = _push(root, targets)
+    except OSError as exc:
+        write_json_atomic(path, targets)
+        reason = str(exc).splitlines()[-1][-300:]
+        log.warning("version: push to DVC remote %r failed: %s", remote, reason)
+        return 0, (
+            f"push to DVC remote {remote!r} FAILED ({reason}); the data is recorded locally "
+            f"and the next run pushes it ({len(targets)} target(s) pending), or run `dvc push`"
+        )
+    path.unlink(missing_ok=True)
+    match = re.search(r"(\d+) files? pushed", out)
+    pushed = int(match.group(1)) if match else 0
+    earlier = len(targets) - 1
+    also = f", with {earlier} pending from an earlier run" if earlier else ""
+    return pushed, f"pushed {pushed} file(s) to DVC remote {remote!r}{also}"
 
 
 def _run_dvc(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
