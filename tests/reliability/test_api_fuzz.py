@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from flywheel import servers
-from flywheel.servers import free_port
+from tests.reliability.conftest import serving
 from tests.serving.conftest import exports, project  # noqa: F401 (fixtures)
 
 TOKEN = "fuzz-token"
@@ -17,11 +16,8 @@ MAX_EXAMPLES = 40  # per operation
 
 @pytest.fixture
 def served(project):  # noqa: F811
-    root, registry = project
-    env = {"FLYWHEEL_API_TOKEN": TOKEN, "MLFLOW_TRACKING_URI": registry.uri}
-    spec = servers.serve_spec(root / "params.yaml", free_port(), 0, root / "serve.log", env)
-    with servers.running([spec]):
-        yield spec.url
+    with serving(project, 0, {"FLYWHEEL_API_TOKEN": TOKEN}) as server:
+        yield server.spec.url
 
 
 @pytest.mark.slow

@@ -74,6 +74,13 @@ def frame_to(kind: str, frame: pd.DataFrame) -> Callable[[Path], None]:
     return write
 
 
+def two_classes(first: int, second: int) -> Callable[[Path], None]:
+    """A CSV with `first` rows of label a and `second` rows of label b."""
+    rows = [(f"first kind {i}", "a") for i in range(first)]
+    rows += [(f"second kind {i}", "b") for i in range(second)]
+    return frame_to("csv", pd.DataFrame(rows))
+
+
 def jsonl(records: list[dict]) -> str:
     return "".join(json.dumps(r) + "\n" for r in records)
 
@@ -191,16 +198,7 @@ CASES: dict[str, Case] = {
         ),
     ),
     "class imbalance": Case(
-        source(
-            "imb.csv",
-            frame_to(
-                "csv",
-                pd.DataFrame(
-                    [(f"first kind {i}", "a") for i in range(600)]
-                    + [(f"second kind {i}", "b") for i in range(50)]
-                ),
-            ),
-        ),
+        source("imb.csv", two_classes(600, 50)),
         (
             "largest class is at most 10x the smallest",
             "fix: set validate.max_class_imbalance: 12 in params.yaml "
@@ -208,16 +206,7 @@ CASES: dict[str, Case] = {
         ),
     ),
     "too few rows of a class": Case(
-        source(
-            "few.csv",
-            frame_to(
-                "csv",
-                pd.DataFrame(
-                    [(f"first kind {i}", "a") for i in range(60)]
-                    + [(f"second kind {i}", "b") for i in range(10)]
-                ),
-            ),
-        ),
+        source("few.csv", two_classes(60, 10)),
         (
             "every label has at least 50 rows (10 of 70 rows)",
             "fix: set validate.min_rows_per_class: 10 in params.yaml",

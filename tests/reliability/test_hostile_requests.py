@@ -12,8 +12,8 @@ import time
 import httpx
 import pytest
 
-from flywheel import feedback, servers
-from flywheel.servers import free_port
+from flywheel import feedback
+from tests.reliability.conftest import serving
 from tests.reliability.test_body_limit import api  # noqa: F401 (the in-process API fixture)
 from tests.serving.conftest import exports, project  # noqa: F401 (fixtures)
 from tests.serving.test_api import settings, source  # noqa: F401
@@ -166,16 +166,8 @@ SLOW = 40  # connections held open at once: half stop inside their headers, half
 
 @pytest.fixture
 def served(project):  # noqa: F811
-    root, registry = project
-    spec = servers.serve_spec(
-        root / "params.yaml",
-        free_port(),
-        0,
-        root / "serve.log",
-        {"MLFLOW_TRACKING_URI": registry.uri},
-    )
-    with servers.running([spec]):
-        yield spec, root
+    with serving(project, 0) as server:
+        yield server.spec, project[0]
 
 
 def hold(port: int, partial: bytes) -> socket.socket:

@@ -20,10 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from flywheel import feedback, servers
+from flywheel import feedback
 from flywheel.promotion import rollback
 from flywheel.registry import CHAMPION, PREVIOUS
-from flywheel.servers import free_port
+from tests.reliability.conftest import serving
 from tests.serving.conftest import exports, project  # noqa: F401 (fixtures)
 
 LEVELS = (8, 32, 64)
@@ -121,16 +121,8 @@ async def level_with_moves(url: str, registry, level: int, tally: Tally, offset:
 
 @pytest.fixture
 def served(project):  # noqa: F811
-    root, registry = project
-    spec = servers.serve_spec(
-        root / "params.yaml",
-        free_port(),
-        0.3,
-        root / "serve.log",
-        {"MLFLOW_TRACKING_URI": registry.uri},
-    )
-    with servers.running([spec]) as running:
-        yield spec.url, registry, root, running[0]
+    with serving(project, 0.3) as server:
+        yield server.spec.url, project[1], project[0], server
 
 
 def feedback_store(root: Path) -> Path:
