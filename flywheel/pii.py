@@ -34,6 +34,8 @@ _PHONE_BEFORE = re.compile(
     r"dial(?:ed)?|ring|reach|number)\b[^.!?\d]*$",
     re.I,
 )
+# ... or a number with its area code just before it: "(212) 566-8082 or 566-7747".
+_PHONE_LIST = re.compile(r"(?:\(\d{3}\)\s*|\d{3}[ .-])\d{3}[ .-]\d{4}\s*(?:,|/|&|or|and)\s*$", re.I)
 _LOCAL_NUMBER = re.compile(r"\d{3}[ .-]\d{4}")
 _NANP = re.compile(r"1[ .-]\d{3}[ .-]\d{3}[ .-]\d{4}")
 _YEAR = re.compile(r"(?:19|20)\d\d")
@@ -89,7 +91,10 @@ def _phone_ok(match: re.Match[str]) -> bool:
     # Bare digit runs of 7-8 look like years, ids or dates; demand an international or area-code
     # prefix for those, or a local number written NNN-NNNN after a word such as "call" or
     # "phone"; accept 9-15 digits as they come.
-    local = _LOCAL_NUMBER.fullmatch(candidate) and _PHONE_BEFORE.search(_before(match))
+    before = _before(match)
+    local = _LOCAL_NUMBER.fullmatch(candidate) and (
+        _PHONE_BEFORE.search(before) or _PHONE_LIST.search(before)
+    )
     if not (9 <= digits <= 15 or (7 <= digits <= 8 and (candidate[0] in "+(" or local))):
         return False
     if re.match(r":\d", match.string[match.end() :]):  # "2024-01-15 12:30": a time follows

@@ -71,6 +71,10 @@ SAMPLE: list[tuple[str, list[tuple[str, str]]]] = [
         "two numbers: 555-111-2222 and +1 555 333 4444",
         [("phone", "555-111-2222"), ("phone", "+1 555 333 4444")],
     ),
+    (  # the public news snippet of the issue: the local number used to stay
+        "Tenants can get information at (212) 566-8082 or 566-7747.",
+        [("phone", "(212) 566-8082"), ("phone", "566-7747")],
+    ),
     ("call 1-800-555-0199 for support", [("phone", "1-800-555-0199")]),
     ("+1-555-123-4567 is the only number that works", [("phone", "+1-555-123-4567")]),
     ("555 123 4567 is my cell", [("phone", "555 123 4567")]),
@@ -96,6 +100,7 @@ SAMPLE: list[tuple[str, list[tuple[str, str]]]] = [
     ("I waited 45 minutes on hold, 3 times", []),
     ("model RX-5500 XT runs hot at 85 C", []),
     ("pages 123-4567 of the manual are missing", []),
+    ("chapters 2 and 3, pages 120-1450 or 200-2010 of it", []),
     ("delivered on 15.01.2024, two days late", []),
     ("tracking number 1Z999AA10123456784 shows nothing", []),
     ("I rated it 4.5/5 on Amazon.com", []),
