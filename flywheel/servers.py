@@ -24,13 +24,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from flywheel.errors import FlywheelError
+from flywheel.locks import hold
 from flywheel.tracking import default_uri, display_uri, tracking_uri
 
 HOST = "127.0.0.1"
 STATE_FILE = "flywheel-ui.json"
 LOG_DIR = "flywheel-ui"  # under the Prefect home: one log file per server
 START_LOCK = "server-start.lock"  # under the Prefect home: one server starts on it at a time
-_HELD: set[Path] = set()  # locks this process holds (servers.held)
 PREFECT_START_TIMEOUT = 120.0  # seconds; ~6 s on an idle 2-core machine, far more when busy
 MLFLOW_START_TIMEOUT = 180.0  # ~18 s idle
 SERVE_START_TIMEOUT = 180.0  # loading the champion from the registry: ~10 s idle
@@ -332,7 +332,7 @@ def starting(specs: list[ServerSpec]) -> Iterator[Callable[[], list[Server]]]:
     A spec's start lock is held from before its start until `ready()` returns (or the block
     ends): a second process starting a server on the same database waits for it."""
     servers: list[Server] = []
-    locks = contextlib.ExitStack()
+    locks = contextlib.ExitStack()  # the specs' start locks (flywheel.locks: flock)
 
     def ready() -> list[Server]:
         try:
@@ -344,42 +344,19 @@ def starting(specs: list[ServerSpec]) -> Iterator[Callable[[], list[Server]]]:
     try:
         for spec in specs:
             if spec.start_lock is not None:
-                locks.enter_context(held(spec.start_lock, f"{spec.name} server start"))
+                where = spec.start_lock.parent
+                guard = hold(
+                    spec.start_lock,
+                    f"{spec.name} server start",
+                    guards=f"{spec.name} server starts on {where}",
+                )
+                locks.enter_context(guard)
             servers.append(start(spec))
         yield ready
     finally:
         locks.close()
         with interrupts_deferred():  # a second Ctrl-C must not leave servers behind
             stop_all(servers)
-
-
-@contextlib.contextmanager
-def held(path: Path, what: str) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (flock: released when this process dies) for the block,
-    waiting, with a log line, while another process holds it. Re-entrant within this process
-    (two flocks of one file from one process would wait for each other)."""
-    import fcntl
-    import logging
-
-    path = path.resolve()
-    if path in _HELD:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            logging.getLogger(__name__).info(
-                "another process is in its %s on %s: waiting for it", what, path.parent
-            )
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        _HELD.add(path)
-        try:
-            yield
-        finally:
-            _HELD.discard(path)
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @contextlib.contextmanager

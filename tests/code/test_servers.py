@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -364,26 +365,25 @@ def test_a_configured_prefect_api_is_used_and_nothing_started(tmp_path, monkeypa
 HOLDER = """
 import sys, time
 from pathlib import Path
-from flywheel import servers
-with servers.held(Path(sys.argv[1]), "test"):
+from flywheel import locks
+with locks.hold(Path(sys.argv[1]), "test", guards="test"):
     print("holding", flush=True)
     time.sleep(float(sys.argv[2]))
 """
 
 
-def test_a_held_start_lock_makes_the_next_process_wait_until_it_is_let_go(tmp_path):
+def test_a_server_with_a_start_lock_starts_only_once_another_process_lets_go(tmp_path):
     lock = tmp_path / "home" / servers.START_LOCK
+    spec = replace(spec_for(tmp_path, "import time; time.sleep(60)"), start_lock=lock)
     started = time.monotonic()
-    with servers.held(lock, "test"):  # nobody else holds it: no wait
+    with servers.starting([spec]):  # nobody holds it: no wait
         assert time.monotonic() - started < 1
-        with servers.held(lock, "test"):  # re-entrant in one process
-            pass
     holder = subprocess.Popen(
         [sys.executable, "-c", HOLDER, str(lock), "3"], stdout=subprocess.PIPE, text=True
     )
     assert holder.stdout.readline().strip() == "holding"
     started = time.monotonic()
-    with servers.held(lock, "test"):
+    with servers.starting([spec]):
         waited = time.monotonic() - started
         assert holder.poll() is not None or waited > 1.5
     assert holder.wait(timeout=30) == 0
