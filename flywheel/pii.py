@@ -82,6 +82,16 @@ def _ip_ok(match: re.Match[str]) -> bool:
     return len(groups) >= 2 and any(c.isdigit() for c in candidate)
 
 
+def _short_phone(candidate: str, before: str) -> bool:
+    """A 7-8 digit candidate that is a phone: with an international or area-code prefix, or a
+    local NNN-NNNN after a phone word or a number with its area code."""
+    if candidate[0] in "+(":
+        return True
+    return bool(_LOCAL_NUMBER.fullmatch(candidate)) and bool(
+        _PHONE_BEFORE.search(before) or _PHONE_LIST.search(before)
+    )
+
+
 def _phone_ok(match: re.Match[str]) -> bool:
     candidate = match.group(0)
     digits = sum(c.isdigit() for c in candidate)
@@ -92,14 +102,11 @@ def _phone_ok(match: re.Match[str]) -> bool:
     # prefix for those, or a local number written NNN-NNNN after a word such as "call" or
     # "phone"; accept 9-15 digits as they come.
     before = _before(match)
-    local = _LOCAL_NUMBER.fullmatch(candidate) and (
-        _PHONE_BEFORE.search(before) or _PHONE_LIST.search(before)
-    )
-    if not (9 <= digits <= 15 or (7 <= digits <= 8 and (candidate[0] in "+(" or local))):
+    if not (9 <= digits <= 15 or (7 <= digits <= 8 and _short_phone(candidate, before))):
         return False
     if re.match(r":\d", match.string[match.end() :]):  # "2024-01-15 12:30": a time follows
         return False
-    if _REFERENCE_BEFORE.search(_before(match)):  # "order #123456789", "ticket 100-200-300"
+    if _REFERENCE_BEFORE.search(before):  # "order #123456789", "ticket 100-200-300"
         return False
     # "3-16-148410" out of an ISBN; but "1-800-555-0199" is a North American number with its
     # trunk prefix.

@@ -126,7 +126,8 @@ class CleanedAwayError(FlywheelError):
 
 def check_no_label_lost(raw: pd.DataFrame, kept: pd.DataFrame, report: CleanReport) -> None:
     """Every label of the raw table keeps rows after cleaning; none silently disappears."""
-    before = raw["label"].astype("string").str.strip().value_counts()
+    labels = raw["label"].astype("string").str.strip()  # as clean_frame writes them
+    before = labels.value_counts()
     lost = [label for label in before.index if label not in set(kept["label"])]
     if not lost:
         return
@@ -140,7 +141,7 @@ def check_no_label_lost(raw: pd.DataFrame, kept: pd.DataFrame, report: CleanRepo
         if kept.empty
         else ", ".join(f"label {label!r} ({int(before[label]):,} rows)" for label in lost[:10])
     )
-    examples = raw[raw["label"].astype("string").str.strip().isin(lost)].head(3)
+    examples = raw[labels.isin(lost)].head(3)
     shown = "; ".join(
         f"row {o}: {t[:40]!r}" for o, t in zip(examples["origin"], examples["text"], strict=True)
     )

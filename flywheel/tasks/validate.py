@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -196,12 +196,10 @@ def label_variants(labels: pd.Series) -> pd.Series:
     return flags.astype("boolean")
 
 
-def with_fix(failure: Failure, checked: pd.DataFrame, cfg: ValidateConfig) -> Failure:
+def with_fix(failure: Failure, checked: pd.DataFrame) -> Failure:
     """The failure with what would accept the data: the setting and the value the data needs,
     or what to change in the source."""
-    from dataclasses import replace
-
-    return replace(failure, fix=_fix(failure, checked[judged_by_set_checks(checked)], cfg))
+    return replace(failure, fix=_fix(failure, checked[judged_by_set_checks(checked)]))
 
 
 def setting(key: str, value: object) -> str:
@@ -210,7 +208,7 @@ def setting(key: str, value: object) -> str:
     return f"set validate.{key}: {shown} in params.yaml (or --set validate.{key}={shown})"
 
 
-def _fix(failure: Failure, rows: pd.DataFrame, cfg: ValidateConfig) -> str | None:
+def _fix(failure: Failure, rows: pd.DataFrame) -> str | None:
     column, kind = failure.column, failure.expectation
     if failure.error or kind == "expect_column_to_exist":
         return "name the text and label columns with --text-col / --label-col (data.sources)"
@@ -408,9 +406,7 @@ def run_suite(
             success=bool(outcome.success),
             rows=len(frame),
             evaluated=len(outcome.results),
-            failures=[
-                with_fix(_failure(r), checked, cfg) for r in outcome.results if not r.success
-            ],
+            failures=[with_fix(_failure(r), checked) for r in outcome.results if not r.success],
             report_dir=report_dir,
             feedback_rows=int((~judged_by_set_checks(frame)).sum()),
             sources=tuple(map(str, frame["source"].dropna().unique()))
