@@ -88,7 +88,7 @@ def two_runs_at_once(root: Path, args: list[list[str]], timeout: float) -> tuple
     runs = [start(root, *run_args) for run_args in args]
     try:
         deadline = time.monotonic() + 120
-        while not all(run.stamps("waiting for the one holding") for run in runs):
+        while not all(run_lock_waits(root, run) for run in runs):
             assert time.monotonic() < deadline, [run.output for run in runs]
             assert all(run.proc.poll() is None for run in runs), [run.output for run in runs]
             time.sleep(0.5)
@@ -104,21 +104,27 @@ def two_runs_at_once(root: Path, args: list[list[str]], timeout: float) -> tuple
             if run.proc.poll() is None:
                 os.killpg(run.proc.pid, signal.SIGKILL)
                 run.proc.wait(timeout=30)
-    first, second = sorted(runs, key=lambda run: run.stamps("took .* after waiting")[0])
+    first, second = sorted(runs, key=lambda run: run.stamps(r"took \S*run\.lock after waiting")[0])
     return first, second
+
+
+def run_lock_waits(root: Path, run: Run) -> list[str]:
+    """The lines in which the run said it waits for the run lock (not for the Prefect server's
+    start lock, which both runs may also wait for when they start servers on one new home)."""
+    return [
+        line
+        for _, line in run.lines
+        if f"pipeline runs of {root} run one at a time: waiting for the one holding" in line
+    ]
 
 
 def assert_one_after_the_other(root: Path, first: Run, second: Run) -> None:
     """Both waited for the blocker; the second then waited for the first, naming it (flow run,
     pid, command), and ran its stages only after the first had finished all of its own."""
     for run in (first, second):
-        waits = [line for _, line in run.lines if "waiting for the one holding" in line]
+        waits = run_lock_waits(root, run)
         assert "to finish: the blocker, pid " in waits[0]
-    (named,) = [
-        line
-        for _, line in second.lines
-        if "waiting for the one holding" in line and "the blocker" not in line
-    ]
+    (named,) = [line for line in run_lock_waits(root, second) if "the blocker" not in line]
     assert f"pipeline runs of {root} run one at a time" in named
     assert f"flow run {first.flow_run} (" in named
     assert f"pid {first.proc.pid} on " in named and f"{FLYWHEEL} run --params" in named
