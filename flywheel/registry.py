@@ -167,11 +167,14 @@ class ModelRegistry:
                 raise
             raise RegistryError(f"{self.name} has no version {number}") from None
 
+    @tracking.store_call
     def register(
         self, export_dir: Path, run: tracking.RunRef, tags: dict[str, str], description: str
     ) -> VersionInfo:
         """The export folder as a new version. Artifacts are uploaded and verified before the
-        version exists; any failure leaves the registry as it was (no version, no alias)."""
+        version exists; any failure leaves the registry as it was (no version, no alias). A
+        store that is locked or read-only is tried again, then it and a full one raise
+        tracking.TrackingStoreError."""
         from mlflow.exceptions import MlflowException
 
         from flywheel.models.mlflow_model import save_pyfunc  # imports mlflow.pyfunc: not cheap
@@ -187,7 +190,10 @@ class ModelRegistry:
                 self.client.log_model_artifacts(logged.model_id, str(staged))
                 self._verify(logged.artifact_location, staged)
             except BaseException:
-                self.client.finalize_logged_model(logged.model_id, "FAILED")
+                try:
+                    self.client.finalize_logged_model(logged.model_id, "FAILED")
+                except Exception as exc:  # the store failing too must not hide the first cause
+                    log.warning("could not mark logged model %s FAILED: %s", logged.model_id, exc)
                 raise
             self.client.finalize_logged_model(logged.model_id, "READY")
         try:

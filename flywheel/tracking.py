@@ -10,8 +10,11 @@ docs/registry.md#tracking-in-mlflow; why: docs/decisions/0004-mlflow-run-layout.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
+import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 
     from flywheel.config import Config
 
+log = logging.getLogger(__name__)
 P = ParamSpec("P")
 R = TypeVar("R")
 
@@ -65,11 +69,102 @@ def _timing() -> Iterator[None]:
             SPENT.in_tasks += spent
 
 
-def _timed(fn: Callable[P, R]) -> Callable[P, R]:
+STORE_ATTEMPTS = 3  # tries of a call the store refused as locked or read-only (full: one)
+STORE_BACKOFF_SECONDS = 2.0  # times the attempt number, between tries
+KEPT = (
+    "nothing is lost locally: the data version and every stage that finished stay in the "
+    "project, and the next `flywheel run` reuses them"
+)
+FIXES = {
+    "locked": "another process holds a write lock on it (an `mlflow ui` or `mlflow server` "
+    "writing to the same SQLite file, or a stuck process): stop that process, or point "
+    "MLFLOW_TRACKING_URI at a tracking server, then run again",
+    "read-only": "it is on a read-only file system or not writable: make it writable (check "
+    "the mount and permissions), then run again",
+    "full": "the disk it writes to is full: free space there (or move mlflow/ to a larger "
+    "disk), then run again",
+}
+
+
+class TrackingStoreError(FlywheelError):
+    """The MLflow store refused writes (locked, read-only or full) after bounded retries."""
+
+    def __init__(self, problem: str, store: str, tries: int, cause: BaseException):
+        reason = _reason(cause)
+        super().__init__(
+            f"the MLflow store {store} is {problem} ({tries} tr{'y' if tries == 1 else 'ies'}; "
+            f"{reason}): {FIXES[problem]}. {KEPT.capitalize()}"
+        )
+        self.problem = problem
+
+
+def _reason(cause: BaseException) -> str:
+    """The driver's own words (e.g. SQLite's "attempt to write a readonly database") rather
+    than the SQL statement or SQLAlchemy's wrapping, which MLflow's message leads with."""
+    text = str(cause).strip()
+    found = re.search(r"\((?:\w+\.)*\w*Error\) ([^\n\[]+)", text)
+    if found:
+        return found.group(1).strip()[:300]
+    return text.splitlines()[0][:300] if text else repr(cause)
+
+
+def store_problem(exc: BaseException) -> str | None:
+    """ "locked", "read-only" or "full" when `exc` says the store (not the call) failed."""
+    if isinstance(exc, TrackingStoreError):
+        return None  # already judged by an inner call
+    code = exc.errno if isinstance(exc, OSError) else None
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "full"
+    if code == errno.EROFS:
+        return "read-only"
+    text = str(exc)
+    if "database is locked" in text:
+        return "locked"
+    if "readonly database" in text or "Read-only file system" in text:
+        return "read-only"
+    if "No space left on device" in text or "database or disk is full" in text:
+        return "full"
+    return None
+
+
+def _store_of(args: tuple[Any, ...]) -> str:
+    """The store a tracking call writes to, from its arguments (a run, a registry, a URI or the
+    project root), fit to print."""
+    uris = [getattr(arg, "uri", None) for arg in args]
+    uris += [arg for arg in args if isinstance(arg, str) and "://" in arg]
+    uris += [tracking_uri(arg) for arg in args if isinstance(arg, Path)]
+    found = [uri for uri in uris if isinstance(uri, str)]
+    return display_uri(found[0]) if found else "in use"
+
+
+def store_call(fn: Callable[P, R]) -> Callable[P, R]:
+    """A tracking call, timed (SPENT); a store that is locked or read-only is tried again
+    (STORE_ATTEMPTS, with backoff), then it and a full one raise TrackingStoreError."""
+
     @functools.wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        with _timing():
-            return fn(*args, **kwargs)
+        attempt = 1
+        while True:
+            try:
+                with _timing():
+                    return fn(*args, **kwargs)
+            except Exception as exc:
+                problem = store_problem(exc)
+                if problem is None:
+                    raise
+                if problem == "full" or attempt >= STORE_ATTEMPTS:
+                    raise TrackingStoreError(problem, _store_of(args), attempt, exc) from exc
+                wait = STORE_BACKOFF_SECONDS * attempt
+                log.warning(
+                    "the MLflow store %s is %s (try %d of %d): trying again in %.0f s",
+                    _store_of(args),
+                    problem,
+                    attempt,
+                    STORE_ATTEMPTS,
+                    wait,
+                )
+                time.sleep(wait)
+                attempt += 1
 
     return wrapper
 
@@ -151,7 +246,7 @@ def client(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
-@_timed
+@store_call
 def experiment_id(root: Path, name: str = EXPERIMENT) -> tuple[str, str]:
     """(tracking URI, experiment id) of the project's experiment, created on first use. In the
     project's own store its artifacts go to <root>/mlflow/artifacts; a tracking server keeps its
@@ -191,7 +286,7 @@ class RunRef:
     lineage: Lineage
 
 
-@_timed
+@store_call
 def log_params_and_tags(
     run: RunRef, params: Mapping[str, str], tags: Mapping[str, str] | None = None
 ) -> None:
@@ -207,7 +302,7 @@ def log_params_and_tags(
         mlflow_client.log_batch(run.run_id, tags=tag_items[start : start + BATCH])
 
 
-@_timed
+@store_call
 def log_metrics(run: RunRef, points: Iterable[tuple[str, float, int]]) -> int:
     """(key, value, step) points in batches of 1000; returns how many were logged."""
     from mlflow.entities import Metric
@@ -254,22 +349,33 @@ def start_run(
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
     uri, exp = (parent.uri, parent.experiment_id) if parent else experiment_id(root)
-    mlflow_client = client(uri)
     run_tags = {"flywheel.stage": stage, **lineage.tags(), **(tags or {})}
     if parent is not None:
         run_tags[MLFLOW_PARENT_RUN_ID] = parent.run_id
-    with _timing():
-        run = mlflow_client.create_run(exp, run_name=run_name or stage, tags=run_tags)
-    ref = RunRef(run.info.run_id, exp, uri, lineage)
+    ref = _create_run(uri, exp, run_name or stage, run_tags, lineage)
     try:
         log_params_and_tags(ref, params or {})
         yield ref
     except BaseException:
-        with _timing():
-            mlflow_client.set_terminated(ref.run_id, "FAILED")
+        try:
+            _terminate(ref, "FAILED")
+        except TrackingStoreError as exc:  # the store failing must not hide why the run failed
+            log.warning("could not mark MLflow run %s FAILED: %s", ref.run_id, exc)
         raise
-    with _timing():
-        mlflow_client.set_terminated(ref.run_id, "FINISHED")
+    _terminate(ref, "FINISHED")
+
+
+@store_call
+def _create_run(
+    uri: str, experiment: str, name: str, tags: Mapping[str, str], lineage: Lineage
+) -> RunRef:
+    run = client(uri).create_run(experiment, run_name=name, tags=dict(tags))
+    return RunRef(run.info.run_id, experiment, uri, lineage)
+
+
+@store_call
+def _terminate(run: RunRef, status: str) -> None:
+    client(run.uri).set_terminated(run.run_id, status)
 
 
 def stage_run(
@@ -293,7 +399,7 @@ def pipeline_run(
         yield run
 
 
-@_timed
+@store_call
 def log_dataset(run: RunRef, frame: pd.DataFrame, path: Path, context: str) -> None:
     """Record a split as an MLflow dataset input: name = `<split>@<data version>`, digest = the
     file's md5 (its entry in the DVC data version's listing), source = the Parquet file."""
@@ -317,7 +423,7 @@ def log_dataset(run: RunRef, frame: pd.DataFrame, path: Path, context: str) -> N
     client(run.uri).log_inputs(run.run_id, datasets=[entity])
 
 
-@_timed
+@store_call
 def log_artifacts(run: RunRef, local: Path, artifact_path: str | None = None) -> None:
     """A file or a folder's contents under `artifact_path` of the run."""
     mlflow_client = client(run.uri)
