@@ -116,16 +116,18 @@ def pending_path(root: Path) -> Path:
 def push_with_pending(root: Path, target: str, remote: str) -> tuple[int, str]:
     """Push `target` and every target an earlier run failed to push (still recorded); (files
     pushed, a note for the run summary). An unreachable remote does not fail the run: the data
-    version is recorded locally, the targets are kept as pending and the note says so."""
+    version is recorded locally, the targets are kept as pending and the note says so; so are
+    they when the run is killed during the push."""
     path = pending_path(root)
     pending = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
     # A pending one-off pointer that was since deleted has nothing left to push.
-    targets = [t for t in pending if t.startswith("dvc.yaml:") or (root / t).is_file()]
-    targets = [*dict.fromkeys([*targets, target])]
+    earlier = [t for t in pending if t.startswith("dvc.yaml:") or (root / t).is_file()]
+    targets = [*dict.fromkeys([*earlier, target])]
+    # Written before the push: a run killed during it leaves them pending for the next run.
+    write_json_atomic(path, targets)
     try:
         out = _push(root, targets)
     except OSError as exc:
-        write_json_atomic(path, targets)
         reason = str(exc).splitlines()[-1][-300:]
         log.warning("version: push to DVC remote %r failed: %s", remote, reason)
         return 0, (
@@ -135,8 +137,7 @@ def push_with_pending(root: Path, target: str, remote: str) -> tuple[int, str]:
     path.unlink(missing_ok=True)
     match = re.search(r"(\d+) files? pushed", out)
     pushed = int(match.group(1)) if match else 0
-    earlier = len(targets) - 1
-    also = f", with {earlier} pending from an earlier run" if earlier else ""
+    also = f", with {len(earlier)} target(s) an earlier run left unpushed" if earlier else ""
     return pushed, f"pushed {pushed} file(s) to DVC remote {remote!r}{also}"
 
 
