@@ -83,3 +83,15 @@ def make_project(root: Path, remote: Path) -> Path:
 def project(tmp_path: Path) -> Path:
     """A throw-away Flywheel project (git + DVC) with a DVC remote beside it."""
     return make_project(tmp_path / "project", tmp_path / "remote")
+
+
+@pytest.fixture(scope="session")
+def prefect_server() -> Iterator[None]:
+    """One temporary Prefect server and database for every test that needs one, for the whole
+    session. Never two nested: a run inside a second harness took its run-lock slot (a global
+    concurrency limit) on one server and gave it back to the other, and a temporary server
+    never reclaims an expired slot, so every later run in the session waited for it forever."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

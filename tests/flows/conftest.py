@@ -10,7 +10,6 @@ import pytest
 import yaml
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
-from prefect.testing.utilities import prefect_test_harness
 
 from flywheel.config import EmbeddedSource
 from flywheel.sources import read_embedded
@@ -57,10 +56,8 @@ def small_project(
 
 
 @pytest.fixture(scope="session", autouse=True)
-def prefect_harness():
-    """One temporary Prefect server and database for all flow tests."""
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def prefect_harness(prefect_server):
+    """Every flow test runs against the session's temporary Prefect server (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -81,3 +78,14 @@ def flow_run_artifacts(flow_run_id: str | UUID) -> dict[str, Any]:
             )
         )
     return {a.key: a for a in found}
+
+
+def prefect_records() -> list[str]:
+    """Every log message and artifact this test session's Prefect server holds, as text (for
+    scans: personal data or secrets must not be in them)."""
+    texts: list[str] = []
+    with get_client(sync_client=True) as prefect:
+        while page := prefect.read_logs(limit=200, offset=len(texts)):
+            texts += [log.message for log in page]
+        artifacts = prefect.read_artifacts()
+    return texts + [f"{a.key} {a.description} {a.data}" for a in artifacts]

@@ -12,14 +12,13 @@ from __future__ import annotations
 import bz2
 import json
 import sqlite3
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
-from prefect.testing.utilities import prefect_test_harness
 from typer.testing import CliRunner
 
 from flywheel import sources, tracking
@@ -270,13 +269,7 @@ CASES: dict[str, Case] = {
 
 
 @pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory, harness) -> Path:
+def project(tmp_path_factory, prefect_server) -> Path:
     """A committed project with a data version (dvc.lock) and a registered champion."""
     base = tmp_path_factory.mktemp("bad-input")
     root = make_project(base / "project", base / "remote")
