@@ -373,7 +373,9 @@ def test_export_picks_an_int8_model_that_passes_and_writes_its_parity(tmp_path, 
     from flywheel.tasks.export import export
 
     val, test = splits()
-    cfg = export_config(tmp_path, min_agreement=0.01, max_metric_loss=0.99)  # all pass
+    # All pass: the parity bounds and the speed bound (10 texts of a tiny model time too noisily
+    # to decide on speed on a loaded machine; the speed bound is tested above on given figures).
+    cfg = export_config(tmp_path, min_agreement=0.01, max_metric_loss=0.99, min_int8_speedup=0.0)
     result = export(cfg, bundle_dir, val, test, train=val)
     assert result.directory == bundle_dir.parent / "onnx"
     assert result.chosen in {"int8", "int8-per-channel"}
