@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help run test reliability lint install dvc-repro clean-state
+.PHONY: help run test test-all reliability lint install dvc-repro clean-state
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -14,8 +14,11 @@ help:  ## list the targets
 run: $(STAMP)  ## run the whole pipeline on the embedded default data
 	$(BIN)/flywheel run
 
-test: $(STAMP)  ## run the test suite (all but the long load tests of make reliability)
+test: $(STAMP)  ## run the test suite, as CI does (all but the tests marked long)
 	$(BIN)/pytest -m "not long"
+
+test-all: $(STAMP)  ## every test, the long ones too (end-to-end runs and load tests of minutes each)
+	$(BIN)/pytest
 
 reliability: $(STAMP)  ## the reliability and security suite alone (tests/reliability) and pip-audit of .venv (report: benchmarks/results/pip-audit.json)
 	FLYWHEEL_LOAD_REPORT=benchmarks/results/load.json $(BIN)/pytest -m reliability

@@ -149,7 +149,7 @@ def test_two_data_runs_at_once_run_one_after_the_other(tmp_path):
     assert "cache  reused: validate, prepare" in second.output  # the first made them
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_two_full_runs_at_once_leave_registry_and_audit_log_consistent(tmp_path):
     """Two whole runs through promotion: one after the other, each registers its version with its
     tags, and the aliases and audit log tell one story. (Both re-register: the second reuses the

@@ -15,7 +15,7 @@ from flywheel.registry import CHALLENGER, CHAMPION, PREVIOUS, ModelRegistry
 from tests.conftest import REPO
 from tests.flows.conftest import TRAIN, flow_run_artifacts, small_project
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.long  # three real trainings of 1,200 texts: about 10 min
 
 ROWS_PER_LABEL = 1500
 FLOOR = 0.70  # one epoch on 1,200 texts reaches about 0.77 (the default 0.80 is for 10,244)

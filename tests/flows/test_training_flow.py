@@ -391,6 +391,7 @@ def task_states(flow_run_id: str) -> dict[str, str]:
     return {stage_of(r): r.state.name for r in task_runs(flow_run_id)}
 
 
+@pytest.mark.long
 def test_cache_unchanged_reuses_param_change_reruns_downstream_data_change_reruns_all(trained):
     """The cache matrix on one project: unchanged -> reused (in a fraction of the first run's
     time); --dry-run says what a new lr would do and writes nothing; the new lr re-runs train and
@@ -458,3 +459,41 @@ def test_cache_unchanged_reuses_param_change_reruns_downstream_data_change_rerun
     assert grown.data_version != first.data_version
     assert ran(grown) == [s.name for s in CACHED]  # every cached stage, in pipeline order
     assert grown.plan.steps[Stage.VALIDATE].reason.startswith("data ")
+
+
+@pytest.mark.long
+def test_a_run_killed_during_export_registers_nothing_and_the_rerun_succeeds(trained):
+    """`flywheel run --force-from export` killed (SIGKILL, the whole process group) while the
+    export is writing its staging folder: no version is registered, no alias moves, the last
+    export folder is whole; the same run again re-exports, registers and decides."""
+    root, _, _ = trained
+    params = root / "params.yaml"
+    registry = ModelRegistry.of(load_config(params))
+    versions, aliases = [v.version for v in registry.versions()], registry.aliases()
+    drop = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME")
+    proc = subprocess.Popen(
+        [str(Path(sys.prefix) / "bin" / "flywheel"), "run", "--params", str(params)]
+        + ["--force-from", "export"],
+        cwd=root,
+        env={k: v for k, v in os.environ.items() if k not in drop},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group: the kill reaches Prefect's server too
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while not any(
+            (staging / "search").is_dir() for staging in root.rglob(".*.staging-*")
+        ):  # the export is searching its int8 variants
+            assert proc.poll() is None and time.monotonic() < deadline, proc.returncode
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert [v.version for v in registry.versions()] == versions
+    assert registry.aliases() == aliases
+    rerun = pipeline(params_path=params, force_from=Stage.EXPORT)
+    assert ran(rerun)[:2] == ["export", "register"]
+    assert int(rerun.registered.version) == int(versions[-1]) + 1
+    assert (rerun.export.directory / "model.onnx").is_file()
+    assert registry.load(rerun.registered.version).predict(["a fine film"])

@@ -78,6 +78,7 @@ def test_a_store_locked_for_a_moment_is_tried_again_and_the_run_goes_on(project,
     assert sorted(runs(project)) == ["first", "second"]
 
 
+@pytest.mark.long  # 66 s of bounded tries
 def test_a_store_locked_for_good_fails_with_a_clear_error_after_bounded_tries(project):
     started = time.monotonic()
     with locked(project / "mlflow" / "mlflow.db", seconds=600):
