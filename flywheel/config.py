@@ -371,7 +371,9 @@ class MonitorConfig(_Section):
         description="SQLite log of served predictions (hash, length, label, confidence).",
     )
     log_text: bool = Field(
-        False, description="Also store the raw text of each prediction (off: hash and length)."
+        False,
+        description="Also store the text of each prediction as the model saw it: cleaned, "
+        "personal data masked (off: hash and length).",
     )
     keep_predictions: int = Field(
         100000, ge=100, description="The prediction log keeps this many newest rows."

@@ -1,7 +1,8 @@
 """PII masking: personal data in free text becomes typed placeholders such as <EMAIL>.
 
-Used wherever text enters Flywheel (the clean stage now; serving and the model's preprocessing
-later), so that nothing unmasked is versioned, trained on or logged. Each rule is a candidate
+Used wherever text enters Flywheel (collect, before the raw table is written; the clean stage;
+feedback as it is received; the model's preprocessing, so serving too), so that nothing
+unmasked is stored, versioned, trained on or logged. Each rule is a candidate
 pattern plus a confirmation that sees the whole match (checksums for cards and IBANs, address
 parsing for IPs, digit counts and the surrounding words for phones). Text arrives already through
 `clean_text` (NFKC, HTML unescaped, tags stripped, whitespace collapsed).
@@ -197,7 +198,19 @@ def clean_and_mask(text: str, kinds: Sequence[str]) -> tuple[str, Counter[str]]:
     return mask_pii(clean_text(text), kinds)
 
 
-def mask_pii(text: str, kinds: list[str] | tuple[str, ...]) -> tuple[str, Counter[str]]:
+def mask_raw(text: str, kinds: Sequence[str]) -> tuple[str, Counter[str]]:
+    """A text as collected, with the `kinds` of personal data masked before it is written: as
+    written but masked; or, where cleaning reveals more to mask (an e-mail written with HTML
+    entities, say), cleaned and masked. Either way clean_and_mask of the result is what it
+    would have been of the original."""
+    masked, counts = mask_pii(text, kinds)
+    cleaned, more = clean_and_mask(masked, kinds)
+    if more:
+        return cleaned, counts + more
+    return masked, counts
+
+
+def mask_pii(text: str, kinds: Sequence[str]) -> tuple[str, Counter[str]]:
     """Replace personal data of the given kinds with typed placeholders; count what was masked."""
     counts: Counter[str] = Counter()
     for rule in PII_RULES:

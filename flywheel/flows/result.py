@@ -59,6 +59,13 @@ def export_line(export: ExportResult) -> str:
     )
 
 
+def pii_line(collected: dict[str, int], cleaned: dict[str, int]) -> str:
+    """Personal data masked, by kind: in the raw table at collect, and what cleaning then
+    revealed at prepare (0 unless markup hid it)."""
+    kinds = list(dict.fromkeys([*cleaned, *collected]))
+    return ", ".join(f"{k} {collected.get(k, 0) + cleaned.get(k, 0):,}" for k in kinds)
+
+
 def summary_lines(result: PipelineResult) -> dict[str, str]:
     """What a run did, one line per stage: what `flywheel run` prints, the head of the run's
     Prefect summary and of a retrain's outcome."""
@@ -72,7 +79,7 @@ def summary_lines(result: PipelineResult) -> dict[str, str]:
         f"exact + {report.normalised_duplicates} normalised duplicates, "
         f"{report.conflicting_label_rows} with conflicting labels, "
         f"{report.emptied_by_cleaning} empty after cleaning -> {result.prepare.prepared_dir}",
-        "PII masked": ", ".join(f"{k} {v:,}" for k, v in report.pii_counts.items()),
+        "PII masked": pii_line(result.collect.pii_counts, report.pii_counts),
         "data version": f"{result.data_version} ({result.version.note})",
     }
     if result.collect.feedback is not None:  # quarantined rows are not in this data version

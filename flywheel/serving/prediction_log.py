@@ -1,7 +1,8 @@
 """Every answered prediction into the prediction log (flywheel/predictions.py) for drift
 monitoring: the text's hash and normalised length, the label, its confidence and the share of
-words outside the training vocabulary; the raw text only with monitor.log_text. A failed write
-costs the log row (counted in /metrics), never the answer.
+words outside the training vocabulary; only with monitor.log_text the text itself, as the model
+saw it and with clean.mask_pii's kinds masked too. A failed write costs the log row (counted in /metrics),
+never the answer.
 
 Rows are written off the request path: `record` queues the answers (stamped when answered) and
 a writer thread ("prediction-log") turns them into rows and writes whatever is queued in one
@@ -22,6 +23,7 @@ from pathlib import Path
 from prometheus_client import Counter
 
 from flywheel import predictions
+from flywheel.pii import mask_pii
 from flywheel.serving.champion import ServedModel
 from flywheel.serving.schemas import Prediction
 
@@ -42,9 +44,12 @@ class _Answered:
 class PredictionLogger:
     """The app's prediction log: open from app creation to shutdown."""
 
-    def __init__(self, path: Path, keep: int, with_text: bool, errors: Counter):
+    def __init__(
+        self, path: Path, keep: int, with_text: bool, errors: Counter, mask: Sequence[str] = ()
+    ):
         self.log = predictions.PredictionLog(path, keep)
         self.with_text, self.errors = with_text, errors
+        self.mask = tuple(mask)  # kinds masked in a logged text, besides the model's own
         self._queue: queue.SimpleQueue[_Answered | threading.Event | None] = queue.SimpleQueue()
         self._writer = threading.Thread(target=self._write_queued, name="prediction-log")
         self._writer.daemon = True
@@ -134,7 +139,7 @@ class PredictionLogger:
                     p.label,
                     p.probabilities[p.label],
                     a.model.oov_rate(normalised),
-                    raw if self.with_text else None,
+                    mask_pii(normalised, self.mask)[0] if self.with_text else None,
                 )
             )
         return rows

@@ -41,7 +41,11 @@ class ServerState:
             metrics.model_version.set(int(slot.current.version))
         path = cfg.resolve(cfg.monitor.predictions_path)
         logger = PredictionLogger(
-            path, cfg.monitor.keep_predictions, cfg.monitor.log_text, metrics.log_errors
+            path,
+            cfg.monitor.keep_predictions,
+            cfg.monitor.log_text,
+            metrics.log_errors,
+            cfg.clean.mask_pii,
         )
         scorer = Scorer(
             slot, cfg.serve.batch_wait_ms, cfg.serve.max_batch, metrics.model_calls.observe

@@ -236,7 +236,8 @@ def prepare(cfg: Config, raw_path: Path, target: Path | None = None) -> PrepareR
         *(f"{n:,}" for n in counts),
     )
     log.info(
-        "prepare: PII masked: %s", ", ".join(f"{k} {v:,}" for k, v in report.pii_counts.items())
+        "prepare: PII masked after cleaning: %s",
+        ", ".join(f"{k} {v:,}" for k, v in report.pii_counts.items()),
     )
     log.info("prepare: split %s", ", ".join(f"{k} {len(v):,}" for k, v in splits.items()))
     return PrepareResult(

@@ -177,3 +177,47 @@ def test_an_io_error_on_a_csv_stays_an_io_error(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "open", unreadable)
     with pytest.raises(PermissionError):  # retried by the task, not a "bad Parquet" SourceError
         collect.read_table(path)
+
+
+def test_personal_data_is_masked_before_the_raw_table_is_written(tmp_path):
+    path = _bytes(
+        tmp_path / "pii.csv",
+        b"text,label\n"
+        b'"<b>call 555-123-4567</b> or mail jane.doe@example.com",neg\n'
+        b"write to jane&#46;doe&#64;example&#46;com,neg\n"  # an e-mail only cleaning reveals
+        b"nothing personal,pos\n",
+    )
+    cfg = load_config(
+        REPO / "params.yaml",
+        {
+            "data.sources": [{"kind": "path", "path": str(path)}],
+            "data.raw_path": str(tmp_path / "out" / "raw.parquet"),
+            "data.feedback.enabled": False,
+        },
+    )
+    result = collect_stage(cfg)
+    assert result.pii_counts == {"email": 2, "phone": 1}
+    written = pd.read_parquet(result.raw_path)["text"].tolist()
+    assert written == [
+        "<b>call <PHONE></b> or mail <EMAIL>",  # as written, masked
+        "write to <EMAIL>",  # cleaned and masked
+        "nothing personal",
+    ]
+    payload = result.raw_path.read_bytes()
+    assert b"555-123-4567" not in payload and b"jane" not in payload
+
+
+def test_with_masking_off_the_raw_table_keeps_the_text(tmp_path):
+    path = _bytes(tmp_path / "pii.csv", b"text,label\nmail jane.doe@example.com,neg\nok,pos\n")
+    cfg = load_config(
+        REPO / "params.yaml",
+        {
+            "data.sources": [{"kind": "path", "path": str(path)}],
+            "data.raw_path": str(tmp_path / "out" / "raw.parquet"),
+            "data.feedback.enabled": False,
+            "clean.mask_pii": [],
+        },
+    )
+    result = collect_stage(cfg)
+    assert result.pii_counts == {}
+    assert pd.read_parquet(result.raw_path)["text"].tolist()[0] == "mail jane.doe@example.com"

@@ -33,26 +33,42 @@ from flywheel.trigger import (
     last_firing,
 )
 from tests.conftest import run
-from tests.flows.conftest import flow_run_artifacts, small_project
-from tests.serving.test_feedback_pii import PII_TEXT, leaks
+from tests.flows.conftest import flow_run_artifacts, prefect_records, small_project
+from tests.serving.test_feedback_pii import MASKED_PII_TEXT, PII_TEXT, SEEDS, leaks, seed_forms
 
 SNIPPETS = 160  # about half as feedback, the rest held back
+# Source rows full of personal data, as a user's export of support messages may have them.
+SOURCE_PII = [
+    (
+        f"Case {n}: my card {SEEDS['card']} and IBAN {SEEDS['iban']} were charged twice, call "
+        f"{SEEDS['phone']} or mail {SEEDS['email']}; a {word} film",
+        label,
+    )
+    for n, (word, label) in enumerate([("dull", "rotten"), ("great", "fresh")] * 4)
+]
 
 
 @pytest.fixture(scope="module")
 def looped(tmp_path_factory):
-    """A champion from the slice, one feedback row full of personal data sent through the real
-    server's /feedback, then the demo."""
+    """A champion from the slice (with SOURCE_PII rows), one prediction and one feedback row
+    full of personal data sent through the real server (which logs prediction texts), then the
+    demo."""
     base = tmp_path_factory.mktemp("loop")
     root = small_project(base / "project", base / "remote")
+    source = root / "data" / "sources" / "slice.csv"
+    rows = pd.read_csv(source)
+    pii_rows = pd.DataFrame(SOURCE_PII, columns=["text", "label"])
+    pd.concat([rows, pii_rows], ignore_index=True).to_csv(source, index=False)
     params = yaml.safe_load((root / "params.yaml").read_text())
     params["retrain"].update(min_feedback=40, min_feedback_for_accuracy=20)
-    params["monitor"].update(window=200, min_window=20)
+    params["monitor"].update(window=200, min_window=20, log_text=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "p"], root)
     first = pipeline(params_path=root / "params.yaml")
     registry = ModelRegistry.of(load_config(root / "params.yaml"))
     with served(root / "params.yaml", free_port(), "t0ken", registry.uri) as url:
+        predicted = httpx.post(f"{url}/predict", json={"text": PII_TEXT})
+        assert predicted.status_code == 200, predicted.text
         sent = httpx.post(
             f"{url}/feedback",
             json={"text": PII_TEXT, "label": "rotten", "id": "pii"},
@@ -85,13 +101,10 @@ def test_feedback_fires_a_retrain_whose_data_holds_the_feedback(looped):
     from_feedback = prepared[prepared["source"] == "feedback"]
     assert 0 < len(from_feedback) <= sent + 1  # cleaning may drop a duplicate
     masked = from_feedback[from_feedback["text"].str.contains("the film was dull")]
-    assert masked["text"].tolist() == [
-        "Refund to card <CARD> please, call <PHONE> or write to <EMAIL>; the film was dull"
-    ]
-    # none of the personal data is anywhere: the store, data/, the DVC cache and remote, MLflow
-    stores = [root / "data", root / ".dvc" / "cache", root.parent / "remote", root / "mlflow"]
-    assert all(p.exists() for p in stores)
-    assert leaks([*stores, root / "reports", root / ".flywheel"]) == {}
+    assert masked["text"].tolist() == [MASKED_PII_TEXT]
+    from_source = prepared[prepared["text"].str.startswith("Case ")]
+    assert len(from_source) == len(SOURCE_PII)
+    assert from_source["text"].str.contains("card <CARD> and IBAN <IBAN>").all()
     # the held-back half, the one both champions are scored on, is not training data
     cfg = load_config(root / "params.yaml")
     pii = cfg.clean.mask_pii
@@ -99,6 +112,28 @@ def test_feedback_fires_a_retrain_whose_data_holds_the_feedback(looped):
     assert len(held_back) == report["held_back_rows"]
     keys = set(held_back["text"].map(lambda t: snippet_key(t, pii)))
     assert keys.isdisjoint(prepared["text"].map(snippet_key))  # prepared text is masked already
+
+
+def test_personal_data_in_sources_and_requests_is_nowhere_but_the_users_own_file(looped):
+    """Seeded in a source file, a prediction and a feedback row: none of it in data/ (but the
+    user's own source file), the DVC cache and remote, MLflow (store and artifacts), the
+    server's log and prediction log, the feedback store, the reports, Prefect logs and
+    artifacts."""
+    root, _, _ = looped
+    data = [p for p in (root / "data").iterdir() if p.name != "sources"]
+    assert {"raw", "prepared", "monitoring", "feedback"} <= {p.name for p in data}
+    logged = root / "data" / "monitoring" / "predictions.db"
+    assert logged.is_file() and (root / "reports" / "demo" / "serve.log").is_file()
+    stores = [root / ".dvc" / "cache", root.parent / "remote", root / "mlflow"]
+    assert all(p.exists() for p in stores)
+    assert leaks([*data, *stores, root / "reports", root / ".flywheel"]) == {}
+    assert set(leaks([root / "data" / "sources"])) == set(SEEDS)  # the scan finds what is there
+    records = "\n".join(prefect_records())
+    assert "Beginning flow run" in records and "for flow 'flywheel-retrain'" in records
+    # the run summary artifacts reached the server: each of the 8 source rows masked once
+    assert "| PII masked | url 0, email 8, iban 8, card 8, ip 0, phone 8 |" in records
+    blob = records.encode()
+    assert [kind for kind, seed in SEEDS.items() if any(f in blob for f in seed_forms(seed))] == []
 
 
 def test_both_accuracies_are_reported_and_the_server_followed_the_champion(looped):

@@ -139,7 +139,8 @@ def test_feedback_rows_enter_a_new_masked_data_version(done):
     )
     grown = pipeline(params_path=root / "params.yaml", data_only=True)
     assert grown.collect.rows_per_source["feedback"] == 30
-    assert grown.prepare.report.pii_counts["phone"] == 30
+    assert grown.collect.pii_counts["phone"] == 30  # masked before the raw table was written
+    assert grown.prepare.report.pii_counts["phone"] == 0
     assert grown.data_version != result.data_version
     assert grown.data_version == locked_version(root)
     prepared = pd.concat(pd.read_parquet(p) for p in grown.prepare.split_paths.values())
@@ -202,13 +203,9 @@ def test_one_off_run_is_versioned_beside_the_pipeline_not_in_it(done, tmp_path):
     assert f"data version  {recorded}" in again.output
 
 
+# Every other kind of bad source (missing, empty, header only, wrong columns, encodings, ragged
+# rows...) is a case of tests/reliability/test_bad_input.py, through the same `flywheel run`.
 BAD = {
-    "nonexistent path": (None, 2, "source path does not exist"),
-    "empty file": (b"", 2, "file is empty"),
-    "header only": (b"text,label\n", 2, "header only, no data rows"),
-    "wrong columns": (b"review,stars\nok,1\n", 2, "missing column(s) 'text', 'label'"),
-    "non-UTF-8 bytes": ("text,label\ncaf\u00e9,pos\n".encode("latin-1"), 2, "not valid UTF-8"),
-    "ragged rows": (b"text,label\na,pos\nb,neg,extra\n", 2, "line 3: 3 field(s), the header has 2"),
     "1 MB text": (
         b"text,label\n"
         + b"a" * 1_000_000

@@ -1,6 +1,6 @@
-"""Personal data sent as feedback is masked before it is written: an e-mail address, a phone
-number and a card number go through the real /feedback endpoint, and the raw bytes of every file
-the server wrote are searched for them.
+"""Personal data sent to the server is masked before it is written: an e-mail address, a phone
+number, a card number and an IBAN go through the real /feedback and /predict endpoints, and the
+raw bytes of every file the server wrote are searched for them.
 
 `SEEDS`, `PII_TEXT` and `leaks` are meant for reuse: an end-to-end test sends `PII_TEXT`, runs
 the pipeline, and points `leaks` at data/, the DVC cache and the MLflow store as well.
@@ -12,7 +12,9 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from flywheel import feedback
+from flywheel import feedback, predictions
+from flywheel.config import load_config
+from tests.conftest import REPO
 from tests.serving.conftest import FolderSource
 from tests.serving.test_api import client_for, settings
 
@@ -20,10 +22,15 @@ SEEDS = {
     "email": "jane.doe@example.com",
     "phone": "+44 20 7946 0958",
     "card": "4111 1111 1111 1111",  # a Luhn-valid test card number
+    "iban": "DE89 3704 0044 0532 0130 00",  # a mod-97-valid example IBAN
 }
 PII_TEXT = (
-    f"Refund to card {SEEDS['card']} please, call {SEEDS['phone']} or write to "
-    f"{SEEDS['email']}; the film was dull"
+    f"Refund to card {SEEDS['card']} or IBAN {SEEDS['iban']} please, call {SEEDS['phone']} "
+    f"or write to {SEEDS['email']}; the film was dull"
+)
+MASKED_PII_TEXT = (
+    "Refund to card <CARD> or IBAN <IBAN> please, call <PHONE> or write to <EMAIL>; "
+    "the film was dull"
 )
 
 
@@ -58,13 +65,11 @@ def test_personal_data_sent_as_feedback_never_reaches_the_disk(tmp_path, exports
             json={"text": PII_TEXT, "label": "rotten", "prediction_id": answer["id"]},
         )
         assert sent.status_code == 201, sent.text
-        assert sent.json()["masked"] == {"email": 1, "phone": 1, "card": 1}
+        assert sent.json()["masked"] == {"email": 1, "phone": 1, "card": 1, "iban": 1}
         again = api.post("/feedback", json={"text": PII_TEXT, "label": "rotten"})
         assert again.json()["created"] is False  # the masked text and label make the id
     stored = feedback.read(folder / "feedback.db")
-    assert stored["text"].tolist() == [
-        "Refund to card <CARD> please, call <PHONE> or write to <EMAIL>; the film was dull"
-    ]
+    assert stored["text"].tolist() == [MASKED_PII_TEXT]
     assert (folder / "feedback.db").is_file()
     assert leaks([folder]) == {}  # feedback.db, its journal, the prediction log
 
@@ -74,5 +79,23 @@ def test_the_search_finds_personal_data_written_unmasked(tmp_path):
     feedback.add(tmp_path / "feedback.db", [feedback.FeedbackRecord(text=PII_TEXT, label="x")])
     assert set(leaks([tmp_path])) == set(SEEDS)
     digits_only = tmp_path / "digits.txt"
-    digits_only.write_text("4111111111111111 442079460958 jane.doe")
+    digits_only.write_text("4111111111111111 89370400440532013000 442079460958 jane.doe")
     assert set(leaks([digits_only])) == set(SEEDS)
+
+
+def test_a_prediction_log_that_keeps_texts_keeps_them_masked(tmp_path, exports):
+    cfg = load_config(
+        REPO / "params.yaml",
+        {
+            "monitor.predictions_path": str(tmp_path / "predictions.db"),
+            "monitor.log_text": True,
+            "data.feedback.path": str(tmp_path / "feedback.db"),
+        },
+    )
+    with client_for(cfg, FolderSource(exports)) as api:
+        assert api.post("/predict", json={"text": PII_TEXT}).status_code == 200
+        assert api.app.state.flywheel.predictions.flush()
+    logged = predictions.read(tmp_path / "predictions.db")
+    assert logged["text"].tolist() == [MASKED_PII_TEXT]
+    assert logged["text_sha256"].tolist() == [predictions.text_hash(PII_TEXT)]
+    assert leaks([tmp_path]) == {}
