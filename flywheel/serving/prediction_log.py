@@ -1,8 +1,8 @@
 """Every answered prediction into the prediction log (flywheel/predictions.py) for drift
 monitoring: the text's hash and normalised length, the label, its confidence and the share of
 words outside the training vocabulary; only with monitor.log_text the text itself, as the model
-saw it and with clean.mask_pii's kinds masked too. A failed write costs the log row (counted in /metrics),
-never the answer.
+saw it and with clean.mask_pii's kinds masked too. A failed write costs the log row (counted in
+/metrics), never the answer.
 
 Rows are written off the request path: `record` queues the answers (stamped when answered) and
 a writer thread ("prediction-log") turns them into rows and writes whatever is queued in one
