@@ -22,10 +22,8 @@ test-all: $(STAMP)  ## every test, the long ones too (end-to-end runs and load t
 
 reliability: $(STAMP)  ## the reliability and security suite alone (tests/reliability) and pip-audit of .venv (report: benchmarks/results/pip-audit.json)
 	FLYWHEEL_LOAD_REPORT=benchmarks/results/load.json $(BIN)/pytest -m reliability
-	$(BIN)/pip-audit --skip-editable --progress-spinner off --format json --output benchmarks/results/pip-audit.json \
-	  || { echo "pip-audit: known vulnerabilities, see benchmarks/results/pip-audit.json"; exit 1; }
-	@$(BIN)/python -c 'import json; d = json.load(open("benchmarks/results/pip-audit.json"))["dependencies"]; \
-	  print("pip-audit:", len(d), "packages,", sum(len(x.get("vulns", [])) for x in d), "known vulnerabilities")'
+	-$(BIN)/pip-audit --skip-editable --progress-spinner off --format json --output benchmarks/results/pip-audit.json
+	$(BIN)/python -m tests.reliability.audit_report benchmarks/results/pip-audit.json
 
 lint: $(STAMP)  ## ruff (lint + format), and the layer contracts of docs/architecture.md (import-linter)
 	$(BIN)/ruff check flywheel tests benchmarks
