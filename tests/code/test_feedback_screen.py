@@ -206,7 +206,11 @@ def test_the_run_summary_has_the_feedback_line():
         data_version="abc",
         version=SimpleNamespace(note="recorded"),
         collect=SimpleNamespace(
-            rows=7, rows_per_source={"feedback": 7}, feedback=summary, raw_path="raw.parquet"
+            rows=7,
+            rows_per_source={"feedback": 7},
+            feedback=summary,
+            raw_path="raw.parquet",
+            pii_counts={"email": 2},
         ),
         validation=SimpleNamespace(headline="validation passed", report_dir="v"),
         prepare=SimpleNamespace(report=clean, rows_per_split={"train": 7}, prepared_dir="p"),
@@ -216,6 +220,7 @@ def test_the_run_summary_has_the_feedback_line():
     line = "10 feedback rows read: 7 accepted, 2 repeats dropped, 1 quarantined "
     line += "(1 label not in validate.labels)"
     assert summary_lines(result)["feedback"] == line
+    assert summary_lines(result)["PII masked"] == "email 2"  # collect's and prepare's together
     assert line in summary_markdown(result)  # the flow-run page
     result.collect.feedback = None  # feedback off
     assert "feedback" not in summary_lines(result)
