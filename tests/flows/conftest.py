@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -89,3 +92,22 @@ def prefect_records() -> list[str]:
             texts += [log.message for log in page]
         artifacts = prefect.read_artifacts()
     return texts + [f"{a.key} {a.description} {a.data}" for a in artifacts]
+
+
+@contextmanager
+def flywheel_logs_to_prefect() -> Iterator[None]:
+    """Flywheel's own log lines (INFO and up) go to the Prefect server too, as they do for
+    `flywheel run` (PREFECT_LOGGING_EXTRA_LOGGERS=flywheel, which Prefect reads only at start)."""
+    from prefect.logging.handlers import APILogHandler
+    from prefect.settings import PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW, temporary_settings
+
+    logger, handler = logging.getLogger("flywheel"), APILogHandler()
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        with temporary_settings({PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW: "ignore"}):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)

@@ -33,7 +33,12 @@ from flywheel.trigger import (
     last_firing,
 )
 from tests.conftest import run
-from tests.flows.conftest import flow_run_artifacts, prefect_records, small_project
+from tests.flows.conftest import (
+    flow_run_artifacts,
+    flywheel_logs_to_prefect,
+    prefect_records,
+    small_project,
+)
 from tests.serving.test_feedback_pii import MASKED_PII_TEXT, PII_TEXT, SEEDS, leaks, seed_forms
 
 SNIPPETS = 160  # about half as feedback, the rest held back
@@ -64,18 +69,19 @@ def looped(tmp_path_factory):
     params["monitor"].update(window=200, min_window=20, log_text=True)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", "commit", "-qam", "p"], root)
-    first = pipeline(params_path=root / "params.yaml")
-    registry = ModelRegistry.of(load_config(root / "params.yaml"))
-    with served(root / "params.yaml", free_port(), "t0ken", registry.uri) as url:
-        predicted = httpx.post(f"{url}/predict", json={"text": PII_TEXT})
-        assert predicted.status_code == 200, predicted.text
-        sent = httpx.post(
-            f"{url}/feedback",
-            json={"text": PII_TEXT, "label": "rotten", "id": "pii"},
-            headers={"Authorization": "Bearer t0ken"},
-        )
-        assert sent.status_code == 201, sent.text
-    report = feedback_demo(root / "params.yaml", limit=SNIPPETS)
+    with flywheel_logs_to_prefect():
+        first = pipeline(params_path=root / "params.yaml")
+        registry = ModelRegistry.of(load_config(root / "params.yaml"))
+        with served(root / "params.yaml", free_port(), "t0ken", registry.uri) as url:
+            predicted = httpx.post(f"{url}/predict", json={"text": PII_TEXT})
+            assert predicted.status_code == 200, predicted.text
+            sent = httpx.post(
+                f"{url}/feedback",
+                json={"text": PII_TEXT, "label": "rotten", "id": "pii"},
+                headers={"Authorization": "Bearer t0ken"},
+            )
+            assert sent.status_code == 201, sent.text
+        report = feedback_demo(root / "params.yaml", limit=SNIPPETS)
     return root, first, report
 
 
@@ -130,6 +136,8 @@ def test_personal_data_in_sources_and_requests_is_nowhere_but_the_users_own_file
     assert set(leaks([root / "data" / "sources"])) == set(SEEDS)  # the scan finds what is there
     records = "\n".join(prefect_records())
     assert "Beginning flow run" in records and "for flow 'flywheel-retrain'" in records
+    # flywheel's own log lines reached the server (as with `flywheel run`), what was masked too
+    assert "collect: PII masked before writing: email 8, iban 8, card 8, phone 8" in records
     # the run summary artifacts reached the server: each of the 8 source rows masked once
     assert "| PII masked | url 0, email 8, iban 8, card 8, ip 0, phone 8 |" in records
     blob = records.encode()
