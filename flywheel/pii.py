@@ -204,7 +204,10 @@ def mask_raw(text: str, kinds: Sequence[str]) -> tuple[str, Counter[str]]:
     entities, say), cleaned and masked. Either way clean_and_mask of the result is what it
     would have been of the original."""
     masked, counts = mask_pii(text, kinds)
-    cleaned, more = clean_and_mask(masked, kinds)
+    cleaned = clean_text(masked)
+    if cleaned == masked:  # nothing for cleaning to reveal: no second pass of the masker
+        return masked, counts
+    cleaned, more = mask_pii(cleaned, kinds)
     if more:
         return cleaned, counts + more
     return masked, counts
