@@ -1,6 +1,6 @@
 """SQLite stores (the feedback store, the prediction log): opened with a schema version that is
 checked and migrated forward, and read through read-only connections that never write the file
-nor take the writers' lock."""
+nor take the writers' lock (except once after a writer died mid-transaction: see read_frame)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,9 @@ import pandas as pd
 from flywheel.errors import FlywheelError
 
 BUSY_TIMEOUT_SECONDS = 30  # concurrent writers wait for each other instead of failing
+# What a read-only connection meets when a writer was killed mid-transaction: a hot rollback
+# journal (or a WAL index to rebuild) that only a read-write connection may resolve.
+_LEFT_BY_A_DEAD_WRITER = ("SQLITE_READONLY_ROLLBACK", "SQLITE_READONLY_RECOVERY")
 
 
 class StoreError(FlywheelError, ValueError):
@@ -30,7 +33,9 @@ def _version(conn: sqlite3.Connection, path: Path, latest: int) -> int:
         version = conn.execute("PRAGMA user_version").fetchone()[0]
         tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
     except sqlite3.DatabaseError as exc:
-        if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc):
+        if isinstance(exc, sqlite3.OperationalError) and (
+            "locked" in str(exc) or getattr(exc, "sqlite_errorname", "") in _LEFT_BY_A_DEAD_WRITER
+        ):
             raise
         raise StoreError(f"{path}: not an SQLite database ({exc})") from None
     if version > latest:
@@ -88,9 +93,30 @@ def open_store(
 
 def read_frame(path: Path, version: int, query: str, params: tuple = ()) -> pd.DataFrame | None:
     """Rows of a query over a store opened read-only; None when the store does not exist or
-    was never initialised."""
+    was never initialised.
+
+    A writer killed mid-transaction (the server SIGKILLed while it stored feedback) leaves a hot
+    journal that a read-only connection may not roll back (SQLITE_READONLY_ROLLBACK). Then one
+    read-write connection opens the store, which rolls the unfinished transaction back exactly
+    as the next writer would, and the read is done again read-only: no acknowledged row is lost
+    (they were committed) and the half-written one is not read.
+    """
     if not path.exists():
         return None
+    try:
+        return _read_only(path, version, query, params)
+    except sqlite3.OperationalError as exc:
+        if getattr(exc, "sqlite_errorname", "") not in _LEFT_BY_A_DEAD_WRITER:
+            raise
+    recover = sqlite3.connect(path, timeout=BUSY_TIMEOUT_SECONDS)
+    try:
+        _version(recover, path, version)  # the first read rolls back (or rebuilds the WAL index)
+    finally:
+        recover.close()
+    return _read_only(path, version, query, params)
+
+
+def _read_only(path: Path, version: int, query: str, params: tuple) -> pd.DataFrame | None:
     conn = sqlite3.connect(
         f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=BUSY_TIMEOUT_SECONDS
     )

@@ -1,4 +1,7 @@
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -208,3 +211,44 @@ def test_a_file_that_is_not_a_flywheel_store_is_refused_naming_it(tmp_path):
     ours = tmp_path / "feedback.db"
     feedback.add(ours, [FeedbackRecord(text="a", label="b")])
     assert len(feedback.read(ours)) == 1
+
+
+DIES_MID_TRANSACTION = """
+import os, signal, sys
+from pathlib import Path
+from flywheel import feedback
+conn = feedback.connect(Path(sys.argv[1]))
+conn.execute("PRAGMA cache_size = 5")  # the transaction spills into the file before its commit
+conn.execute("BEGIN IMMEDIATE")
+conn.execute(
+    "UPDATE feedback SET label = 'half-written' WHERE id IN (SELECT id FROM feedback LIMIT 150)"
+)
+conn.execute(
+    "INSERT INTO feedback (id, text, label, created_at)"
+    " VALUES ('dying', 'never committed', 'neg', '2026-12-07T00:00:00')"
+)
+os.kill(os.getpid(), signal.SIGKILL)  # the transaction is neither committed nor rolled back
+"""
+
+
+def test_a_writer_killed_mid_transaction_leaves_a_store_that_reads_back_its_committed_rows(
+    tmp_path,
+):
+    path = tmp_path / "fb.db"
+    feedback.add(
+        path, [FeedbackRecord(text=f"row {i} " + "x" * 3000, label="pos") for i in range(200)]
+    )
+    died = subprocess.run([sys.executable, "-c", DIES_MID_TRANSACTION, str(path)], timeout=60)
+    assert died.returncode == -signal.SIGKILL
+    journal = path.with_name(path.name + "-journal")
+    assert journal.stat().st_size > 0  # a hot journal: a read-only connection may not use it
+    ro = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):
+        ro.execute("SELECT count(*) FROM feedback").fetchone()
+    ro.close()
+
+    rows = feedback.read(path)  # rolls the dead writer's transaction back, then reads
+    assert len(rows) == 200 and set(rows["label"]) == {"pos"}
+    assert "dying" not in set(rows["id"])
+    assert not journal.exists() or journal.stat().st_size == 0
+    assert feedback.add(path, [FeedbackRecord(text="after", label="neg")]) == 1

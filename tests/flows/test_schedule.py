@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -58,15 +59,25 @@ def env_for(server: servers.Server) -> dict[str, str]:
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
-def api(server: servers.Server, path: str, body: dict | None = None):
-    """GET (or POST `body` to) the server's REST API, not through Flywheel."""
+def api(server: servers.Server, path: str, body: dict | None = None, tries: int = 5):
+    """GET (or POST `body` to) the server's REST API, not through Flywheel.
+
+    A 503 is the server saying its SQLite database was busy (another process, here the serving
+    one, was writing): Prefect's own client retries it, and so does this.
+    """
     request = urllib.request.Request(
         f"{server.spec.url}/api/{path}",
         data=None if body is None else json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        return json.loads(response.read())
+    for attempt in range(1, tries + 1):
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code != 503 or attempt == tries:
+                raise
+            time.sleep(attempt)
 
 
 def deployments(server: servers.Server) -> dict[str, dict]:
