@@ -92,7 +92,11 @@ def serving_section(quick: bool) -> dict[str, Any]:
         return {"skipped": why}
     import serving
 
-    variants = {"micro-batching on (default)": {}, "micro-batching off": {"batch_wait_ms": 0}}
+    variants = {
+        "micro-batching on (default)": {},
+        "micro-batching off": {"batch_wait_ms": 0},
+        "h11 HTTP parser": {"http": "h11"},  # uvicorn's pure-Python parser, before httptools
+    }
     return serving.run(quick=quick, variants=variants)
 
 

@@ -347,6 +347,8 @@ BEFORE = "5899baf"  # the last commit before this benchmark and the serving chan
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "batching off": {"batch_wait_ms": 0},
     "batching on (default)": {},
+    "batching on, h11 parser": {"http": "h11"},
+    "batching on, no spinning": {"spin_threads": False},
     "batching off, 1 thread": {"batch_wait_ms": 0, "threads": 1},
     "batching on, 1 thread": {"threads": 1},
 }

@@ -29,7 +29,16 @@ class Prediction:
 class OnnxPredictor:
     """An exported model with its tokenizer and label map, on onnxruntime's CPU provider."""
 
-    def __init__(self, directory: Path, model_file: str | Path = MODEL_FILE, threads: int = 0):
+    def __init__(
+        self,
+        directory: Path,
+        model_file: str | Path = MODEL_FILE,
+        threads: int = 0,
+        spinning: bool = True,
+    ):
+        """`threads`: onnxruntime's intra-op threads (0: one per core). `spinning`: its threads
+        busy-wait for the next call (onnxruntime's default): fastest for back-to-back calls,
+        but they burn a core meant for other work between calls (a server's HTTP handling)."""
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -41,6 +50,8 @@ class OnnxPredictor:
         self.tokenizer = AutoTokenizer.from_pretrained(self.directory)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads  # 0: onnxruntime's default
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(self.model_path), options, providers=["CPUExecutionProvider"]
         )

@@ -110,7 +110,8 @@ KEEP_ALIVE_SECONDS = 75
 
 def registry_slot(cfg: Config, poll_seconds: float) -> ChampionSlot:
     """A slot for the registry's champion (nothing loaded yet): what `flywheel serve` serves."""
-    return ChampionSlot(RegistrySource(ModelRegistry.of(cfg), cfg.serve.threads), poll_seconds)
+    source = RegistrySource(ModelRegistry.of(cfg), cfg.serve.threads, cfg.serve.spin_threads)
+    return ChampionSlot(source, poll_seconds)
 
 
 def serve(
@@ -152,4 +153,5 @@ def serve(
         port=port,
         log_level=log_level,
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        http=sc.http,
     )

@@ -65,10 +65,10 @@ class ModelSource(Protocol):
 
 class RegistrySource:
     """The champion alias of one registered model, loaded with `threads` ONNX Runtime threads
-    per model call (0: onnxruntime's default, one per core)."""
+    per model call (0: onnxruntime's default, one per core) that spin between calls or not."""
 
-    def __init__(self, registry: ModelRegistry, threads: int = 0):
-        self.registry, self.threads = registry, threads
+    def __init__(self, registry: ModelRegistry, threads: int = 0, spinning: bool = True):
+        self.registry, self.threads, self.spinning = registry, threads, spinning
 
     def champion(self) -> str | None:
         return self.registry.alias(CHAMPION)
@@ -78,7 +78,7 @@ class RegistrySource:
         with tempfile.TemporaryDirectory(prefix="flywheel-serve-") as tmp:
             folder = self.registry.download(version, Path(tmp))
             # session and tokenizer are in memory now
-            predictor = OnnxPredictor(folder, threads=self.threads)
+            predictor = OnnxPredictor(folder, threads=self.threads, spinning=self.spinning)
             vocabulary = load_vocabulary(folder)
         tags = info.tags
         metrics = {

@@ -59,6 +59,7 @@ def test_repo_params_load_with_defaults():
             "valid integer",
         ),
         (lambda r: r.update(seed="7"), "seed", "valid integer"),
+        (lambda r: r["serve"].update(http="fast"), "serve.http", "'auto', 'httptools' or 'h11'"),
         (
             lambda r: r["data"]["feedback"].update(enabled="sometimes"),
             "data.feedback.enabled",

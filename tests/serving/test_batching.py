@@ -328,3 +328,15 @@ def test_the_served_answers_match_with_and_without_batching(tmp_path, exports):
         )
         app.state.flywheel.predictions.close()
     np.testing.assert_allclose(answers[300.0], answers[0.0], atol=1e-5)
+
+
+def test_spinning_threads_are_a_session_setting_that_leaves_the_answers_as_they_are(exports):
+    """serve.spin_threads false: onnxruntime's threads sleep between calls (a session config
+    entry); on (its default) no entry is set. The answers are the same either way."""
+    spinning = OnnxPredictor(exports["1"], threads=2)
+    sleeping = OnnxPredictor(exports["1"], threads=2, spinning=False)
+    entry = "session.intra_op.allow_spinning"
+    assert sleeping.session.get_session_options().get_session_config_entry(entry) == "0"
+    with pytest.raises(RuntimeError, match="does not have configuration"):
+        spinning.session.get_session_options().get_session_config_entry(entry)
+    np.testing.assert_array_equal(spinning.logits(TEXTS), sleeping.logits(TEXTS))
