@@ -92,11 +92,12 @@ def serving_section(quick: bool) -> dict[str, Any]:
         return {"skipped": why}
     import serving
 
-    variants = {
+    variants: dict[str, dict[str, Any]] = {
         "micro-batching on (default)": {},
         "micro-batching off": {"batch_wait_ms": 0},
-        "h11 HTTP parser": {"http": "h11"},  # uvicorn's pure-Python parser, before httptools
     }
+    if not quick:  # uvicorn's pure-Python parser, before httptools (--quick: under 3 minutes)
+        variants["h11 HTTP parser"] = {"http": "h11"}
     return serving.run(quick=quick, variants=variants)
 
 
