@@ -13,7 +13,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from flywheel.text import clean_text
@@ -211,6 +211,11 @@ def mask_raw(text: str, kinds: Sequence[str]) -> tuple[str, Counter[str]]:
     if more:
         return cleaned, counts + more
     return masked, counts
+
+
+def counts_line(counts: Mapping[str, int]) -> str:
+    """Masked personal data by kind, as the logs and the run summary print it: `email 2, ...`."""
+    return ", ".join(f"{kind} {n:,}" for kind, n in counts.items())
 
 
 def mask_pii(text: str, kinds: Sequence[str]) -> tuple[str, Counter[str]]:

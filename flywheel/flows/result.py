@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from flywheel import tracking
 from flywheel.cache import Plan
+from flywheel.pii import counts_line
 from flywheel.promotion import Decision
 from flywheel.tasks.baseline import BaselineReport
 from flywheel.tasks.collect import CollectResult
@@ -62,8 +63,8 @@ def export_line(export: ExportResult) -> str:
 def pii_line(collected: dict[str, int], cleaned: dict[str, int]) -> str:
     """Personal data masked, by kind: in the raw table at collect, and what cleaning then
     revealed at prepare (0 unless markup hid it)."""
-    kinds = list(dict.fromkeys([*cleaned, *collected]))
-    return ", ".join(f"{k} {collected.get(k, 0) + cleaned.get(k, 0):,}" for k in kinds)
+    kinds = dict.fromkeys([*cleaned, *collected])
+    return counts_line({k: collected.get(k, 0) + cleaned.get(k, 0) for k in kinds})
 
 
 def summary_lines(result: PipelineResult) -> dict[str, str]:

@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from flywheel import feedback
 from flywheel.config import Config
 from flywheel.io import file_md5, write_parquet_atomic
-from flywheel.pii import mask_raw
+from flywheel.pii import counts_line, mask_raw
 from flywheel.retries import retry_on_io
 from flywheel.sources import collect_frame
 from flywheel.stages import StageSpec
@@ -63,10 +63,7 @@ def collect(cfg: Config) -> CollectResult:
         hint = "; see `flywheel feedback list --quarantined`" if screened.quarantined else ""
         log.log(level, "collect: %s%s", screened.line(), hint)
     if pii:
-        log.info(
-            "collect: PII masked before writing: %s",
-            ", ".join(f"{k} {v:,}" for k, v in pii.items()),
-        )
+        log.info("collect: PII masked before writing: %s", counts_line(pii))
     raw_path = cfg.resolve(cfg.data.raw_path)
     write_parquet_atomic(raw, raw_path)
     newest = screened.newest_seq if screened is not None else 0

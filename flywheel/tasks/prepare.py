@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from flywheel.config import CleanConfig, Config, SplitConfig
 from flywheel.errors import FlywheelError
 from flywheel.io import read_parquet, replace_dir_atomic, write_json
-from flywheel.pii import clean_and_mask
+from flywheel.pii import clean_and_mask, counts_line
 from flywheel.stages import StageSpec
 from flywheel.tasks.collect import CollectResult
 from flywheel.tasks.validate import ValidationReport, require_validated
@@ -235,10 +235,7 @@ def prepare(cfg: Config, raw_path: Path, target: Path | None = None) -> PrepareR
         "%s exact and %s normalised duplicates dropped, %s rows out",
         *(f"{n:,}" for n in counts),
     )
-    log.info(
-        "prepare: PII masked after cleaning: %s",
-        ", ".join(f"{k} {v:,}" for k, v in report.pii_counts.items()),
-    )
+    log.info("prepare: PII masked after cleaning: %s", counts_line(report.pii_counts))
     log.info("prepare: split %s", ", ".join(f"{k} {len(v):,}" for k, v in splits.items()))
     return PrepareResult(
         prepared_dir=target,
