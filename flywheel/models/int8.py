@@ -437,7 +437,7 @@ def search(
     """Int8 candidates of `fp32` on the validation split: for k = 0, 1, ... (at most
     `max_fp32_groups`), each scheme (per-tensor, per-channel weights) with its k most sensitive
     node groups kept in fp32, stopping after the first k at which a candidate passing the gate
-    is accepted: `accept` (the export stage's speed check and test gate) is asked about the
+    is accepted: `accept` (the export stage's test gate, then its speed check) is asked about the
     candidates passing val at that k in `preference` order; without it, passing val is enough.
     `preference` takes the fewest groups in fp32 first, so no candidate with more could be
     chosen. Returns the candidates and each group's sensitivity per scheme (`sensitivity`, on
@@ -503,17 +503,6 @@ def speedups(
     return {v.name: best["fp32"] / best[v.name] for v in variants}
 
 
-def to_gate(
-    candidates: Sequence[Variant], speedup: Mapping[str, float], min_speedup: float
-) -> list[Variant]:
-    """The candidates worth gating on the test split, in `preference` order: those that pass
-    the gate on val and score val at least `min_speedup` times as fast as fp32 (a candidate
-    the search did not time, after the accepted one, is not)."""
-    passed = [c for c in candidates if c.val.passed and c.name in speedup]
-    faster = [c for c in passed if speedup[c.name] >= min_speedup]
-    return sorted(faster, key=preference)
-
-
 def choose(
     candidates: Sequence[Variant],
     on_test: Mapping[str, Parity],
@@ -522,23 +511,25 @@ def choose(
 ) -> tuple[Variant | None, Parity | None, list[str]]:
     """The int8 variant to ship, its parity on the test split, and why the others are not.
 
-    A pure function of measured figures: each candidate's val parity, the speed-up of those
-    that pass val, and `on_test`, the test parity of each candidate `to_gate` names. The first
-    of `to_gate` (by `preference`) whose test parity passes is chosen; one failing test makes
-    the next be taken. Timing only decides whether a variant clears `min_speedup`, never which
-    of two passing variants ships. None passing: (None, None, reasons), the first val failure of
+    A pure function of measured figures: each candidate's val parity, `on_test` (the test
+    parity of the candidates passing val that the export stage asked about) and `speedup` (of
+    those it timed: the ones passing test). The first candidate passing val, in `preference`
+    order, whose test parity passes and which scores at least `min_speedup` times as fast as
+    fp32 is chosen; timing only decides whether a variant clears `min_speedup`, never which of
+    two passing variants ships. None passing: (None, None, reasons), the first val failure of
     each candidate first (the fp32 model is the export)."""
-    gated = to_gate(candidates, speedup, min_speedup)
-    reasons = [
-        f"{c.name} passes val at {speedup[c.name]:.2f}x fp32 speed "
-        f"(export.min_int8_speedup {min_speedup:g})"
-        for c in candidates
-        if c.val.passed and c.name in speedup and c not in gated
-    ]
-    for variant in gated:
-        parity = on_test[variant.name]
-        if parity.passed:
-            return variant, parity, reasons
-        reasons += [f"{variant.name} on test: {f}" for f in parity.failures]
+    rejected: list[str] = []  # candidates passing val, refused on test or for speed
+    asked = [c for c in candidates if c.val.passed and (c.name in on_test or c.name in speedup)]
+    for variant in sorted(asked, key=preference):
+        parity = on_test.get(variant.name)
+        if parity is not None and not parity.passed:
+            rejected += [f"{variant.name} on test: {f}" for f in parity.failures]
+        elif variant.name in speedup and speedup[variant.name] < min_speedup:
+            rejected.append(
+                f"{variant.name} passes val at {speedup[variant.name]:.2f}x fp32 speed "
+                f"(export.min_int8_speedup {min_speedup:g})"
+            )
+        elif parity is not None and variant.name in speedup:
+            return variant, parity, rejected
     failed_val = [f"{c.name} on val: {c.val.failures[0]}" for c in candidates if c.val.failures]
-    return None, None, failed_val + reasons
+    return None, None, failed_val + rejected

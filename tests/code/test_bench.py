@@ -58,8 +58,14 @@ def test_bench_quick_writes_every_section_with_sane_values(tmp_path):
         assert 0.2 < row["texts_per_s_b1"] * row["p50_ms"] / 1000 < 5, name
         assert 0 <= row["accuracy"] <= 1 and 0 <= row["macro_f1"] <= 1, name
         assert 0.5 <= row["agreement_vs_ort_fp32"] <= 1, name
+        assert 0 <= row["margin_change_p50"] <= row["margin_change_p95"], name
+        assert 0 <= row["texts_within_p95_change"] <= 1, name
     fp32 = engines["ort fp32 (optimized)"]
     assert fp32["agreement_vs_ort_fp32"] == 1.0
+    assert fp32["margin_change_p95"] == 0.0  # fp32 against itself
+    # int8 moves the margins more than fp32 engines differ from one another
+    int8 = engines["ort int8 per-channel"]
+    assert int8["margin_change_p95"] > engines["ort fp32 (raw export)"]["margin_change_p95"]
     assert engines["ort int8 per-channel"]["size_mb"] < fp32["size_mb"] / 2
     assert engines["pytorch fp32"]["size_mb"] > 10
 
