@@ -37,13 +37,6 @@ RESULTS = ROOT / "benchmarks" / "results"
 TEMPERATURE = 2.0
 
 
-def newest_run_dir() -> Path:
-    found = sorted(ROOT.glob("checkpoints/*/onnx/parity.json"), key=lambda p: p.stat().st_mtime)
-    if not found:
-        raise SystemExit("no exported run under checkpoints/: run `make run` first")
-    return found[-1].parent.parent
-
-
 def int8_student(model: Any, per_channel: bool) -> Any:
     """A copy of `model` computing as whole-model dynamic int8 does, trainable: rounding in the
     forward pass, the identity in the backward pass (straight-through)."""
@@ -105,6 +98,7 @@ def gate_figures(
     from flywheel.models.predictor import OnnxPredictor
 
     cfg = load_config(ROOT / "params.yaml")
+    bounds = GateBounds.of(cfg.export)
     work.mkdir(parents=True, exist_ok=True)
     raw = export_fp32(bundle, work / "raw.onnx", cfg.export.opset)
     config = bundle.model.config
@@ -121,9 +115,7 @@ def gate_figures(
         predictor = OnnxPredictor(directory, path)
         for split, frame in splits.items():
             logits = predictor.logits(frame["text"].tolist())
-            parity = compare(
-                name, reference[split], logits, frame, labels, GateBounds.of(cfg.export)
-            )
+            parity = compare(name, reference[split], logits, frame, labels, bounds)
             out[f"{name} {split}"] = {
                 "agreement": parity.agreement,
                 "accuracy_loss_pts": 100 * parity.accuracy_loss,
@@ -247,7 +239,12 @@ def main() -> None:
     args = parser.parse_args()
     steps = sorted(int(s) for s in args.steps.split(","))
     lrs = [float(x) for x in args.lrs.split(",")]
-    record = run(args.run or newest_run_dir(), steps, lrs, args.batch, not args.per_tensor)
+    from inference import newest_run_dir  # a sibling script: benchmarks/ is on sys.path
+
+    run_dir = args.run or newest_run_dir()
+    if run_dir is None:
+        raise SystemExit("no exported run under checkpoints/: run `make run` first")
+    record = run(run_dir, steps, lrs, args.batch, not args.per_tensor)
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "int8_distill.json").write_text(json.dumps(record, indent=2) + "\n")
     (RESULTS / "int8_distill.md").write_text(markdown(record))
